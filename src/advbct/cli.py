@@ -1,0 +1,190 @@
+"""``advbct``: one console script for the whole upgrade path.
+
+Every training command takes a preset, an optional YAML file and dotted overrides (``-o optim.lr=0.05``), in
+that order of precedence. Errors in user input are printed as one clear line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from advbct import pipeline
+from advbct.compat import CompatError, StatisticsError, list_methods
+from advbct.config import (
+    ConfigError,
+    QuickstartConfig,
+    TrainConfig,
+    apply_overrides,
+    build,
+    deep_merge,
+    preset_tree,
+    read_yaml,
+)
+from advbct.data.images import DataError
+from advbct.models.checkpoint import CheckpointError
+from advbct.reporting import print_report
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+console = Console()
+USER_ERRORS = (ConfigError, DataError, CheckpointError, StatisticsError, CompatError, FileNotFoundError)
+
+PresetOpt = Annotated[str, typer.Option("--preset", help="built-in preset: quickstart, smoke, paper-cifar100")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config merged over the preset")]
+OverrideOpt = Annotated[list[str] | None, typer.Option("--set", "-o", help="dotted override, e.g. optim.lr=0.05")]
+DataOpt = Annotated[str | None, typer.Option("--data", help="data root (else $ADVBCT_DATA, ../shared/data)")]
+DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda, cuda:1 ...")]
+QuietOpt = Annotated[bool, typer.Option("--no-progress", help="hide progress bars")]
+
+
+def _role_tree(preset_or_file: dict[str, Any], role: str) -> dict[str, Any]:
+    """A quickstart-shaped tree (common/old/new) reduced to one role's TrainConfig tree."""
+    if not {"common", "old", "new"} & preset_or_file.keys():
+        return preset_or_file
+    return deep_merge(preset_or_file.get("common", {}), preset_or_file.get(role, {}))
+
+
+def _cli_overrides(data: str | None, device: str | None, prefix: str = "") -> list[str]:
+    out = []
+    if data is not None:
+        out.append(f"{prefix}data.root={json.dumps(data)}")
+    if device is not None:
+        out.append(f"{prefix}device={device}")
+    return out
+
+
+def train_config(
+    role: str, preset: str, config: Path | None, overrides: list[str] | None, data: str | None, device: str | None
+) -> TrainConfig:
+    tree = _role_tree(preset_tree(preset), role)
+    if config is not None:
+        tree = deep_merge(tree, _role_tree(read_yaml(config), role))
+    tree = apply_overrides(tree, [*_cli_overrides(data, device), *(overrides or [])])
+    return build(TrainConfig, tree, f"preset {preset}" + (f" + {config}" if config else ""))
+
+
+def quickstart_config(
+    preset: str, config: Path | None, overrides: list[str] | None, data: str | None, device: str | None
+) -> QuickstartConfig:
+    tree = preset_tree(preset)
+    if config is not None:
+        tree = deep_merge(tree, read_yaml(config))
+    tree = apply_overrides(tree, [*_cli_overrides(data, device, "common."), *(overrides or [])])
+    common = tree.pop("common", {})
+    for role in ("old", "new"):
+        tree[role] = deep_merge(common, tree.get(role, {}))
+    return build(QuickstartConfig, tree, f"preset {preset}" + (f" + {config}" if config else ""))
+
+
+def _run(fn, *args, **kwargs):
+    try:
+        pipeline.set_threads()
+        return fn(*args, **kwargs)
+    except USER_ERRORS as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+
+
+@app.command("train-old")
+def train_old_cmd(
+    out: Annotated[Path, typer.Option("--out", help="run folder")] = Path("runs/old"),
+    preset: PresetOpt = "quickstart",
+    config: ConfigOpt = None,
+    overrides: OverrideOpt = None,
+    data: DataOpt = None,
+    device: DeviceOpt = None,
+    no_progress: QuietOpt = False,
+) -> None:
+    """Train the old model (classification) on the old part of the allocation."""
+    cfg = _run(train_config, "old", preset, config, overrides, data, device)
+    path = _run(pipeline.train_old, cfg, out, not no_progress)
+    console.print(f"old model: {path}")
+
+
+@app.command("stats")
+def stats_cmd(
+    old: Annotated[Path, typer.Option("--old", help="old model.pt")],
+    out: Annotated[Path | None, typer.Option("--out", help="statistics file (default: beside --old)")] = None,
+    allocation: Annotated[Path | None, typer.Option("--allocation")] = None,
+    data: DataOpt = None,
+    device: Annotated[str, typer.Option("--device")] = "auto",
+) -> None:
+    """Old-class centres and radii (1.5 IQR rule), saved keyed to the old checkpoint."""
+    stats, path = _run(pipeline.compute_statistics, old, out, data, allocation, device)
+    usable = int(stats.has_radius.sum())
+    console.print(f"statistics for {usable} old classes -> {path}")
+
+
+@app.command("train-new")
+def train_new_cmd(
+    old: Annotated[Path | None, typer.Option("--old", help="old model.pt to stay compatible with")] = None,
+    stats: Annotated[Path | None, typer.Option("--stats", help="statistics from `advbct stats`")] = None,
+    method: Annotated[str, typer.Option("--method", help="compatibility method")] = "advbct",
+    out: Annotated[Path, typer.Option("--out", help="run folder")] = Path("runs/new"),
+    allocation: Annotated[Path | None, typer.Option("--allocation")] = None,
+    preset: PresetOpt = "quickstart",
+    config: ConfigOpt = None,
+    overrides: OverrideOpt = None,
+    data: DataOpt = None,
+    device: DeviceOpt = None,
+    no_progress: QuietOpt = False,
+) -> None:
+    """Train a new model with a compatibility method (advbct, independent, ...)."""
+    if method not in list_methods():
+        console.print(f"[red]error:[/] unknown method {method!r}; available: {', '.join(list_methods())}")
+        raise typer.Exit(2)
+    cfg = _run(train_config, "new", preset, config, [*(overrides or []), f"compat.method={method}"], data, device)
+    if stats is None and old is not None and (old.parent / "stats.pt").is_file() and method != "independent":
+        stats = old.parent / "stats.pt"
+    path = _run(pipeline.train_new, cfg, out, old, stats, allocation, not no_progress)
+    console.print(f"new model: {path}")
+
+
+@app.command("eval")
+def eval_cmd(
+    old: Annotated[Path, typer.Option("--old", help="old model.pt")],
+    new: Annotated[Path, typer.Option("--new", help="new model.pt")],
+    independent: Annotated[Path | None, typer.Option("--independent", help="independent model.pt")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="write the report as JSON")] = None,
+    data: DataOpt = None,
+    device: Annotated[str, typer.Option("--device")] = "auto",
+) -> None:
+    """Self and cross tests on the test split, P_up / P_comp / P_1 and the empirical criterion."""
+    report = _run(pipeline.evaluate, old, new, independent, data, device)
+    print_report(report, console)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2))
+
+
+@app.command("quickstart")
+def quickstart_cmd(
+    out: Annotated[Path, typer.Option("--out", help="run folder; results.json is written there")] = Path(
+        "runs/quickstart"
+    ),
+    preset: PresetOpt = "quickstart",
+    config: ConfigOpt = None,
+    overrides: OverrideOpt = None,
+    data: DataOpt = None,
+    device: DeviceOpt = None,
+    no_progress: QuietOpt = False,
+) -> None:
+    """The whole upgrade path on CIFAR-100: old -> stats -> AdvBCT -> independent -> evaluation."""
+    cfg = _run(quickstart_config, preset, config, overrides, data, device)
+    _run(pipeline.quickstart, cfg, out, console, not no_progress)
+    console.print(f"results: {out / 'results.json'}")
+
+
+@app.command("methods")
+def methods_cmd() -> None:
+    """List the registered compatibility methods."""
+    for name in list_methods():
+        console.print(name)
+
+
+def main() -> None:
+    app()

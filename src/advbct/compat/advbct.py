@@ -1,0 +1,156 @@
+"""AdvBCT (CVPR 2023): elastic boundary constraint + adversarial alignment through gradient reversal.
+
+L = L_cls + L_bound + w_e * L_adv, with
+- L_bound: mean over the samples that cross their old class boundary of (||normalize(f_new) - c_y|| - r(y)),
+  where r(y) moves between r_max(y) and tau through a learnable weight per class;
+- L_adv: a discriminator tells old embeddings (label 1) from new ones (label 0); new embeddings reach it through
+  a gradient-reversal layer whose coefficient follows the DANN schedule, so the backbone learns to fool it;
+- w_e = (E - e + 1) / E for epoch e in 0..E-1.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from advbct.compat.base import CompatBatch, CompatContext, CompatibilityMethod, LossOutput, register_method
+
+
+class _GradReverse(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, coeff: float) -> torch.Tensor:
+        ctx.coeff = coeff
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return -ctx.coeff * grad, None
+
+
+def grad_reverse(x: torch.Tensor, coeff: float) -> torch.Tensor:
+    """Identity forward; the gradient is multiplied by ``-coeff`` on the way back."""
+    return _GradReverse.apply(x, coeff)
+
+
+def dann_alpha(progress: float) -> float:
+    """alpha(p) = 2 / (1 + exp(-10 p)) - 1: 0 at the start, approaching 1 at the end of training."""
+    return 2.0 / (1.0 + math.exp(-10.0 * progress)) - 1.0
+
+
+def adversarial_weight(epoch: int, num_epochs: int) -> float:
+    """w_e = (E - e + 1) / E, decaying with the epoch index e = 0..E-1."""
+    return (num_epochs - epoch + 1) / num_epochs
+
+
+def elastic_radii(r_max: torch.Tensor, weights: torch.Tensor, tau: float) -> torch.Tensor:
+    """r = r_max + |r_max - tau| sigmoid(w) below tau, r_max - |r_max - tau| sigmoid(w) above: always between."""
+    r_e = (r_max - tau).abs() * torch.sigmoid(weights)
+    return torch.where(r_max < tau, r_max + r_e, r_max - r_e)
+
+
+def boundary_loss(
+    new_emb: torch.Tensor,
+    labels: torch.Tensor,
+    centres: torch.Tensor,
+    radii: torch.Tensor,
+    has_radius: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean excess distance over violating samples of classes with a radius; also the violator fraction."""
+    dist = (F.normalize(new_emb.float(), dim=1) - centres[labels]).norm(dim=1)
+    excess = (dist - radii[labels]).clamp(min=0)
+    violating = has_radius[labels] & (excess > 0)
+    count = violating.sum()
+    loss = torch.where(violating, excess, torch.zeros_like(excess)).sum() / count.clamp(min=1)
+    return loss, count.float() / max(1, labels.numel())
+
+
+class Discriminator(nn.Sequential):
+    """Linear(d, 100) - BatchNorm1d - ReLU - Linear(100, 2): old (1) versus new (0) embeddings."""
+
+    def __init__(self, dim: int, hidden: int = 100):
+        super().__init__(nn.Linear(dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, 2))
+
+
+def adversarial_loss(
+    discriminator: nn.Module, new_emb: torch.Tensor, old_emb: torch.Tensor, alpha: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CE(D(GRL(new)), 0) + CE(D(old), 1), and the discriminator's accuracy.
+
+    Both halves go through D in one call: its BatchNorm then normalises old and new with the same batch
+    statistics. Separate calls would normalise each domain by its own mean and hide the very shift D must see.
+    """
+    n = new_emb.shape[0]
+    logits = discriminator(torch.cat([grad_reverse(new_emb.float(), alpha), old_emb.float().detach()]))
+    targets = torch.cat([torch.zeros(n, dtype=torch.long), torch.ones(old_emb.shape[0], dtype=torch.long)])
+    targets = targets.to(logits.device)
+    loss = F.cross_entropy(logits[:n], targets[:n]) + F.cross_entropy(logits[n:], targets[n:])
+    accuracy = (logits.argmax(1) == targets).float().mean()
+    return loss, accuracy
+
+
+@register_method("advbct")
+class AdvBCT(CompatibilityMethod):
+    requires = ("statistics",)
+
+    def __init__(
+        self,
+        context: CompatContext,
+        tau: float = 1.0,
+        discriminator_hidden: int = 100,
+        boundary: bool = True,
+        adversarial: bool = True,
+        elastic: bool = True,
+    ):
+        super().__init__()
+        stats = context.statistics
+        assert stats is not None  # guaranteed by `requires`, checked in create()
+        if stats.dim != context.embedding_dim:
+            raise ValueError(f"statistics have dim {stats.dim}, the new model embeds to {context.embedding_dim}")
+        if stats.num_classes != context.num_classes:
+            raise ValueError(f"statistics cover {stats.num_classes} classes, training has {context.num_classes}")
+        self.tau, self.use_boundary, self.use_adversarial, self.elastic = tau, boundary, adversarial, elastic
+        self.register_buffer("centres", stats.centres.clone())
+        self.register_buffer("r_max", stats.radii.clone())
+        self.register_buffer("has_radius", stats.has_radius.clone())
+        self.radius_weights = nn.Parameter(torch.empty(stats.num_classes).uniform_(-1.0, 1.0))
+        self.discriminator = Discriminator(context.embedding_dim, discriminator_hidden)
+
+    def radii(self) -> torch.Tensor:
+        return elastic_radii(self.r_max, self.radius_weights, self.tau) if self.elastic else self.r_max
+
+    def forward(self, batch: CompatBatch) -> LossOutput:
+        zero = batch.new_emb.new_zeros((), dtype=torch.float32)
+        parts: dict[str, torch.Tensor] = {}
+        total = zero
+        if self.use_boundary:
+            bound, violating = boundary_loss(
+                batch.new_emb, batch.labels, self.centres, self.radii(), self.has_radius
+            )
+            parts["bound"], parts["violating"] = bound, violating.detach()
+            total = total + bound
+        if self.use_adversarial:
+            if batch.old_emb is None:
+                raise ValueError("AdvBCT's adversarial term needs old embeddings of the batch")
+            adv, disc_acc = adversarial_loss(
+                self.discriminator, batch.new_emb, batch.old_emb, dann_alpha(batch.progress)
+            )
+            weight = adversarial_weight(batch.epoch, batch.num_epochs)
+            parts["adv"], parts["disc_acc"] = adv, disc_acc.detach()
+            total = total + weight * adv
+        return LossOutput(total, parts)
+
+
+@register_method("independent")
+class Independent(CompatibilityMethod):
+    """phi_*: classification only, no compatibility term (the discrimination upper bound)."""
+
+    needs_old_embeddings = False
+
+    def __init__(self, context: CompatContext):
+        super().__init__()
+
+    def forward(self, batch: CompatBatch) -> LossOutput:
+        return LossOutput(batch.new_emb.new_zeros((), dtype=torch.float32))

@@ -1,0 +1,104 @@
+"""The compatibility-loss interface and its registry.
+
+A method is an ``nn.Module`` (it may own parameters: AdvBCT's radii and discriminator) built from a
+``CompatContext`` (what the training run knows: embedding dim, class count, old statistics, old classifier) plus
+method options. Requirements are declared on the class and checked in ``create`` before any training starts,
+so a method that cannot run is refused up front. Losses never move tensors between devices or call
+distributed primitives; the training loop owns both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from advbct.compat.statistics import ClassStatistics
+
+
+class CompatError(ValueError):
+    """A compatibility method is unknown, misconfigured, or its requirements are not met."""
+
+
+@dataclass(frozen=True)
+class CompatContext:
+    """What a training run can offer a method. Absent items are None."""
+
+    embedding_dim: int
+    num_classes: int
+    statistics: ClassStatistics | None = None
+    old_classifier: torch.Tensor | None = None
+    old_head_classes: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class CompatBatch:
+    """One step's inputs: raw new embeddings, labels (global class ids), old embeddings of the same images."""
+
+    new_emb: torch.Tensor
+    labels: torch.Tensor
+    old_emb: torch.Tensor | None
+    progress: float
+    epoch: int
+    num_epochs: int
+
+
+@dataclass
+class LossOutput:
+    total: torch.Tensor
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class CompatibilityMethod(nn.Module):
+    """Base class: subclasses set ``requires`` and implement ``forward(batch) -> LossOutput``."""
+
+    requires: ClassVar[tuple[str, ...]] = ()
+    needs_old_embeddings: ClassVar[bool] = True
+
+    def forward(self, batch: CompatBatch) -> LossOutput:
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, type[CompatibilityMethod]] = {}
+_REQUIREMENT_HELP = {
+    "statistics": "old-class statistics (run `advbct stats` on the old checkpoint and pass --stats)",
+    "old_classifier": "the old model's classifier weights (an old checkpoint with a softmax head)",
+}
+
+
+def register_method(name: str) -> Callable[[type[CompatibilityMethod]], type[CompatibilityMethod]]:
+    def decorate(cls: type[CompatibilityMethod]) -> type[CompatibilityMethod]:
+        if name in _REGISTRY:
+            raise CompatError(f"compatibility method {name!r} is registered twice")
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+def list_methods() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def method_class(name: str) -> type[CompatibilityMethod]:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise CompatError(f"unknown compatibility method {name!r}; available: {', '.join(list_methods())}") from None
+
+
+def create(name: str, context: CompatContext | None = None, **options: object) -> CompatibilityMethod:
+    """Build a registered method; refuse it with a clear message when the context lacks what it needs."""
+    cls = method_class(name)
+    if context is None:
+        raise CompatError(f"method {name!r} needs a CompatContext (embedding_dim, num_classes, ...)")
+    for need in cls.requires:
+        if getattr(context, need) is None:
+            raise CompatError(f"method {name!r} needs {_REQUIREMENT_HELP.get(need, need)}")
+    try:
+        return cls(context, **options)
+    except TypeError as exc:
+        raise CompatError(f"bad options for method {name!r}: {exc}") from exc

@@ -1,0 +1,130 @@
+"""Old-model class statistics: centres and IQR-filtered radii in the old embedding space.
+
+Computed once per old checkpoint and saved keyed to its ``model_id``. All per-class work (means, quartiles,
+outlier filtering, maxima) is done for every class at once on sorted tensors, so it scales to GLDv2's 81k classes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from advbct.models.checkpoint import atomic_save
+
+MIN_SAMPLES_FOR_IQR = 4
+
+
+class StatisticsError(ValueError):
+    """A statistics file is missing, unreadable, or belongs to another checkpoint."""
+
+
+@dataclass(frozen=True)
+class ClassStatistics:
+    """Per class y: centre c_y (mean of normalised embeddings), r_max(y), sample count, usable-radius flag."""
+
+    centres: torch.Tensor
+    radii: torch.Tensor
+    counts: torch.Tensor
+    has_radius: torch.Tensor
+    old_model_id: str
+    class_names: tuple[str, ...]
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.centres.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.centres.shape[1])
+
+
+def _per_class_quantile(
+    sorted_values: torch.Tensor, starts: torch.Tensor, counts: torch.Tensor, q: float
+) -> torch.Tensor:
+    """Linear-interpolation quantile (numpy's default) of each class's run in a class-sorted vector."""
+    pos = q * (counts - 1).clamp(min=0).to(sorted_values.dtype)
+    lo, hi = pos.floor().long(), pos.ceil().long()
+    last = sorted_values.numel() - 1
+    lo_val = sorted_values[(starts + lo).clamp(max=last)]
+    hi_val = sorted_values[(starts + hi).clamp(max=last)]
+    return lo_val + (hi_val - lo_val) * (pos - lo)
+
+
+def compute_class_statistics(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    old_model_id: str = "",
+    class_names: tuple[str, ...] = (),
+) -> ClassStatistics:
+    """Centres, radii (max distance after dropping 1.5-IQR outliers for classes with >= 4 samples) and counts."""
+    feats = F.normalize(embeddings.double(), dim=1)
+    labels = labels.long()
+    counts = torch.bincount(labels, minlength=num_classes)
+    centres = torch.zeros(num_classes, feats.shape[1], dtype=feats.dtype).index_add_(0, labels, feats)
+    centres /= counts.clamp(min=1).unsqueeze(1)
+    dist = (feats - centres[labels]).norm(dim=1)
+
+    by_dist = torch.argsort(dist)
+    order = by_dist[torch.sort(labels[by_dist], stable=True).indices]
+    starts = torch.cumsum(counts, 0) - counts
+    q1 = _per_class_quantile(dist[order], starts, counts, 0.25)
+    q3 = _per_class_quantile(dist[order], starts, counts, 0.75)
+    iqr = q3 - q1
+    filtered = counts[labels] >= MIN_SAMPLES_FOR_IQR
+    inlier = ~filtered | ((dist >= (q1 - 1.5 * iqr)[labels]) & (dist <= (q3 + 1.5 * iqr)[labels]))
+    radii = torch.zeros(num_classes, dtype=dist.dtype).scatter_reduce(
+        0, labels[inlier], dist[inlier], reduce="amax", include_self=False
+    )
+    return ClassStatistics(
+        centres=centres.float(),
+        radii=radii.float(),
+        counts=counts,
+        has_radius=counts >= 2,
+        old_model_id=old_model_id,
+        class_names=tuple(class_names),
+    )
+
+
+def save_statistics(stats: ClassStatistics, path: Path) -> None:
+    meta = {"old_model_id": stats.old_model_id, "class_names": list(stats.class_names)}
+    atomic_save(
+        {
+            "meta": json.dumps(meta),
+            "centres": stats.centres,
+            "radii": stats.radii,
+            "counts": stats.counts,
+            "has_radius": stats.has_radius,
+        },
+        Path(path),
+    )
+
+
+def load_statistics(path: str | Path, expected_model_id: str | None = None) -> ClassStatistics:
+    """Read a statistics file; refuse it when it was computed from a different old checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise StatisticsError(f"statistics file not found: {path} (run `advbct stats` on the old checkpoint)")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        meta = json.loads(blob["meta"])
+        stats = ClassStatistics(
+            centres=blob["centres"],
+            radii=blob["radii"],
+            counts=blob["counts"],
+            has_radius=blob["has_radius"],
+            old_model_id=str(meta["old_model_id"]),
+            class_names=tuple(meta["class_names"]),
+        )
+    except Exception as exc:
+        raise StatisticsError(f"cannot read statistics file {path}: {exc}") from exc
+    if expected_model_id is not None and stats.old_model_id != expected_model_id:
+        raise StatisticsError(
+            f"statistics file {path} was computed from old model {stats.old_model_id}, "
+            f"but the old checkpoint given is {expected_model_id}; run `advbct stats` on that checkpoint"
+        )
+    return stats

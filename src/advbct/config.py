@@ -1,0 +1,190 @@
+"""Typed run configuration: YAML files plus dotted command-line overrides.
+
+Every section rejects unknown keys, so a typo in a config (``optim.lrr``) fails loudly instead of silently
+running with a default. Presets ship inside the package (``advbct/configs/*.yaml``) so an installed wheel can
+run ``advbct quickstart`` without the source tree.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+AllocationKind = Literal["extended-class", "extended-data"]
+HeadKind = Literal["softmax", "arcface", "cosface"]
+T = TypeVar("T", bound=BaseModel)
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is malformed; the message names the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    """Where the images come from and how old and new training sets relate."""
+
+    dataset: Literal["cifar100", "image-folder"] = "cifar100"
+    root: str | None = None
+    train_split: str = "train"
+    test_split: str = "test"
+    image_size: int = Field(32, ge=8)
+    allocation: AllocationKind = "extended-class"
+    old_fraction: float = Field(0.3, gt=0.0, lt=1.0)
+    allocation_seed: int = 0
+    max_train_per_class: int | None = Field(None, ge=1)
+    max_test_per_class: int | None = Field(None, ge=1)
+    augment: bool = True
+
+
+class ModelConfig(_Section):
+    """Backbone (timm) -> Linear(no bias) -> BatchNorm1d embedding -> classifier head."""
+
+    backbone: str = "resnet18"
+    backbone_kwargs: dict[str, Any] = Field(default_factory=dict)
+    small_input: bool = True
+    embedding_dim: int = Field(256, ge=2)
+    head: HeadKind = "softmax"
+    head_scale: float = Field(30.0, gt=0.0)
+    head_margin: float = Field(0.3, ge=0.0)
+    pretrained: bool = False
+    weights: str | None = None
+
+
+class OptimConfig(_Section):
+    """SGD with a multi-step schedule, as in the paper's protocol."""
+
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(256, ge=2)
+    lr: float = Field(0.1, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0)
+    weight_decay: float = Field(5e-4, ge=0.0)
+    milestones: list[int] = Field(default_factory=lambda: [5, 10, 20])
+    gamma: float = Field(0.1, gt=0.0)
+    warmup_epochs: int = Field(0, ge=0)
+
+
+class CompatConfig(_Section):
+    """Which compatibility method trains the new model, and its options."""
+
+    method: str = "advbct"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class TrainConfig(_Section):
+    """One training run (old or new model)."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    compat: CompatConfig = Field(default_factory=CompatConfig)
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    channels_last: bool = True
+    log_every: int = Field(20, ge=1)
+    eval_batch_size: int = Field(1024, ge=1)
+
+
+class QuickstartConfig(_Section):
+    """The whole upgrade path: old -> stats -> AdvBCT new -> independent new -> eval."""
+
+    old: TrainConfig
+    new: TrainConfig
+
+    @model_validator(mode="after")
+    def _same_data(self) -> QuickstartConfig:
+        if self.old.data != self.new.data:
+            raise ValueError("old.data and new.data must be identical (both models share one allocation)")
+        return self
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted!r}: {key!r} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides; values are parsed as YAML scalars/lists (``[5,10]``, ``true``)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: value is not valid YAML: {exc}") from exc
+        _set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(tree).__name__}")
+    return tree
+
+
+def preset_tree(name: str) -> dict[str, Any]:
+    """The YAML tree of a preset shipped in the package (``advbct/configs/<name>.yaml``)."""
+    resource = resources.files("advbct") / "configs" / f"{name}.yaml"
+    if not resource.is_file():
+        raise ConfigError(f"unknown preset {name!r}; available: {', '.join(list_presets())}")
+    return yaml.safe_load(resource.read_text()) or {}
+
+
+def list_presets() -> list[str]:
+    folder = resources.files("advbct") / "configs"
+    return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def build(cls: type[T], tree: dict[str, Any], source: str) -> T:
+    """Validate ``tree`` as ``cls``; errors name the offending dotted key and where the tree came from."""
+    try:
+        return cls.model_validate(tree)
+    except ValidationError as exc:
+        lines = [f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()]
+        raise ConfigError(f"invalid config ({source}):\n  " + "\n  ".join(lines)) from exc
+
+
+def load_config(
+    cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None, preset: str | None = None
+) -> T:
+    """Preset (optional) <- YAML file (optional, deep-merged) <- dotted overrides."""
+    tree: dict[str, Any] = preset_tree(preset) if preset else {}
+    source = f"preset {preset}" if preset else "defaults"
+    if path is not None:
+        tree = deep_merge(tree, read_yaml(path))
+        source = str(path)
+    tree = apply_overrides(tree, list(overrides or []))
+    return build(cls, tree, source)
+
+
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out

@@ -1,0 +1,58 @@
+"""Self/cross test protocol: embed one image set with several models, score every (query, gallery) pair."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import nn
+
+from advbct.data.batches import Preprocessing, normalise
+from advbct.evaluation.compatibility import compatibility_scores, empirical_criterion
+from advbct.evaluation.metrics import label_retrieval_metrics
+
+
+@torch.no_grad()
+def embed_images(
+    model: nn.Module,
+    images: torch.Tensor,
+    prep: Preprocessing,
+    device: torch.device,
+    batch_size: int = 1024,
+    channels_last: bool = True,
+) -> torch.Tensor:
+    """Embeddings (N, d) in float32 on the CPU, in eval mode, with bf16 autocast on CUDA."""
+    if images.shape[-1] != prep.image_size or images.shape[-2] != prep.image_size:
+        raise ValueError(
+            f"images are {tuple(images.shape[-2:])}, the model expects {prep.image_size}x{prep.image_size}"
+        )
+    model = model.to(device).eval()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    out = []
+    for start in range(0, images.shape[0], batch_size):
+        batch = normalise(images[start : start + batch_size].to(device, non_blocking=True), prep, channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out.append(model(batch).float().cpu())
+    return torch.cat(out)
+
+
+def evaluate_pairs(
+    embeddings: Mapping[str, torch.Tensor], labels: torch.Tensor, pairs: Iterable[tuple[str, str]]
+) -> dict[str, dict[str, float]]:
+    """``{"query/gallery": metrics}``: each test image queries the rest of the set (itself excluded)."""
+    return {
+        f"{q}/{g}": label_retrieval_metrics(embeddings[q], labels, embeddings[g], labels, exclude_same_index=True)
+        for q, g in pairs
+    }
+
+
+def upgrade_report(tests: Mapping[str, Mapping[str, float]], metric: str = "map") -> dict:
+    """The quickstart's summary: the test matrix plus P_up / P_comp / P_1 and the empirical criterion."""
+    old, new, cross = tests["old/old"][metric], tests["new/new"][metric], tests["new/old"][metric]
+    report: dict = {"tests": {k: dict(v) for k, v in tests.items()}}
+    if "independent/independent" in tests:
+        report.update(compatibility_scores([old], [tests["independent/independent"][metric]], [new], [cross]))
+    report["criterion"] = empirical_criterion(cross, old)
+    report["upgrade_ok"] = report["criterion"] and new > old
+    return report

@@ -1,0 +1,115 @@
+"""Checkpoints: weights plus the metadata every later step needs to trust them.
+
+The metadata travels as a JSON string inside the file so ``torch.load(weights_only=True)`` can read it: a
+checkpoint from an untrusted source is parsed, never executed. ``model_id`` is a fresh random id per trained
+model; statistics files and new models name the old model by it, so a mix-up between checkpoints is caught
+instead of producing a silently incompatible model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from advbct.config import DataConfig, ModelConfig
+from advbct.data.batches import Preprocessing
+from advbct.models.embedding import EmbeddingModel
+
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable, or does not fit what it is used with."""
+
+
+class ModelMeta(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    format_version: int = FORMAT_VERSION
+    model_id: str = Field(default_factory=lambda: uuid.uuid4().hex)
+    architecture: ModelConfig
+    data: DataConfig
+    embedding_dim: int
+    normalised_embedding: bool = True
+    preprocessing: dict[str, Any]
+    class_names: list[str]
+    head_classes: list[int]
+    allocation: dict[str, Any]
+    role: str
+    generation: int
+    method: str
+    compatible_with: dict[str, Any] | None = None
+    metrics: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def prep(self) -> Preprocessing:
+        return Preprocessing.from_json(self.preprocessing)
+
+
+def build_model(meta: ModelMeta, load_pretrained: bool = True) -> EmbeddingModel:
+    arch = meta.architecture
+    return EmbeddingModel(
+        backbone=arch.backbone,
+        embedding_dim=arch.embedding_dim,
+        num_classes=len(meta.head_classes),
+        head=arch.head,
+        head_scale=arch.head_scale,
+        head_margin=arch.head_margin,
+        small_input=arch.small_input,
+        backbone_kwargs=arch.backbone_kwargs,
+        pretrained=arch.pretrained and load_pretrained,
+        weights=arch.weights if load_pretrained else None,
+    )
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """Write to a temporary file and rename, so a crash never leaves a half-written checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def save_checkpoint(path: Path, model: torch.nn.Module, meta: ModelMeta, **extra: Any) -> None:
+    atomic_save({"meta": meta.model_dump_json(), "model": model.state_dict(), **extra}, Path(path))
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for corrupt or unsafe files
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
+    if not isinstance(blob, dict) or "meta" not in blob or "model" not in blob:
+        raise CheckpointError(f"{path} is not an advbct checkpoint (no meta/model entries)")
+    return blob
+
+
+def read_meta(blob: dict[str, Any], path: str | Path) -> ModelMeta:
+    try:
+        meta = ModelMeta.model_validate(json.loads(blob["meta"]))
+    except Exception as exc:
+        raise CheckpointError(f"{path}: unreadable metadata: {exc}") from exc
+    if meta.format_version > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format {meta.format_version} is newer than this advbct understands")
+    return meta
+
+
+def load_checkpoint(path: str | Path) -> tuple[EmbeddingModel, ModelMeta]:
+    """The model (eval mode, on CPU) and its metadata."""
+    blob = read_checkpoint(path)
+    meta = read_meta(blob, path)
+    model = build_model(meta, load_pretrained=False)
+    try:
+        model.load_state_dict(blob["model"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not match the architecture in its metadata: {exc}") from exc
+    return model.eval(), meta

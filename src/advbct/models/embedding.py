@@ -1,0 +1,73 @@
+"""The retrieval model: timm backbone -> Linear(no bias) -> BatchNorm1d embedding -> classifier head."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from advbct.models.heads import make_head
+
+
+def _small_input_stem(backbone: nn.Module, name: str) -> None:
+    """3x3 stride-1 stem without max-pool, so 32x32 images keep their detail (ResNet-style models)."""
+    conv1 = getattr(backbone, "conv1", None)
+    if not isinstance(conv1, nn.Conv2d) or not hasattr(backbone, "maxpool"):
+        raise ValueError(
+            f"small_input is supported for ResNet-style timm models (conv1 + maxpool); {name!r} has no such stem"
+        )
+    backbone.conv1 = nn.Conv2d(conv1.in_channels, conv1.out_channels, 3, 1, 1, bias=False)
+    backbone.maxpool = nn.Identity()
+
+
+def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
+    """Load a local state dict (e.g. timm's ImageNet weights saved to disk) with weights_only=True."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"backbone weights not found: {path}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    missing, unexpected = backbone.load_state_dict(state, strict=False)
+    unexpected = [k for k in unexpected if not k.startswith(("fc.", "head.", "classifier."))]
+    if unexpected:
+        raise ValueError(f"{path}: weights do not fit the backbone; unexpected keys {unexpected[:5]}")
+    if len(missing) > len(backbone.state_dict()) // 2:
+        raise ValueError(f"{path}: weights do not fit the backbone; {len(missing)} keys missing")
+
+
+class EmbeddingModel(nn.Module):
+    def __init__(
+        self,
+        backbone: str,
+        embedding_dim: int,
+        num_classes: int,
+        head: str = "softmax",
+        head_scale: float = 30.0,
+        head_margin: float = 0.3,
+        small_input: bool = False,
+        backbone_kwargs: dict[str, Any] | None = None,
+        pretrained: bool = False,
+        weights: str | None = None,
+    ):
+        super().__init__()
+        self.backbone = timm.create_model(
+            backbone, pretrained=pretrained, num_classes=0, **dict(backbone_kwargs or {})
+        )
+        if weights:
+            load_backbone_weights(self.backbone, weights)
+        if small_input:
+            _small_input_stem(self.backbone, backbone)
+        self.proj = nn.Linear(self.backbone.num_features, embedding_dim, bias=False)
+        self.bn = nn.BatchNorm1d(embedding_dim)
+        self.head = make_head(head, embedding_dim, num_classes, head_scale, head_margin)
+        self.embedding_dim = embedding_dim
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """The (unnormalised) embedding; retrieval L2-normalises it."""
+        return self.bn(self.proj(self.backbone(images)))
+
+    def classify(self, emb: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head(emb, labels)

@@ -1,0 +1,156 @@
+"""The upgrade path as functions: train old -> statistics -> train new -> evaluate, and all of it at once.
+
+The CLI is a thin layer over these, so notebooks and tests drive exactly what users run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from advbct.compat import ClassStatistics, compute_class_statistics, load_statistics, save_statistics
+from advbct.config import DataConfig, QuickstartConfig, TrainConfig
+from advbct.data.allocation import Allocation, load_allocation, load_or_make_allocation
+from advbct.data.images import DataError, ImageSet
+from advbct.data.sources import load_split
+from advbct.evaluation.protocol import embed_images, evaluate_pairs, upgrade_report
+from advbct.models.checkpoint import load_checkpoint
+from advbct.reporting.tables import print_report
+from advbct.training.loop import OldModel, resolve_device, train_model
+
+ALLOCATION_FILE = "allocation.json"
+
+
+def _with_root(data: DataConfig, root: str | None) -> DataConfig:
+    return data if root is None else data.model_copy(update={"root": root})
+
+
+def prepare_allocation(cfg: DataConfig, train_set: ImageSet, path: Path) -> Allocation:
+    return load_or_make_allocation(
+        path, train_set.labels, train_set.num_classes, cfg.allocation, cfg.old_fraction, cfg.allocation_seed
+    )
+
+
+def train_old(cfg: TrainConfig, out: Path, show_progress: bool = True) -> Path:
+    """Classification training of the old model on its allocation; writes ``out/allocation.json`` too."""
+    train_set = load_split(cfg.data, "train")
+    allocation = prepare_allocation(cfg.data, train_set, out / ALLOCATION_FILE)
+    return train_model(cfg, out, "old", train_set, allocation, show_progress=show_progress)
+
+
+def load_old(path: str | Path) -> OldModel:
+    model, meta = load_checkpoint(path)
+    return OldModel(model, meta, Path(path))
+
+
+def _allocation_for(old_path: Path, explicit: Path | None) -> Allocation:
+    path = explicit or old_path.parent / ALLOCATION_FILE
+    if not path.is_file():
+        raise DataError(f"allocation file not found: {path} (pass --allocation, the one written by train-old)")
+    return load_allocation(path)
+
+
+def compute_statistics(
+    old_path: Path, out: Path | None = None, data_root: str | None = None, allocation_path: Path | None = None,
+    device: str = "auto",
+) -> tuple[ClassStatistics, Path]:
+    """Embed the old training set with the frozen old model and save centres/radii keyed to it."""
+    old = load_old(old_path)
+    data = _with_root(old.meta.data, data_root)
+    train_set = load_split(data, "train")
+    allocation = _allocation_for(old_path, allocation_path)
+    if allocation.num_samples != len(train_set):
+        raise DataError(
+            f"allocation has {allocation.num_samples} samples, the training data {len(train_set)}: wrong data root?"
+        )
+    subset = train_set.subset(allocation.old_indices)
+    emb = embed_images(old.model, subset.images, old.meta.prep, resolve_device(device))
+    stats = compute_class_statistics(
+        emb, subset.labels, train_set.num_classes, old.meta.model_id, train_set.classes
+    )
+    out = out or old_path.parent / "stats.pt"
+    save_statistics(stats, out)
+    return stats, out
+
+
+def train_new(
+    cfg: TrainConfig,
+    out: Path,
+    old_path: Path | None,
+    stats_path: Path | None = None,
+    allocation_path: Path | None = None,
+    show_progress: bool = True,
+) -> Path:
+    """A new model with ``cfg.compat.method``; the old model's split is reused so both saw the same data."""
+    train_set = load_split(cfg.data, "train")
+    old = load_old(old_path) if old_path is not None else None
+    if old is not None:
+        allocation = _allocation_for(old.path, allocation_path)
+    else:
+        allocation = prepare_allocation(cfg.data, train_set, allocation_path or out / ALLOCATION_FILE)
+    stats = None
+    if stats_path is not None:
+        stats = load_statistics(stats_path, old.meta.model_id if old is not None else None)
+    return train_model(cfg, out, "new", train_set, allocation, old, stats, show_progress=show_progress)
+
+
+def evaluate(
+    old_path: Path,
+    new_path: Path,
+    independent_path: Path | None = None,
+    data_root: str | None = None,
+    device: str = "auto",
+    batch_size: int = 1024,
+) -> dict:
+    """M(o,o), M(n,n), M(n,o) (and M(*,*), M(*,o) with an independent model) on the test split."""
+    models = {"old": load_checkpoint(old_path), "new": load_checkpoint(new_path)}
+    if independent_path is not None:
+        models["independent"] = load_checkpoint(independent_path)
+    dims = {name: meta.embedding_dim for name, (_, meta) in models.items()}
+    if len(set(dims.values())) != 1:
+        raise DataError(f"models embed to different dimensions {dims}; cross tests need one dimension")
+    data = _with_root(models["new"][1].data, data_root)
+    test_set = load_split(data, "test")
+    dev = resolve_device(device)
+    embeddings = {
+        name: embed_images(model, test_set.images, meta.prep, dev, batch_size) for name, (model, meta) in models.items()
+    }
+    pairs = [("old", "old"), ("new", "new"), ("new", "old")]
+    if "independent" in models:
+        pairs += [("independent", "independent"), ("independent", "old")]
+    return upgrade_report(evaluate_pairs(embeddings, test_set.labels, pairs))
+
+
+def quickstart(cfg: QuickstartConfig, out: Path, console: Console | None = None, show_progress: bool = True) -> dict:
+    """old -> stats -> AdvBCT new -> independent new -> eval; finished steps are skipped on a re-run."""
+    console = console or Console()
+    out.mkdir(parents=True, exist_ok=True)
+    console.print(f"[bold]1/5[/] old model ({cfg.old.data.allocation}, {cfg.old.model.backbone})")
+    old_path = train_old(cfg.old, out / "old", show_progress)
+    console.print("[bold]2/5[/] old-class statistics")
+    stats_path = out / "old" / "stats.pt"
+    if not stats_path.is_file():
+        compute_statistics(old_path, stats_path, device=cfg.old.device)
+    new_cfg = cfg.new.model_copy(deep=True)
+    new_cfg.compat.method = "advbct"
+    console.print("[bold]3/5[/] new model with AdvBCT")
+    new_path = train_new(new_cfg, out / "advbct", old_path, stats_path, show_progress=show_progress)
+    ind_cfg = cfg.new.model_copy(deep=True)
+    ind_cfg.compat.method, ind_cfg.compat.options = "independent", {}
+    console.print("[bold]4/5[/] independent new model (no compatibility)")
+    ind_path = train_new(ind_cfg, out / "independent", old_path, show_progress=show_progress)
+    console.print("[bold]5/5[/] evaluation")
+    report = evaluate(old_path, new_path, ind_path, device=cfg.new.device)
+    (out / "results.json").write_text(json.dumps(report, indent=2))
+    print_report(report, console)
+    return report
+
+
+def set_threads() -> None:
+    """Use every core for intra-op work (PyTorch's default can be lower inside containers)."""
+    import os
+
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))

@@ -1,0 +1,273 @@
+"""The training loop for old models (classification) and new models (classification + a compatibility loss).
+
+One loop serves both roles: an old model is a new model with no old model to stay compatible with. State is
+checkpointed atomically every epoch (``last.pt``: weights, method state, optimizer, epoch) and the run resumes
+from it; the finished model is ``model.pt`` (weights + metadata only). Loss parts are accumulated on the device
+and read back every ``log_every`` steps, so a GPU step never waits for the host.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
+
+from advbct.compat import ClassStatistics, CompatBatch, CompatContext, create, method_class
+from advbct.config import TrainConfig
+from advbct.data.allocation import Allocation
+from advbct.data.batches import BatchStream, Preprocessing, normalise
+from advbct.data.images import ImageSet
+from advbct.models.checkpoint import (
+    CheckpointError,
+    ModelMeta,
+    atomic_save,
+    build_model,
+    read_checkpoint,
+    read_meta,
+    save_checkpoint,
+)
+from advbct.models.embedding import EmbeddingModel
+from advbct.training.schedule import learning_rate
+
+Role = Literal["old", "new"]
+
+
+@dataclass(frozen=True)
+class OldModel:
+    """The frozen model a new model must stay compatible with."""
+
+    model: EmbeddingModel
+    meta: ModelMeta
+    path: Path
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def check_compatible_setup(cfg: TrainConfig, old: OldModel, stats: ClassStatistics | None, classes: tuple) -> None:
+    """Refuse a new-model run whose old checkpoint or statistics cannot match it, before any work is done."""
+    if old.meta.embedding_dim != cfg.model.embedding_dim:
+        raise CheckpointError(
+            f"old checkpoint {old.path} embeds to dim {old.meta.embedding_dim}, but the new model is configured "
+            f"with embedding_dim {cfg.model.embedding_dim}; cross-model search needs equal dimensions"
+        )
+    if tuple(old.meta.class_names) != tuple(classes):
+        raise CheckpointError(f"old checkpoint {old.path} was trained on a different class list than this data")
+    if old.meta.prep.image_size != cfg.data.image_size:
+        raise CheckpointError(
+            f"old checkpoint {old.path} expects {old.meta.prep.image_size}px images, this run uses "
+            f"{cfg.data.image_size}px"
+        )
+    if stats is not None and stats.old_model_id != old.meta.model_id:
+        raise CheckpointError(
+            f"statistics were computed from model {stats.old_model_id}, not from the old checkpoint {old.path} "
+            f"({old.meta.model_id}); run `advbct stats` on it"
+        )
+
+
+def _head_label_map(head_classes: list[int], num_classes: int) -> torch.Tensor:
+    mapping = torch.full((num_classes,), -1, dtype=torch.long)
+    mapping[torch.as_tensor(head_classes, dtype=torch.long)] = torch.arange(len(head_classes))
+    return mapping
+
+
+class _Meter:
+    """Sums of loss parts kept on the device; ``read`` syncs once and resets."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+
+    def add(self, parts: dict[str, torch.Tensor]) -> None:
+        for name, value in parts.items():
+            value = value.detach().float()
+            self.sums[name] = self.sums[name] + value if name in self.sums else value
+        self.count += 1
+
+    def read(self) -> dict[str, float]:
+        out = {name: float(value) / max(1, self.count) for name, value in self.sums.items()}
+        self.sums, self.count = {}, 0
+        return out
+
+
+def train_model(
+    cfg: TrainConfig,
+    run_dir: Path,
+    role: Role,
+    train_set: ImageSet,
+    allocation: Allocation,
+    old: OldModel | None = None,
+    stats: ClassStatistics | None = None,
+    resume: bool = True,
+    show_progress: bool = True,
+) -> Path:
+    """Train one model into ``run_dir``; returns the path of the finished ``model.pt``."""
+    run_dir = Path(run_dir)
+    final_path, last_path = run_dir / "model.pt", run_dir / "last.pt"
+    if resume and final_path.is_file():
+        return final_path
+    if role == "new" and old is None and cfg.compat.method != "independent":
+        raise CheckpointError(f"method {cfg.compat.method!r} needs an old checkpoint (--old)")
+    if old is not None:
+        check_compatible_setup(cfg, old, stats, train_set.classes)
+
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    indices = allocation.old_indices if role == "old" else allocation.new_indices
+    head_classes = list(allocation.old_classes) if role == "old" else list(range(train_set.num_classes))
+    prep = Preprocessing(cfg.data.image_size)
+    meta = ModelMeta(
+        architecture=cfg.model,
+        data=cfg.data,
+        embedding_dim=cfg.model.embedding_dim,
+        preprocessing=prep.to_json(),
+        class_names=list(train_set.classes),
+        head_classes=head_classes,
+        allocation=allocation.summary(),
+        role=role,
+        generation=1 if old is None else old.meta.generation + 1,
+        method="classification" if role == "old" else cfg.compat.method,
+        compatible_with=None if old is None else {"model_id": old.meta.model_id, "path": str(old.path)},
+    )
+
+    model = build_model(meta).to(device)
+    method = _build_method(cfg, role, train_set.num_classes, old, stats).to(device)
+    needs_old = role == "new" and method_class(cfg.compat.method).needs_old_embeddings
+    old_net = old.model.to(device).eval().requires_grad_(False) if (old is not None and needs_old) else None
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        old_net = old_net.to(memory_format=torch.channels_last) if old_net is not None else None
+    params = [p for p in [*model.parameters(), *method.parameters()] if p.requires_grad]
+    optimizer = torch.optim.SGD(
+        params, lr=cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay
+    )
+
+    start_epoch = 0
+    if resume and last_path.is_file():
+        blob = read_checkpoint(last_path)
+        meta = read_meta(blob, last_path)
+        model.load_state_dict(blob["model"])
+        method.load_state_dict(blob["method"])
+        optimizer.load_state_dict(blob["optimizer"])
+        start_epoch = int(blob["epoch"])
+
+    label_map = _head_label_map(head_classes, train_set.num_classes).to(device)
+    stream = BatchStream(
+        train_set.images[indices], train_set.labels[indices], cfg.optim.batch_size, cfg.seed, cfg.data.augment
+    )
+    if len(stream) == 0:
+        raise ValueError(f"{role} training set is empty")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
+    writer = _tensorboard(run_dir / "tb")
+    steps_per_epoch, epochs = len(stream), cfg.optim.epochs
+    total_steps = steps_per_epoch * epochs
+    use_amp = cfg.amp and device.type == "cuda"
+    history: list[dict] = []
+
+    with _progress(show_progress) as progress:
+        task = progress.add_task(f"{role} {meta.method}", total=total_steps, completed=start_epoch * steps_per_epoch,
+                                 info="")
+        for epoch in range(start_epoch, epochs):
+            model.train()
+            method.train()
+            meter, epoch_meter = _Meter(), _Meter()
+            started, seen = time.perf_counter(), 0
+            for step, (images_u8, labels) in enumerate(stream.epoch(epoch)):
+                global_step = epoch * steps_per_epoch + step
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate(cfg.optim, global_step, steps_per_epoch)
+                images_u8 = images_u8.to(device, non_blocking=True)
+                labels = labels.to(device, non_blocking=True)
+                images = normalise(images_u8, prep, cfg.channels_last)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                    emb = model(images)
+                    logits = model.classify(emb.float(), label_map[labels])
+                    cls_loss = F.cross_entropy(logits.float(), label_map[labels])
+                    old_emb = None
+                    if old_net is not None:
+                        with torch.no_grad():
+                            old_emb = old_net(normalise(images_u8, old.meta.prep, cfg.channels_last)).float()
+                    out = method(
+                        CompatBatch(emb.float(), labels, old_emb, global_step / max(1, total_steps - 1), epoch,
+                                    epochs)
+                    )
+                loss = cls_loss + out.total
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                parts = {"loss": loss, "cls": cls_loss, **out.parts}
+                meter.add(parts)
+                epoch_meter.add(parts)
+                seen += labels.shape[0]
+                if (step + 1) % cfg.log_every == 0 or step + 1 == steps_per_epoch:
+                    values = meter.read()
+                    for name, value in values.items():
+                        writer.add_scalar(f"train/{name}", value, global_step)
+                    writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], global_step)
+                    info = " ".join(f"{k}={v:.3f}" for k, v in values.items())
+                    progress.update(task, completed=global_step + 1, info=f"ep {epoch + 1}/{epochs} {info}")
+            elapsed = time.perf_counter() - started
+            summary = {"epoch": epoch, **epoch_meter.read(), "images_per_s": seen / max(elapsed, 1e-9)}
+            history.append(summary)
+            writer.add_scalar("train/images_per_s", summary["images_per_s"], epoch)
+            atomic_save(
+                {
+                    "meta": meta.model_dump_json(),
+                    "model": model.state_dict(),
+                    "method": method.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "epoch": epoch + 1,
+                },
+                last_path,
+            )
+    writer.close()
+    meta.metrics["train_history"] = history
+    save_checkpoint(final_path, model.cpu().to(memory_format=torch.contiguous_format), meta)
+    (run_dir / "history.json").write_text(json.dumps(history, indent=2))
+    return final_path
+
+
+def _build_method(
+    cfg: TrainConfig, role: Role, num_classes: int, old: OldModel | None, stats: ClassStatistics | None
+) -> nn.Module:
+    name = "independent" if role == "old" else cfg.compat.method
+    head_weight = None
+    if old is not None and old.meta.architecture.head == "softmax":
+        head_weight = old.model.head.weight.detach().clone()
+    context = CompatContext(
+        embedding_dim=cfg.model.embedding_dim,
+        num_classes=num_classes,
+        statistics=stats,
+        old_classifier=head_weight,
+        old_head_classes=tuple(old.meta.head_classes) if old is not None else None,
+    )
+    options = {} if role == "old" else dict(cfg.compat.options)
+    return create(name, context, **options)
+
+
+def _tensorboard(path: Path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(path))
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
+        disable=not enabled,
+    )

@@ -58,7 +58,12 @@ def _cli_overrides(data: str | None, device: str | None, prefix: str = "") -> li
 
 
 def train_config(
-    role: str, preset: str, config: Path | None, overrides: list[str] | None, data: str | None, device: str | None
+    role: str,
+    preset: str,
+    config: Path | None,
+    overrides: list[str] | None,
+    data: str | None,
+    device: str | None,
 ) -> TrainConfig:
     tree = _role_tree(preset_tree(preset), role)
     if config is not None:

@@ -49,6 +49,7 @@ class ModelConfig(_Section):
     backbone: str = "resnet18"
     backbone_kwargs: dict[str, Any] = Field(default_factory=dict)
     small_input: bool = True
+    small_input_pool: bool = False
     embedding_dim: int = Field(256, ge=2)
     head: HeadKind = "softmax"
     head_scale: float = Field(30.0, gt=0.0)
@@ -168,7 +169,10 @@ def build(cls: type[T], tree: dict[str, Any], source: str) -> T:
 
 
 def load_config(
-    cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None, preset: str | None = None
+    cls: type[T],
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    preset: str | None = None,
 ) -> T:
     """Preset (optional) <- YAML file (optional, deep-merged) <- dotted overrides."""
     tree: dict[str, Any] = preset_tree(preset) if preset else {}

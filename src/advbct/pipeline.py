@@ -53,8 +53,20 @@ def _allocation_for(old_path: Path, explicit: Path | None) -> Allocation:
     return load_allocation(path)
 
 
+def _check_allocation_fits(allocation: Allocation, train_set: ImageSet) -> None:
+    if allocation.num_samples != len(train_set) or allocation.num_classes != train_set.num_classes:
+        raise DataError(
+            f"the old model's allocation covers {allocation.num_samples} images of {allocation.num_classes} classes, "
+            f"this training data has {len(train_set)} of {train_set.num_classes}: a different data root or "
+            "data.max_train_per_class than the old model used"
+        )
+
+
 def compute_statistics(
-    old_path: Path, out: Path | None = None, data_root: str | None = None, allocation_path: Path | None = None,
+    old_path: Path,
+    out: Path | None = None,
+    data_root: str | None = None,
+    allocation_path: Path | None = None,
     device: str = "auto",
 ) -> tuple[ClassStatistics, Path]:
     """Embed the old training set with the frozen old model and save centres/radii keyed to it."""
@@ -62,15 +74,10 @@ def compute_statistics(
     data = _with_root(old.meta.data, data_root)
     train_set = load_split(data, "train")
     allocation = _allocation_for(old_path, allocation_path)
-    if allocation.num_samples != len(train_set):
-        raise DataError(
-            f"allocation has {allocation.num_samples} samples, the training data {len(train_set)}: wrong data root?"
-        )
+    _check_allocation_fits(allocation, train_set)
     subset = train_set.subset(allocation.old_indices)
     emb = embed_images(old.model, subset.images, old.meta.prep, resolve_device(device))
-    stats = compute_class_statistics(
-        emb, subset.labels, train_set.num_classes, old.meta.model_id, train_set.classes
-    )
+    stats = compute_class_statistics(emb, subset.labels, train_set.num_classes, old.meta.model_id, train_set.classes)
     out = out or old_path.parent / "stats.pt"
     save_statistics(stats, out)
     return stats, out
@@ -89,6 +96,7 @@ def train_new(
     old = load_old(old_path) if old_path is not None else None
     if old is not None:
         allocation = _allocation_for(old.path, allocation_path)
+        _check_allocation_fits(allocation, train_set)
     else:
         allocation = prepare_allocation(cfg.data, train_set, allocation_path or out / ALLOCATION_FILE)
     stats = None

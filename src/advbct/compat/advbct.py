@@ -103,6 +103,7 @@ class AdvBCT(CompatibilityMethod):
         boundary: bool = True,
         adversarial: bool = True,
         elastic: bool = True,
+        normalise_discriminator_input: bool = False,
     ):
         super().__init__()
         stats = context.statistics
@@ -112,6 +113,7 @@ class AdvBCT(CompatibilityMethod):
         if stats.num_classes != context.num_classes:
             raise ValueError(f"statistics cover {stats.num_classes} classes, training has {context.num_classes}")
         self.tau, self.use_boundary, self.use_adversarial, self.elastic = tau, boundary, adversarial, elastic
+        self.normalise_discriminator_input = normalise_discriminator_input
         self.register_buffer("centres", stats.centres.clone())
         self.register_buffer("r_max", stats.radii.clone())
         self.register_buffer("has_radius", stats.has_radius.clone())
@@ -126,17 +128,16 @@ class AdvBCT(CompatibilityMethod):
         parts: dict[str, torch.Tensor] = {}
         total = zero
         if self.use_boundary:
-            bound, violating = boundary_loss(
-                batch.new_emb, batch.labels, self.centres, self.radii(), self.has_radius
-            )
+            bound, violating = boundary_loss(batch.new_emb, batch.labels, self.centres, self.radii(), self.has_radius)
             parts["bound"], parts["violating"] = bound, violating.detach()
             total = total + bound
         if self.use_adversarial:
             if batch.old_emb is None:
                 raise ValueError("AdvBCT's adversarial term needs old embeddings of the batch")
-            adv, disc_acc = adversarial_loss(
-                self.discriminator, batch.new_emb, batch.old_emb, dann_alpha(batch.progress)
-            )
+            new_emb, old_emb = batch.new_emb, batch.old_emb
+            if self.normalise_discriminator_input:
+                new_emb, old_emb = F.normalize(new_emb.float(), dim=1), F.normalize(old_emb.float(), dim=1)
+            adv, disc_acc = adversarial_loss(self.discriminator, new_emb, old_emb, dann_alpha(batch.progress))
             weight = adversarial_weight(batch.epoch, batch.num_epochs)
             parts["adv"], parts["disc_acc"] = adv, disc_acc.detach()
             total = total + weight * adv

@@ -54,6 +54,26 @@ def _per_class_quantile(
     return lo_val + (hi_val - lo_val) * (pos - lo)
 
 
+def iqr_max_radius(dist: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Per class: the largest distance inside [Q1 - 1.5 IQR, Q3 + 1.5 IQR] (no filtering below 4 samples).
+
+    Classes without samples get 0. Quartiles interpolate linearly, as numpy's default percentile does.
+    """
+    labels = labels.long()
+    counts = torch.bincount(labels, minlength=num_classes)
+    by_dist = torch.argsort(dist)
+    order = by_dist[torch.sort(labels[by_dist], stable=True).indices]
+    starts = torch.cumsum(counts, 0) - counts
+    q1 = _per_class_quantile(dist[order], starts, counts, 0.25)
+    q3 = _per_class_quantile(dist[order], starts, counts, 0.75)
+    iqr = q3 - q1
+    filtered = counts[labels] >= MIN_SAMPLES_FOR_IQR
+    inlier = ~filtered | ((dist >= (q1 - 1.5 * iqr)[labels]) & (dist <= (q3 + 1.5 * iqr)[labels]))
+    return torch.zeros(num_classes, dtype=dist.dtype).scatter_reduce(
+        0, labels[inlier], dist[inlier], reduce="amax", include_self=False
+    )
+
+
 def compute_class_statistics(
     embeddings: torch.Tensor,
     labels: torch.Tensor,
@@ -68,21 +88,9 @@ def compute_class_statistics(
     centres = torch.zeros(num_classes, feats.shape[1], dtype=feats.dtype).index_add_(0, labels, feats)
     centres /= counts.clamp(min=1).unsqueeze(1)
     dist = (feats - centres[labels]).norm(dim=1)
-
-    by_dist = torch.argsort(dist)
-    order = by_dist[torch.sort(labels[by_dist], stable=True).indices]
-    starts = torch.cumsum(counts, 0) - counts
-    q1 = _per_class_quantile(dist[order], starts, counts, 0.25)
-    q3 = _per_class_quantile(dist[order], starts, counts, 0.75)
-    iqr = q3 - q1
-    filtered = counts[labels] >= MIN_SAMPLES_FOR_IQR
-    inlier = ~filtered | ((dist >= (q1 - 1.5 * iqr)[labels]) & (dist <= (q3 + 1.5 * iqr)[labels]))
-    radii = torch.zeros(num_classes, dtype=dist.dtype).scatter_reduce(
-        0, labels[inlier], dist[inlier], reduce="amax", include_self=False
-    )
     return ClassStatistics(
         centres=centres.float(),
-        radii=radii.float(),
+        radii=iqr_max_radius(dist, labels, num_classes).float(),
         counts=counts,
         has_radius=counts >= 2,
         old_model_id=old_model_id,

@@ -41,7 +41,7 @@ def normalise(images: torch.Tensor, prep: Preprocessing, channels_last: bool = F
 
 def random_crop_flip(images: torch.Tensor, padding: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """Zero-pad by ``padding``, take a random crop of the original size per image, flip half of them."""
-    n, c, h, w = images.shape
+    n, _, h, w = images.shape
     device = images.device
     padded = torch.nn.functional.pad(images, (padding, padding, padding, padding))
     dy = torch.randint(0, 2 * padding + 1, (n, 1, 1), generator=generator).to(device)

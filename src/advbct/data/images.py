@@ -75,9 +75,7 @@ def decode_image(path: Path, size: int) -> np.ndarray:
             if img.size != (size, size):
                 short = min(img.size)
                 left, top = (img.width - short) // 2, (img.height - short) // 2
-                img = img.crop((left, top, left + short, top + short)).resize(
-                    (size, size), Image.Resampling.BICUBIC
-                )
+                img = img.crop((left, top, left + short, top + short)).resize((size, size), Image.Resampling.BICUBIC)
             return np.asarray(img, dtype=np.uint8)
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise DataError(f"cannot decode image {path}: {exc}") from exc
@@ -107,7 +105,9 @@ def load_image_folder(
     if cache_file.is_file():
         with np.load(cache_file, allow_pickle=False) as npz:
             return ImageSet(
-                torch.from_numpy(npz["images"]), torch.from_numpy(npz["labels"]), tuple(npz["classes"].tolist())
+                torch.from_numpy(npz["images"]),
+                torch.from_numpy(npz["labels"]),
+                tuple(npz["classes"].tolist()),
             )
     workers = workers or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(workers) as pool:

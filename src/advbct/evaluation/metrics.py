@@ -42,9 +42,7 @@ def label_retrieval_metrics(
     itself, possibly embedded by two different models); that item is removed from query i's ranking.
     """
     if query_emb.shape[1] != gallery_emb.shape[1]:
-        raise ValueError(
-            f"query embeddings have dim {query_emb.shape[1]}, gallery embeddings {gallery_emb.shape[1]}"
-        )
+        raise ValueError(f"query embeddings have dim {query_emb.shape[1]}, gallery embeddings {gallery_emb.shape[1]}")
     if exclude_same_index and query_emb.shape[0] != gallery_emb.shape[0]:
         raise ValueError("exclude_same_index needs queries and gallery to be the same images")
     q = F.normalize(query_emb.float(), dim=1)

@@ -12,15 +12,20 @@ from torch import nn
 from advbct.models.heads import make_head
 
 
-def _small_input_stem(backbone: nn.Module, name: str) -> None:
-    """3x3 stride-1 stem without max-pool, so 32x32 images keep their detail (ResNet-style models)."""
+def _small_input_stem(backbone: nn.Module, name: str, keep_pool: bool) -> None:
+    """3x3 stride-1 stem, so 32x32 images keep their detail (ResNet-style models).
+
+    The max-pool is dropped unless ``keep_pool``: keeping it quarters the compute of every later layer, which
+    is what lets the CPU quickstart train three models in minutes.
+    """
     conv1 = getattr(backbone, "conv1", None)
     if not isinstance(conv1, nn.Conv2d) or not hasattr(backbone, "maxpool"):
         raise ValueError(
             f"small_input is supported for ResNet-style timm models (conv1 + maxpool); {name!r} has no such stem"
         )
     backbone.conv1 = nn.Conv2d(conv1.in_channels, conv1.out_channels, 3, 1, 1, bias=False)
-    backbone.maxpool = nn.Identity()
+    if not keep_pool:
+        backbone.maxpool = nn.Identity()
 
 
 def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
@@ -48,18 +53,17 @@ class EmbeddingModel(nn.Module):
         head_scale: float = 30.0,
         head_margin: float = 0.3,
         small_input: bool = False,
+        small_input_pool: bool = False,
         backbone_kwargs: dict[str, Any] | None = None,
         pretrained: bool = False,
         weights: str | None = None,
     ):
         super().__init__()
-        self.backbone = timm.create_model(
-            backbone, pretrained=pretrained, num_classes=0, **dict(backbone_kwargs or {})
-        )
+        self.backbone = timm.create_model(backbone, pretrained=pretrained, num_classes=0, **dict(backbone_kwargs or {}))
         if weights:
             load_backbone_weights(self.backbone, weights)
         if small_input:
-            _small_input_stem(self.backbone, backbone)
+            _small_input_stem(self.backbone, backbone, small_input_pool)
         self.proj = nn.Linear(self.backbone.num_features, embedding_dim, bias=False)
         self.bn = nn.BatchNorm1d(embedding_dim)
         self.head = make_head(head, embedding_dim, num_classes, head_scale, head_margin)

@@ -176,8 +176,9 @@ def train_model(
     history: list[dict] = []
 
     with _progress(show_progress) as progress:
-        task = progress.add_task(f"{role} {meta.method}", total=total_steps, completed=start_epoch * steps_per_epoch,
-                                 info="")
+        task = progress.add_task(
+            f"{role} {meta.method}", total=total_steps, completed=start_epoch * steps_per_epoch, info=""
+        )
         for epoch in range(start_epoch, epochs):
             model.train()
             method.train()
@@ -199,8 +200,7 @@ def train_model(
                         with torch.no_grad():
                             old_emb = old_net(normalise(images_u8, old.meta.prep, cfg.channels_last)).float()
                     out = method(
-                        CompatBatch(emb.float(), labels, old_emb, global_step / max(1, total_steps - 1), epoch,
-                                    epochs)
+                        CompatBatch(emb.float(), labels, old_emb, global_step / max(1, total_steps - 1), epoch, epochs)
                     )
                 loss = cls_loss + out.total
                 optimizer.zero_grad(set_to_none=True)

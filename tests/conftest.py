@@ -1,0 +1,52 @@
+"""Shared fixtures: tiny real image-folder datasets written as PNG files, and the shared data location."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data_root() -> Path | None:
+    env = os.environ.get("ADVBCT_DATA")
+    candidates = [Path(env)] if env else [REPO.parent / "shared" / "data"]
+    for path in candidates:
+        if (path / "cifar100" / "train").is_dir():
+            return path
+    return None
+
+
+@pytest.fixture
+def real_data() -> Path:
+    root = shared_data_root()
+    if root is None:
+        pytest.skip("real CIFAR-100 copy not found (set ADVBCT_DATA or place it at ../shared/data)")
+    return root
+
+
+def write_image_folder(
+    root: Path, classes: int, train_per_class: int, test_per_class: int, size: int = 32, seed: int = 0
+) -> Path:
+    """``root/train|test/<class>/<n>.png`` with class-dependent colours, so classes are learnable."""
+    rng = np.random.default_rng(seed)
+    palette = rng.integers(0, 256, size=(classes, 3))
+    for split, per_class in (("train", train_per_class), ("test", test_per_class)):
+        for c in range(classes):
+            folder = root / split / f"class_{c:02d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                noise = rng.normal(0, 40, size=(size, size, 3))
+                pixels = np.clip(palette[c] + noise, 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i:05d}.png")
+    return root
+
+
+@pytest.fixture
+def tiny_folder(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("ADVBCT_CACHE", str(tmp_path / "cache"))
+    return write_image_folder(tmp_path / "data", classes=6, train_per_class=12, test_per_class=5)

@@ -1,0 +1,121 @@
+"""AdvBCT's parts with hand-computed values: elastic radius, boundary loss, gradient reversal, schedules."""
+
+import math
+
+import pytest
+import torch
+
+from advbct.compat import (
+    CompatBatch,
+    CompatContext,
+    CompatError,
+    compute_class_statistics,
+    create,
+    list_methods,
+)
+from advbct.compat.advbct import (
+    adversarial_weight,
+    boundary_loss,
+    dann_alpha,
+    elastic_radii,
+    grad_reverse,
+)
+
+
+def test_elastic_radius_on_both_sides_of_tau():
+    r_max = torch.tensor([0.5, 1.4, 0.5, 1.4, 1.0])
+    w = torch.tensor([0.0, 0.0, 50.0, 50.0, 3.0])
+    r = elastic_radii(r_max, w, tau=1.0)
+    # below tau: 0.5 + |0.5-1| * 0.5 = 0.75; above: 1.4 - 0.4 * 0.5 = 1.2; w -> inf moves r to tau; r_max = tau stays
+    assert r.tolist() == pytest.approx([0.75, 1.2, 1.0, 1.0, 1.0])
+
+
+def test_elastic_radius_stays_between_r_max_and_tau():
+    r_max = torch.rand(100) * 2
+    r = elastic_radii(r_max, torch.randn(100) * 5, tau=1.0)
+    lo, hi = torch.minimum(r_max, torch.ones(100)), torch.maximum(r_max, torch.ones(100))
+    assert torch.all((r >= lo - 1e-6) & (r <= hi + 1e-6))
+
+
+def test_boundary_loss_counts_only_violating_samples_of_classes_with_radius():
+    centres = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    radii = torch.tensor([0.5, 0.1])
+    has_radius = torch.tensor([True, False])
+    emb = torch.tensor([[2.0, 0.0], [0.0, 3.0], [1.0, 1.0], [-4.0, 0.0]])
+    labels = torch.tensor([0, 0, 0, 1])
+    loss, fraction = boundary_loss(emb, labels, centres, radii, has_radius)
+    # sample 0 sits on the centre (no violation); sample 1 at distance sqrt(2); sample 2 at sqrt(2 - sqrt(2));
+    # sample 3 is far from its centre but class 1 has no radius, so it does not count.
+    expected = ((math.sqrt(2) - 0.5) + (math.sqrt(2 - math.sqrt(2)) - 0.5)) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert fraction.item() == pytest.approx(0.5)
+
+
+def test_boundary_loss_is_zero_without_violations():
+    loss, fraction = boundary_loss(
+        torch.tensor([[1.0, 0.01]]),
+        torch.tensor([0]),
+        torch.tensor([[1.0, 0.0]]),
+        torch.tensor([0.5]),
+        torch.tensor([True]),
+    )
+    assert loss.item() == 0.0 and fraction.item() == 0.0
+
+
+def test_gradient_reversal_flips_and_scales():
+    x = torch.tensor([1.0, -2.0, 3.0], requires_grad=True)
+    y = grad_reverse(x, 0.3)
+    assert torch.equal(y, x)
+    (y * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
+    assert x.grad.tolist() == pytest.approx([-0.3, -0.6, -0.9])
+
+
+def test_schedules_endpoints():
+    assert dann_alpha(0.0) == 0.0
+    assert dann_alpha(1.0) == pytest.approx(2 / (1 + math.exp(-10)) - 1)
+    assert dann_alpha(1.0) == pytest.approx(0.9999092, abs=1e-7)
+    assert adversarial_weight(0, 30) == pytest.approx(31 / 30)
+    assert adversarial_weight(29, 30) == pytest.approx(2 / 30)
+
+
+def _context(dim=4, classes=3):
+    stats = compute_class_statistics(torch.randn(30, dim), torch.arange(30) % classes, classes, "m")
+    return CompatContext(embedding_dim=dim, num_classes=classes, statistics=stats)
+
+
+def test_advbct_total_is_boundary_plus_weighted_adversarial_and_backbone_gets_reversed_gradient():
+    torch.manual_seed(0)
+    method = create("advbct", _context())
+    new = torch.randn(8, 4, requires_grad=True)
+    old = torch.randn(8, 4)
+    labels = torch.arange(8) % 3
+    out = method(CompatBatch(new, labels, old, progress=0.5, epoch=1, num_epochs=4))
+    w = adversarial_weight(1, 4)
+    assert out.total.item() == pytest.approx(out.parts["bound"].item() + w * out.parts["adv"].item(), rel=1e-6)
+    # With the boundary term off, the embedding gradient is the discriminator's gradient reversed and scaled.
+    adv_only = create("advbct", _context(), boundary=False)
+    adv_only.discriminator.load_state_dict(method.discriminator.state_dict())
+    new.grad = None
+    adv_only(CompatBatch(new, labels, old, 0.5, 1, 4)).total.backward()
+    reversed_grad = new.grad.clone()
+    new2 = new.detach().clone().requires_grad_(True)
+    logits = adv_only.discriminator(torch.cat([new2, old]))
+    target = torch.cat([torch.zeros(8, dtype=torch.long), torch.ones(8, dtype=torch.long)])
+    (
+        w
+        * (
+            torch.nn.functional.cross_entropy(logits[:8], target[:8])
+            + torch.nn.functional.cross_entropy(logits[8:], target[8:])
+        )
+    ).backward()
+    assert torch.allclose(reversed_grad, -dann_alpha(0.5) * new2.grad, atol=1e-6)
+
+
+def test_registry_and_requirements():
+    assert {"advbct", "independent"} <= set(list_methods())
+    with pytest.raises(CompatError, match="unknown compatibility method 'nope'"):
+        create("nope", _context())
+    with pytest.raises(CompatError, match="statistics"):
+        create("advbct", CompatContext(embedding_dim=4, num_classes=3))
+    with pytest.raises(CompatError, match="bad options"):
+        create("advbct", _context(), taux=2.0)

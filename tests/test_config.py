@@ -1,0 +1,36 @@
+"""Typed configs: presets load, unknown keys are refused with their dotted path, overrides apply."""
+
+import pytest
+
+from advbct.cli import quickstart_config, train_config
+from advbct.config import ConfigError, TrainConfig, apply_overrides, list_presets, load_config
+
+
+def test_presets_load_and_validate():
+    assert {"quickstart", "smoke", "paper-cifar100"} <= set(list_presets())
+    for name in list_presets():
+        cfg = quickstart_config(name, None, None, None, None)
+        assert cfg.old.data == cfg.new.data
+
+
+def test_dotted_overrides_parse_yaml_values():
+    cfg = train_config("new", "smoke", None, ["optim.lr=0.02", "optim.milestones=[3, 4]", "amp=false"], None, "cpu")
+    assert cfg.optim.lr == 0.02 and cfg.optim.milestones == [3, 4] and cfg.amp is False and cfg.device == "cpu"
+
+
+def test_unknown_keys_are_refused_with_their_path(tmp_path):
+    with pytest.raises(ConfigError, match=r"optim\.lrr: Extra inputs are not permitted"):
+        load_config(TrainConfig, overrides=["optim.lrr=0.1"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  embeding_dim: 12\n")
+    with pytest.raises(ConfigError, match=r"(?s)bad\.yaml.*model\.embeding_dim"):
+        load_config(TrainConfig, bad)
+
+
+def test_bad_values_and_malformed_overrides():
+    with pytest.raises(ConfigError, match=r"data\.old_fraction"):
+        load_config(TrainConfig, overrides=["data.old_fraction=1.5"])
+    with pytest.raises(ConfigError, match="must look like"):
+        apply_overrides({}, ["optim.lr"])
+    with pytest.raises(ConfigError, match="unknown preset"):
+        quickstart_config("nope", None, None, None, None)

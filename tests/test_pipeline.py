@@ -1,0 +1,174 @@
+"""The upgrade path end to end through the real CLI, on real PNG files, plus its refusals of bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from advbct import pipeline
+from advbct.cli import quickstart_config, train_config
+from advbct.compat import StatisticsError
+from advbct.evaluation import compatibility_scores
+from advbct.models import CheckpointError
+
+TESTS = ("old/old", "new/new", "new/old", "independent/independent", "independent/old")
+
+
+def run_cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "advbct", *args], capture_output=True, text=True, env=env, timeout=600)
+
+
+def check_results(path):
+    report = json.loads(path.read_text())
+    assert set(report["tests"]) == set(TESTS)
+    for values in report["tests"].values():
+        assert set(values) >= {"map", "map_at_r", "top1", "top5"}
+        assert all(0.0 <= v <= 100.0 for v in values.values())
+    t = report["tests"]
+    expected = compatibility_scores(
+        [t["old/old"]["map"]],
+        [t["independent/independent"]["map"]],
+        [t["new/new"]["map"]],
+        [t["new/old"]["map"]],
+    )
+    for key in ("p_up", "p_comp", "p_1"):
+        assert report[key] == pytest.approx(expected[key])
+    assert report["criterion"] == (t["new/old"]["map"] > t["old/old"]["map"])
+    return report
+
+
+def test_quickstart_cli_on_image_folder(tiny_folder, tmp_path):
+    out = tmp_path / "run"
+    result = run_cli(
+        "quickstart",
+        "--preset",
+        "smoke",
+        "--data",
+        str(tiny_folder),
+        "--out",
+        str(out),
+        "--no-progress",
+        "-o",
+        "common.data.dataset=image-folder",
+        "-o",
+        "common.device=cpu",
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    check_results(out / "results.json")
+    for part in (
+        "old/model.pt",
+        "old/stats.pt",
+        "old/allocation.json",
+        "advbct/model.pt",
+        "independent/model.pt",
+    ):
+        assert (out / part).is_file(), part
+    assert list((out / "advbct" / "tb").iterdir()), "TensorBoard events written"
+    assert "M(n,o)  cross test" in result.stdout
+
+
+def test_step_commands_and_refusals(tiny_folder, tmp_path):
+    common = [
+        "--preset",
+        "smoke",
+        "--data",
+        str(tiny_folder),
+        "--no-progress",
+        "-o",
+        "data.dataset=image-folder",
+    ]
+    old_dir = tmp_path / "old"
+    assert run_cli("train-old", "--out", str(old_dir), *common).returncode == 0
+    result = run_cli("stats", "--old", str(old_dir / "model.pt"), "--data", str(tiny_folder))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    # an old checkpoint of another embedding dim is refused before training, and nothing is written
+    result = run_cli(
+        "train-new",
+        "--old",
+        str(old_dir / "model.pt"),
+        "--out",
+        str(tmp_path / "new"),
+        *common,
+        "-o",
+        "model.embedding_dim=48",
+    )
+    assert result.returncode == 2 and "embeds to dim 32" in result.stdout
+    assert not (tmp_path / "new" / "model.pt").exists()
+
+    # statistics computed from another checkpoint are refused
+    other = tmp_path / "other"
+    assert run_cli("train-old", "--out", str(other), *common, "-o", "seed=1").returncode == 0
+    assert run_cli("stats", "--old", str(other / "model.pt"), "--data", str(tiny_folder)).returncode == 0
+    result = run_cli(
+        "train-new",
+        "--old",
+        str(old_dir / "model.pt"),
+        "--stats",
+        str(other / "stats.pt"),
+        "--out",
+        str(tmp_path / "new"),
+        *common,
+    )
+    assert result.returncode == 2 and "run `advbct stats` on that checkpoint" in result.stdout
+
+    result = run_cli("train-new", "--old", str(old_dir / "model.pt"), "--out", str(tmp_path / "new"), *common)
+    assert result.returncode == 0, result.stdout + result.stderr
+    result = run_cli(
+        "eval",
+        "--old",
+        str(old_dir / "model.pt"),
+        "--new",
+        str(tmp_path / "new" / "model.pt"),
+        "--data",
+        str(tiny_folder),
+        "--out",
+        str(tmp_path / "eval.json"),
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert set(report["tests"]) == {"old/old", "new/new", "new/old"}
+
+
+def test_missing_data_root_is_a_clear_error(tmp_path):
+    result = run_cli(
+        "quickstart", "--preset", "smoke", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run")
+    )
+    assert result.returncode == 2
+    assert "holds no CIFAR-100 image folders" in result.stdout
+    assert not (tmp_path / "run" / "old").exists()
+
+
+def test_pipeline_refusals_in_process(tiny_folder, tmp_path):
+    cfg = train_config("old", "smoke", None, ["data.dataset=image-folder", "device=cpu"], str(tiny_folder), None)
+    old_path = pipeline.train_old(cfg, tmp_path / "old", show_progress=False)
+    _, stats_path = pipeline.compute_statistics(old_path, data_root=str(tiny_folder), device="cpu")
+    new_cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"embedding_dim": 8})})
+    with pytest.raises(CheckpointError, match="embeds to dim 32"):
+        pipeline.train_new(new_cfg, tmp_path / "new", old_path, stats_path, show_progress=False)
+    stats_path.write_bytes(b"not a tensor file")
+    with pytest.raises(StatisticsError, match="cannot read statistics file"):
+        pipeline.train_new(cfg, tmp_path / "new", old_path, stats_path, show_progress=False)
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.slow
+def test_quickstart_smoke_on_real_cifar100(real_data, tmp_path):
+    out = tmp_path / "run"
+    result = run_cli(
+        "quickstart",
+        "--preset",
+        "smoke",
+        "--data",
+        str(real_data),
+        "--out",
+        str(out),
+        "--no-progress",
+        "-o",
+        "common.device=cpu",
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = check_results(out / "results.json")
+    assert quickstart_config("smoke", None, None, None, None).old.data.max_test_per_class == 10
+    assert report["tests"]["old/old"]["map"] > 1.0  # above chance (about 1% for 100 classes)

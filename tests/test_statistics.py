@@ -1,0 +1,73 @@
+"""Old-class statistics: the 1.5-IQR radius rule and the centres, checked by hand and against numpy."""
+
+import numpy as np
+import pytest
+import torch
+
+from advbct.compat.statistics import (
+    StatisticsError,
+    compute_class_statistics,
+    iqr_max_radius,
+    load_statistics,
+    save_statistics,
+)
+
+
+def test_iqr_rule_by_hand():
+    # class 0: [0.1, 0.2, 0.3, 0.4, 2.0] -> Q1 0.2, Q3 0.4, IQR 0.2, fences [-0.1, 0.7]: 2.0 dropped -> 0.4
+    # class 1: three samples -> no filtering -> the far 5.0 stays
+    # class 2: one sample -> its own distance; class 3: no samples -> 0
+    dist = torch.tensor([0.3, 2.0, 0.1, 5.0, 0.2, 0.1, 0.4, 0.2, 0.3], dtype=torch.float64)
+    labels = torch.tensor([0, 0, 0, 1, 0, 1, 0, 1, 2])
+    radii = iqr_max_radius(dist, labels, 4)
+    assert radii.tolist() == pytest.approx([0.4, 5.0, 0.3, 0.0])
+
+
+def test_iqr_fence_is_inclusive():
+    # [1, 2, 3, 4, x] with x >= 4: quartiles at positions 1 and 3 -> Q1 2, Q3 4, IQR 2, upper fence 7.0,
+    # so x = 7.0 is kept and x = 7.01 is dropped.
+    kept = iqr_max_radius(torch.tensor([1.0, 2.0, 3.0, 4.0, 7.0]), torch.zeros(5, dtype=torch.long), 1)
+    dropped = iqr_max_radius(torch.tensor([1.0, 2.0, 3.0, 4.0, 7.01]), torch.zeros(5, dtype=torch.long), 1)
+    assert kept.item() == pytest.approx(7.0)
+    assert dropped.item() == pytest.approx(4.0)
+
+
+def test_iqr_rule_matches_numpy_reference():
+    gen = torch.Generator().manual_seed(3)
+    labels = torch.randint(0, 12, (400,), generator=gen)
+    dist = torch.rand(400, generator=gen, dtype=torch.float64) ** 3 * 4
+    radii = iqr_max_radius(dist, labels, 13)
+    for c in range(13):
+        d = dist[labels == c].numpy()
+        if d.size == 0:
+            assert radii[c] == 0
+            continue
+        if d.size >= 4:
+            q1, q3 = np.percentile(d, [25, 75])
+            d = d[(d >= q1 - 1.5 * (q3 - q1)) & (d <= q3 + 1.5 * (q3 - q1))]
+        assert radii[c].item() == pytest.approx(d.max())
+
+
+def test_centres_are_means_of_normalised_embeddings():
+    # class 0: one-hot e1..e4 scaled differently -> normalised to e1..e4 -> centre (1/4,)*4, distance sqrt(0.75)
+    emb = torch.tensor([[3.0, 0, 0, 0], [0, 0.5, 0, 0], [0, 0, 2, 0], [0, 0, 0, 7], [1, 1, 0, 0], [5, 5, 0, 0]])
+    labels = torch.tensor([0, 0, 0, 0, 1, 2])
+    stats = compute_class_statistics(emb, labels, 4, "abc", ("a", "b", "c", "d"))
+    assert stats.centres[0].tolist() == pytest.approx([0.25] * 4)
+    assert stats.radii[0].item() == pytest.approx(0.75**0.5)
+    # single-sample classes: centre = the normalised sample, distance 0, and no usable radius
+    assert stats.centres[1].tolist() == pytest.approx([2**-0.5, 2**-0.5, 0, 0])
+    assert stats.has_radius.tolist() == [True, False, False, False]
+    assert stats.counts.tolist() == [4, 1, 1, 0]
+
+
+def test_statistics_file_is_keyed_to_its_checkpoint(tmp_path):
+    stats = compute_class_statistics(torch.randn(20, 8), torch.arange(20) % 4, 4, "old-model-1", tuple("abcd"))
+    path = tmp_path / "stats.pt"
+    save_statistics(stats, path)
+    loaded = load_statistics(path, "old-model-1")
+    assert torch.equal(loaded.centres, stats.centres) and loaded.class_names == tuple("abcd")
+    with pytest.raises(StatisticsError, match="computed from old model old-model-1"):
+        load_statistics(path, "another-model")
+    with pytest.raises(StatisticsError, match="not found"):
+        load_statistics(tmp_path / "missing.pt")

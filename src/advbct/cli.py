@@ -27,7 +27,7 @@ from advbct.config import (
 )
 from advbct.data.images import DataError
 from advbct.models.checkpoint import CheckpointError
-from advbct.reporting import print_report
+from advbct.reporting import comparison_table, print_report
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console()
@@ -38,6 +38,8 @@ ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML con
 OverrideOpt = Annotated[list[str] | None, typer.Option("--set", "-o", help="dotted override, e.g. optim.lr=0.05")]
 DataOpt = Annotated[str | None, typer.Option("--data", help="data root (else $ADVBCT_DATA, ../shared/data)")]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda, cuda:1 ...")]
+DEFAULT_COMPARISON = ("l2", "bct", "lce", "unibct", "hot-refresh", "advbct")
+ABLATIONS = ("advbct-adv-only", "advbct-bound-only", "advbct-fixed-radius")
 QuietOpt = Annotated[bool, typer.Option("--no-progress", help="hide progress bars")]
 
 
@@ -181,6 +183,38 @@ def quickstart_cmd(
     """The whole upgrade path on CIFAR-100: old -> stats -> AdvBCT -> independent -> evaluation."""
     cfg = _run(quickstart_config, preset, config, overrides, data, device)
     _run(pipeline.quickstart, cfg, out, console, not no_progress)
+    console.print(f"results: {out / 'results.json'}")
+
+
+@app.command("compare")
+def compare_cmd(
+    out: Annotated[Path, typer.Option("--out", help="run folder; results.json is written there")] = Path(
+        "runs/compare"
+    ),
+    methods: Annotated[
+        str, typer.Option("--methods", help="comma-separated methods (default: every baseline and advbct)")
+    ] = ",".join(DEFAULT_COMPARISON),
+    ablations: Annotated[bool, typer.Option("--ablations", help="add the AdvBCT ablations")] = False,
+    preset: PresetOpt = "quickstart",
+    config: ConfigOpt = None,
+    overrides: OverrideOpt = None,
+    data: DataOpt = None,
+    device: DeviceOpt = None,
+    no_progress: QuietOpt = False,
+) -> None:
+    """Train every method on one allocation and one seed set; one table, one results.json."""
+    chosen = [m.strip() for m in methods.split(",") if m.strip()]
+    if ablations:
+        chosen += [m for m in ABLATIONS if m not in chosen]
+    unknown = [m for m in chosen if m not in list_methods()]
+    if unknown:
+        console.print(f"[red]error:[/] unknown methods {unknown}; available: {', '.join(list_methods())}")
+        raise typer.Exit(2)
+    cfg = _run(quickstart_config, preset, config, overrides, data, device)
+    reports = _run(pipeline.compare, cfg, out, chosen, console, not no_progress)
+    title = f"{cfg.new.data.allocation}, {cfg.new.model.backbone}, seed {cfg.new.seed}"
+    console.print(comparison_table(reports, title))
+    (out / "results.json").write_text(json.dumps(reports, indent=2))
     console.print(f"results: {out / 'results.json'}")
 
 

@@ -22,6 +22,7 @@ from advbct.reporting.tables import print_report
 from advbct.training.loop import OldModel, resolve_device, train_model
 
 ALLOCATION_FILE = "allocation.json"
+TEST_ORDER = ("old/old", "new/new", "new/old", "independent/independent", "independent/old")
 
 
 def _with_root(data: DataConfig, root: str | None) -> DataConfig:
@@ -105,6 +106,23 @@ def train_new(
     return train_model(cfg, out, "new", train_set, allocation, old, stats, show_progress=show_progress)
 
 
+def embed_test_set(
+    paths: dict[str, Path], data_root: str | None = None, device: str = "auto", batch_size: int = 1024
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Embed the test split once per checkpoint; all must share one embedding dimension."""
+    models = {name: load_checkpoint(path) for name, path in paths.items()}
+    dims = {name: meta.embedding_dim for name, (_, meta) in models.items()}
+    if len(set(dims.values())) != 1:
+        raise DataError(f"models embed to different dimensions {dims}; cross tests need one dimension")
+    data = _with_root(next(iter(models.values()))[1].data, data_root)
+    test_set = load_split(data, "test")
+    dev = resolve_device(device)
+    embeddings = {
+        name: embed_images(model, test_set.images, meta.prep, dev, batch_size) for name, (model, meta) in models.items()
+    }
+    return embeddings, test_set.labels
+
+
 def evaluate(
     old_path: Path,
     new_path: Path,
@@ -114,47 +132,71 @@ def evaluate(
     batch_size: int = 1024,
 ) -> dict:
     """M(o,o), M(n,n), M(n,o) (and M(*,*), M(*,o) with an independent model) on the test split."""
-    models = {"old": load_checkpoint(old_path), "new": load_checkpoint(new_path)}
+    paths = {"old": old_path, "new": new_path}
     if independent_path is not None:
-        models["independent"] = load_checkpoint(independent_path)
-    dims = {name: meta.embedding_dim for name, (_, meta) in models.items()}
-    if len(set(dims.values())) != 1:
-        raise DataError(f"models embed to different dimensions {dims}; cross tests need one dimension")
-    data = _with_root(models["new"][1].data, data_root)
-    test_set = load_split(data, "test")
-    dev = resolve_device(device)
-    embeddings = {
-        name: embed_images(model, test_set.images, meta.prep, dev, batch_size) for name, (model, meta) in models.items()
-    }
+        paths["independent"] = independent_path
+    embeddings, labels = embed_test_set(paths, data_root, device, batch_size)
     pairs = [("old", "old"), ("new", "new"), ("new", "old")]
-    if "independent" in models:
+    if independent_path is not None:
         pairs += [("independent", "independent"), ("independent", "old")]
-    return upgrade_report(evaluate_pairs(embeddings, test_set.labels, pairs))
+    return upgrade_report(evaluate_pairs(embeddings, labels, pairs))
+
+
+def _prepare_old(cfg: QuickstartConfig, out: Path, console: Console, show_progress: bool) -> tuple[Path, Path]:
+    console.print(f"[bold]old model[/] ({cfg.old.data.allocation}, {cfg.old.model.backbone})")
+    old_path = train_old(cfg.old, out / "old", show_progress)
+    stats_path = out / "old" / "stats.pt"
+    if not stats_path.is_file():
+        console.print("[bold]old-class statistics[/]")
+        compute_statistics(old_path, stats_path, device=cfg.old.device)
+    return old_path, stats_path
+
+
+def _train_method(
+    cfg: QuickstartConfig, out: Path, method: str, old_path: Path, stats_path: Path, show_progress: bool
+) -> Path:
+    new_cfg = cfg.new.model_copy(deep=True)
+    if method != cfg.new.compat.method:
+        new_cfg.compat.method, new_cfg.compat.options = method, {}
+    uses_stats = method != "independent"
+    return train_new(new_cfg, out / method, old_path, stats_path if uses_stats else None, show_progress=show_progress)
 
 
 def quickstart(cfg: QuickstartConfig, out: Path, console: Console | None = None, show_progress: bool = True) -> dict:
     """old -> stats -> AdvBCT new -> independent new -> eval; finished steps are skipped on a re-run."""
+    reports = compare(cfg, out, ["advbct"], console, show_progress)
+    report = reports["advbct"]
+    (out / "results.json").write_text(json.dumps(report, indent=2))
+    print_report(report, console or Console())
+    return report
+
+
+def compare(
+    cfg: QuickstartConfig,
+    out: Path,
+    methods: list[str],
+    console: Console | None = None,
+    show_progress: bool = True,
+) -> dict[str, dict]:
+    """Train the old model, the independent model and every method on one allocation and one seed set;
+    return one quickstart-format report per method (the test set is embedded once per model)."""
     console = console or Console()
     out.mkdir(parents=True, exist_ok=True)
-    console.print(f"[bold]1/5[/] old model ({cfg.old.data.allocation}, {cfg.old.model.backbone})")
-    old_path = train_old(cfg.old, out / "old", show_progress)
-    console.print("[bold]2/5[/] old-class statistics")
-    stats_path = out / "old" / "stats.pt"
-    if not stats_path.is_file():
-        compute_statistics(old_path, stats_path, device=cfg.old.device)
-    new_cfg = cfg.new.model_copy(deep=True)
-    new_cfg.compat.method = "advbct"
-    console.print("[bold]3/5[/] new model with AdvBCT")
-    new_path = train_new(new_cfg, out / "advbct", old_path, stats_path, show_progress=show_progress)
-    ind_cfg = cfg.new.model_copy(deep=True)
-    ind_cfg.compat.method, ind_cfg.compat.options = "independent", {}
-    console.print("[bold]4/5[/] independent new model (no compatibility)")
-    ind_path = train_new(ind_cfg, out / "independent", old_path, show_progress=show_progress)
-    console.print("[bold]5/5[/] evaluation")
-    report = evaluate(old_path, new_path, ind_path, device=cfg.new.device)
-    (out / "results.json").write_text(json.dumps(report, indent=2))
-    print_report(report, console)
-    return report
+    old_path, stats_path = _prepare_old(cfg, out, console, show_progress)
+    paths = {"old": old_path}
+    for method in ["independent", *[m for m in methods if m != "independent"]]:
+        console.print(f"[bold]new model: {method}[/]")
+        paths[method] = _train_method(cfg, out, method, old_path, stats_path, show_progress)
+    console.print("[bold]evaluation[/]")
+    embeddings, labels = embed_test_set(paths, device=cfg.new.device)
+    shared_pairs = [("old", "old"), ("independent", "independent"), ("independent", "old")]
+    shared = evaluate_pairs(embeddings, labels, shared_pairs)
+    reports = {}
+    for method in methods:
+        own = evaluate_pairs(embeddings, labels, [(method, method), (method, "old")])
+        tests = {**shared, "new/new": own[f"{method}/{method}"], "new/old": own[f"{method}/old"]}
+        reports[method] = upgrade_report({key: tests[key] for key in TEST_ORDER})
+    return reports
 
 
 def set_threads() -> None:

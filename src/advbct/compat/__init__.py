@@ -4,7 +4,8 @@
 own with ``@register_method("name")`` on a ``CompatibilityMethod`` subclass; the training loop needs no change.
 """
 
-from advbct.compat import advbct as _advbct  # noqa: F401  (registers advbct, independent)
+from advbct.compat import advbct as _advbct  # noqa: F401  (registers advbct, its ablations, independent)
+from advbct.compat import baselines as _baselines  # noqa: F401  (registers l2, bct, lce, unibct, hot-refresh)
 from advbct.compat.base import (
     CompatBatch,
     CompatContext,

@@ -155,3 +155,20 @@ class Independent(CompatibilityMethod):
 
     def forward(self, batch: CompatBatch) -> LossOutput:
         return LossOutput(batch.new_emb.new_zeros((), dtype=torch.float32))
+
+
+def _ablation(name: str, doc: str, **fixed: bool) -> type[AdvBCT]:
+    """An AdvBCT variant with some parts switched off, registered under its own name for comparisons."""
+
+    class Ablation(AdvBCT):
+        def __init__(self, context: CompatContext, **options: object):
+            super().__init__(context, **{**options, **fixed})
+
+    Ablation.__name__ = Ablation.__qualname__ = "AdvBCT_" + name.replace("-", "_")
+    Ablation.__doc__ = doc
+    return register_method(name)(Ablation)
+
+
+_ablation("advbct-adv-only", "AdvBCT without the boundary term (adversarial alignment only).", boundary=False)
+_ablation("advbct-bound-only", "AdvBCT without the adversarial term (elastic boundary only).", adversarial=False)
+_ablation("advbct-fixed-radius", "AdvBCT with the fixed radius r_max instead of the elastic one.", elastic=False)

@@ -30,13 +30,14 @@ class CompatContext:
     embedding_dim: int
     num_classes: int
     statistics: ClassStatistics | None = None
-    old_classifier: torch.Tensor | None = None
+    old_head: nn.Module | None = None
     old_head_classes: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
 class CompatBatch:
-    """One step's inputs: raw new embeddings, labels (global class ids), old embeddings of the same images."""
+    """One step's inputs: raw new embeddings, labels (global class ids), old embeddings of the same images,
+    training progress, and the new model's classifier weights (rows in global class order)."""
 
     new_emb: torch.Tensor
     labels: torch.Tensor
@@ -44,6 +45,7 @@ class CompatBatch:
     progress: float
     epoch: int
     num_epochs: int
+    new_classifier: torch.Tensor | None = None
 
 
 @dataclass
@@ -65,7 +67,7 @@ class CompatibilityMethod(nn.Module):
 _REGISTRY: dict[str, type[CompatibilityMethod]] = {}
 _REQUIREMENT_HELP = {
     "statistics": "old-class statistics (run `advbct stats` on the old checkpoint and pass --stats)",
-    "old_classifier": "the old model's classifier weights (an old checkpoint with a softmax head)",
+    "old_head": "the old model's classifier (an old checkpoint; its head is part of it)",
 }
 
 

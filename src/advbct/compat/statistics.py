@@ -24,10 +24,12 @@ class StatisticsError(ValueError):
 
 @dataclass(frozen=True)
 class ClassStatistics:
-    """Per class y: centre c_y (mean of normalised embeddings), r_max(y), sample count, usable-radius flag."""
+    """Per class y: centre c_y (mean of normalised embeddings), r_max(y) (Euclidean, to c_y), the angular
+    radius theta_max(y) (angle to c_y's direction, same IQR rule; used by LCE), sample count, usable-radius flag."""
 
     centres: torch.Tensor
     radii: torch.Tensor
+    angular_radii: torch.Tensor
     counts: torch.Tensor
     has_radius: torch.Tensor
     old_model_id: str
@@ -88,9 +90,12 @@ def compute_class_statistics(
     centres = torch.zeros(num_classes, feats.shape[1], dtype=feats.dtype).index_add_(0, labels, feats)
     centres /= counts.clamp(min=1).unsqueeze(1)
     dist = (feats - centres[labels]).norm(dim=1)
+    cos = (feats * F.normalize(centres, dim=1)[labels]).sum(1)
+    angles = torch.acos(cos.clamp(-1.0, 1.0))
     return ClassStatistics(
         centres=centres.float(),
         radii=iqr_max_radius(dist, labels, num_classes).float(),
+        angular_radii=iqr_max_radius(angles, labels, num_classes).float(),
         counts=counts,
         has_radius=counts >= 2,
         old_model_id=old_model_id,
@@ -105,6 +110,7 @@ def save_statistics(stats: ClassStatistics, path: Path) -> None:
             "meta": json.dumps(meta),
             "centres": stats.centres,
             "radii": stats.radii,
+            "angular_radii": stats.angular_radii,
             "counts": stats.counts,
             "has_radius": stats.has_radius,
         },
@@ -123,6 +129,7 @@ def load_statistics(path: str | Path, expected_model_id: str | None = None) -> C
         stats = ClassStatistics(
             centres=blob["centres"],
             radii=blob["radii"],
+            angular_radii=blob["angular_radii"],
             counts=blob["counts"],
             has_radius=blob["has_radius"],
             old_model_id=str(meta["old_model_id"]),

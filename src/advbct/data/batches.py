@@ -71,7 +71,7 @@ class BatchStream:
         gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         order = torch.randperm(self.images.shape[0], generator=gen)
         for step in range(len(self)):
-            idx = order[step * self.batch_size : (step + 1) * self.batch_size]
+            idx = order[step * self.batch_size : (step + 1) * self.batch_size].to(self.images.device)
             if step < start_step:
                 continue
             images = self.images[idx]

@@ -23,8 +23,27 @@ class SoftmaxHead(nn.Module):
         return F.linear(emb, self.weight)
 
 
+def margin_logits(
+    cos: torch.Tensor, labels: torch.Tensor, scale: float, arc_margin: float = 0.0, cos_margin: float = 0.0
+) -> torch.Tensor:
+    """s * cos(theta_y + m_arc) - s * m_cos on each row's target column, s * cos(theta) elsewhere.
+
+    Past theta = pi - m_arc the angle would wrap around; there the ArcFace term falls back to a linear
+    penalty, as the reference ArcFace implementation does, so the target logit keeps decreasing.
+    """
+    cos = cos.float()  # under bf16 autocast the cosines arrive in bf16; margins need float32 precision
+    target = cos.gather(1, labels.view(-1, 1)).clamp(-1 + 1e-7, 1 - 1e-7)
+    shifted = target
+    if arc_margin:
+        theta = torch.acos(target)
+        shifted = torch.where(
+            theta + arc_margin < math.pi, torch.cos(theta + arc_margin), target - arc_margin * math.sin(arc_margin)
+        )
+    return scale * cos.scatter(1, labels.view(-1, 1), shifted - cos_margin)
+
+
 class CosineMarginHead(nn.Module):
-    """s * cos(theta + m_arc) - s * m_cos on the target class; plain s * cos(theta) elsewhere and at eval."""
+    """ArcFace / CosFace: margin on the target logit while training; plain s * cos(theta) at eval."""
 
     def __init__(self, dim: int, num_classes: int, scale: float, arc_margin: float, cos_margin: float):
         super().__init__()
@@ -36,19 +55,7 @@ class CosineMarginHead(nn.Module):
         cos = F.linear(F.normalize(emb.float(), dim=1), F.normalize(self.weight.float(), dim=1))
         if labels is None or not self.training:
             return self.scale * cos
-        target = cos.gather(1, labels.view(-1, 1)).clamp(-1 + 1e-7, 1 - 1e-7)
-        if self.arc_margin:
-            theta = torch.acos(target)
-            # Past pi - m the angle would wrap around; fall back to the CosFace-style penalty there.
-            shifted = torch.where(
-                theta + self.arc_margin < math.pi,
-                torch.cos(theta + self.arc_margin),
-                target - self.arc_margin * math.sin(self.arc_margin),
-            )
-        else:
-            shifted = target
-        shifted = shifted - self.cos_margin
-        return self.scale * cos.scatter(1, labels.view(-1, 1), shifted)
+        return margin_logits(cos, labels, self.scale, self.arc_margin, self.cos_margin)
 
 
 def make_head(kind: str, dim: int, num_classes: int, scale: float, margin: float) -> nn.Module:

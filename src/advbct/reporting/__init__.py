@@ -1,5 +1,5 @@
 """Tables and reports."""
 
-from advbct.reporting.tables import print_report, report_table
+from advbct.reporting.tables import comparison_table, print_report, report_table
 
-__all__ = ["print_report", "report_table"]
+__all__ = ["comparison_table", "print_report", "report_table"]

@@ -31,3 +31,24 @@ def print_report(report: dict, console: Console) -> None:
         console.print(f"P_up {report['p_up']:.2f}   P_comp {report['p_comp']:.2f}   P_1 {report['p_1']:.2f}")
     verdict = "[green]yes[/]" if report["criterion"] else "[red]no[/]"
     console.print(f"empirical criterion M(n,o) > M(o,o): {verdict}")
+
+
+def comparison_table(reports: dict[str, dict], title: str) -> Table:
+    """One row per method: self and cross tests (mAP) and the P scores; M(o,o) and M(*,*) in the caption."""
+    any_report = next(iter(reports.values()))
+    old, ind = any_report["tests"]["old/old"]["map"], any_report["tests"]["independent/independent"]["map"]
+    table = Table(title=title, caption=f"M(o,o) = {old:.2f}   M(*,*) = {ind:.2f}   (mAP, percent)")
+    for name in ("method", "M(n,n)", "M(n,o)", "P_up", "P_comp", "P_1", "M(n,o) > M(o,o)"):
+        table.add_column(name, justify="left" if name == "method" else "right")
+    for method, report in reports.items():
+        tests = report["tests"]
+        table.add_row(
+            method,
+            f"{tests['new/new']['map']:.2f}",
+            f"{tests['new/old']['map']:.2f}",
+            f"{report['p_up']:.2f}",
+            f"{report['p_comp']:.2f}",
+            f"{report['p_1']:.2f}",
+            "yes" if report["criterion"] else "no",
+        )
+    return table

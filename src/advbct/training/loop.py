@@ -8,6 +8,7 @@ and read back every ``log_every`` steps, so a GPU step never waits for the host.
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from dataclasses import dataclass
@@ -162,8 +163,14 @@ def train_model(
         start_epoch = int(blob["epoch"])
 
     label_map = _head_label_map(head_classes, train_set.num_classes).to(device)
+    # On a GPU the uint8 training images live on the device: batches are gathered and augmented there, and
+    # nothing crosses the PCIe bus per step. On the CPU the same code runs in place.
     stream = BatchStream(
-        train_set.images[indices], train_set.labels[indices], cfg.optim.batch_size, cfg.seed, cfg.data.augment
+        train_set.images[indices].to(device),
+        train_set.labels[indices].to(device),
+        cfg.optim.batch_size,
+        cfg.seed,
+        cfg.data.augment,
     )
     if len(stream) == 0:
         raise ValueError(f"{role} training set is empty")
@@ -200,7 +207,15 @@ def train_model(
                         with torch.no_grad():
                             old_emb = old_net(normalise(images_u8, old.meta.prep, cfg.channels_last)).float()
                     out = method(
-                        CompatBatch(emb.float(), labels, old_emb, global_step / max(1, total_steps - 1), epoch, epochs)
+                        CompatBatch(
+                            emb.float(),
+                            labels,
+                            old_emb,
+                            global_step / max(1, total_steps - 1),
+                            epoch,
+                            epochs,
+                            model.head.weight if role == "new" else None,
+                        )
                     )
                 loss = cls_loss + out.total
                 optimizer.zero_grad(set_to_none=True)
@@ -242,14 +257,14 @@ def _build_method(
     cfg: TrainConfig, role: Role, num_classes: int, old: OldModel | None, stats: ClassStatistics | None
 ) -> nn.Module:
     name = "independent" if role == "old" else cfg.compat.method
-    head_weight = None
-    if old is not None and old.meta.architecture.head == "softmax":
-        head_weight = old.model.head.weight.detach().clone()
+    old_head = None
+    if old is not None:
+        old_head = copy.deepcopy(old.model.head).eval().requires_grad_(False)
     context = CompatContext(
         embedding_dim=cfg.model.embedding_dim,
         num_classes=num_classes,
         statistics=stats,
-        old_classifier=head_weight,
+        old_head=old_head,
         old_head_classes=tuple(old.meta.head_classes) if old is not None else None,
     )
     options = {} if role == "old" else dict(cfg.compat.options)

@@ -1,0 +1,130 @@
+"""Training-step time of every compatibility method, as a ratio to the independent model's step.
+
+Each method's step is the real one (new forward, classification, old forward where the method needs it,
+compatibility loss, backward, SGD) on random data; the median of ``--repeats`` timed steps after warm-up is
+reported, together with two baselines measured in the same run: the plain classification step and the
+classification step plus the old model's forward pass (the cost every method that reads old embeddings
+pays). The "loss overhead" column is the method's step over the latter, which is what the loss itself adds.
+
+    python bench/bench_step.py                     # CPU, the quickstart model
+    python bench/bench_step.py --device cuda --preset paper-cifar100 --batch-size 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from advbct.cli import train_config
+from advbct.compat import CompatBatch, CompatContext, compute_class_statistics, create, list_methods, method_class
+from advbct.data.batches import Preprocessing, normalise, random_crop_flip
+from advbct.models.checkpoint import ModelMeta, build_model
+
+NUM_CLASSES = 100
+
+
+def make_model(cfg, head_classes: list[int]):
+    meta = ModelMeta(
+        architecture=cfg.model,
+        data=cfg.data,
+        embedding_dim=cfg.model.embedding_dim,
+        preprocessing=Preprocessing(cfg.data.image_size).to_json(),
+        class_names=[str(i) for i in range(NUM_CLASSES)],
+        head_classes=head_classes,
+        allocation={},
+        role="bench",
+        generation=1,
+        method="bench",
+    )
+    return build_model(meta)
+
+
+def timed_steps(step, repeats: int, warmup: int, device: torch.device) -> float:
+    times = []
+    for i in range(warmup + repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="quickstart")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--methods", default=",".join(m for m in list_methods() if m != "independent"))
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    cfg = train_config("new", args.preset, None, None, None, args.device)
+    torch.manual_seed(0)
+    old_classes = list(range(0, NUM_CLASSES, 3))
+    old = make_model(cfg, old_classes).to(device).eval().requires_grad_(False)
+    new = make_model(cfg, list(range(NUM_CLASSES))).to(device)
+    if cfg.channels_last:
+        old, new = old.to(memory_format=torch.channels_last), new.to(memory_format=torch.channels_last)
+    stats = compute_class_statistics(
+        torch.randn(100 * len(old_classes), cfg.model.embedding_dim),
+        torch.tensor(old_classes).repeat(100),
+        NUM_CLASSES,
+        "bench",
+    )
+    context = CompatContext(cfg.model.embedding_dim, NUM_CLASSES, stats, old.head, tuple(old_classes))
+    prep = Preprocessing(cfg.data.image_size)
+    images_u8 = torch.randint(0, 256, (args.batch_size, 3, cfg.data.image_size, cfg.data.image_size), dtype=torch.uint8)
+    images_u8 = images_u8.to(device)
+    labels = torch.randint(0, NUM_CLASSES, (args.batch_size,), device=device)
+    use_amp = device.type == "cuda"
+
+    def make_step(method_name: str | None, with_old: bool):
+        method = create(method_name, context).to(device) if method_name else None
+        params = list(new.parameters()) + (list(method.parameters()) if method else [])
+        opt = torch.optim.SGD([p for p in params if p.requires_grad], lr=0.01, momentum=0.9)
+
+        def step() -> None:
+            x_u8 = random_crop_flip(images_u8, 4)
+            x = normalise(x_u8, prep, cfg.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                emb = new(x)
+                loss = F.cross_entropy(new.classify(emb.float(), labels).float(), labels)
+                old_emb = None
+                if with_old:
+                    with torch.no_grad():
+                        old_emb = old(x).float()
+                if method is not None:
+                    batch = CompatBatch(emb.float(), labels, old_emb, 0.5, 0, 2, new.head.weight)
+                    loss = loss + method(batch).total
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        return step
+
+    plain = timed_steps(make_step(None, False), args.repeats, args.warmup, device)
+    with_old = timed_steps(make_step(None, True), args.repeats, args.warmup, device)
+    print(f"device {device}, preset {args.preset}, batch {args.batch_size}, median of {args.repeats} steps")
+    print(f"{'step':<22}{'ms':>9}{'img/s':>10}{'vs independent':>16}{'loss overhead':>15}")
+    print(f"{'independent':<22}{plain * 1e3:9.1f}{args.batch_size / plain:10.0f}{1.0:16.3f}{'':>15}")
+    ratio = with_old / plain
+    print(f"{'+ old forward':<22}{with_old * 1e3:9.1f}{args.batch_size / with_old:10.0f}{ratio:16.3f}{'':>15}")
+    for name in args.methods.split(","):
+        needs_old = method_class(name).needs_old_embeddings
+        t = timed_steps(make_step(name, needs_old), args.repeats, args.warmup, device)
+        base = with_old if needs_old else plain
+        print(f"{name:<22}{t * 1e3:9.1f}{args.batch_size / t:10.0f}{t / plain:16.3f}{t / base - 1:+15.1%}")
+
+
+if __name__ == "__main__":
+    main()

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from advbct import pipeline
 from advbct.cli import quickstart_config, train_config
@@ -20,7 +21,10 @@ def run_cli(*args, env=None):
 
 
 def check_results(path):
-    report = json.loads(path.read_text())
+    return check_results_dict(json.loads(path.read_text()))
+
+
+def check_results_dict(report):
     assert set(report["tests"]) == set(TESTS)
     for values in report["tests"].values():
         assert set(values) >= {"map", "map_at_r", "top1", "top5"}
@@ -94,7 +98,10 @@ def test_step_commands_and_refusals(tiny_folder, tmp_path):
         "-o",
         "model.embedding_dim=48",
     )
-    assert result.returncode == 2 and "embeds to dim 32" in result.stdout
+    assert (
+        result.returncode == 2
+        and "embeds to dim 32, but the new model is configured with embedding_dim 48" in result.stderr
+    )
     assert not (tmp_path / "new" / "model.pt").exists()
 
     # statistics computed from another checkpoint are refused
@@ -111,7 +118,7 @@ def test_step_commands_and_refusals(tiny_folder, tmp_path):
         str(tmp_path / "new"),
         *common,
     )
-    assert result.returncode == 2 and "run `advbct stats` on that checkpoint" in result.stdout
+    assert result.returncode == 2 and "run `advbct stats` on that checkpoint" in result.stderr
 
     result = run_cli("train-new", "--old", str(old_dir / "model.pt"), "--out", str(tmp_path / "new"), *common)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -136,7 +143,7 @@ def test_missing_data_root_is_a_clear_error(tmp_path):
         "quickstart", "--preset", "smoke", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run")
     )
     assert result.returncode == 2
-    assert "holds no CIFAR-100 image folders" in result.stdout
+    assert "holds no CIFAR-100 image folders" in result.stderr
     assert not (tmp_path / "run" / "old").exists()
 
 
@@ -172,3 +179,48 @@ def test_quickstart_smoke_on_real_cifar100(real_data, tmp_path):
     report = check_results(out / "results.json")
     assert quickstart_config("smoke", None, None, None, None).old.data.max_test_per_class == 10
     assert report["tests"]["old/old"]["map"] > 1.0  # above chance (about 1% for 100 classes)
+
+
+def test_compare_every_method_on_one_allocation(tiny_folder, tmp_path):
+    out = tmp_path / "cmp"
+    result = run_cli(
+        "compare",
+        "--preset",
+        "smoke",
+        "--data",
+        str(tiny_folder),
+        "--out",
+        str(out),
+        "--no-progress",
+        "--ablations",
+        "-o",
+        "common.data.dataset=image-folder",
+        "-o",
+        "common.device=cpu",
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    reports = json.loads((out / "results.json").read_text())
+    expected = {
+        "l2",
+        "bct",
+        "lce",
+        "unibct",
+        "hot-refresh",
+        "advbct",
+        "advbct-adv-only",
+        "advbct-bound-only",
+        "advbct-fixed-radius",
+    }
+    assert set(reports) == expected
+    shared = {key: reports["advbct"]["tests"][key] for key in ("old/old", "independent/independent")}
+    for method, report in reports.items():
+        check_results_dict(report)
+        for key, values in shared.items():  # one old and one independent model serve every method
+            assert report["tests"][key] == values, method
+        assert (out / method / "model.pt").is_file()
+    assert "M(n,o) > M(o,o)" in result.stdout and "hot-refresh" in result.stdout
+    old_ids = {
+        json.loads(torch.load(out / m / "model.pt", weights_only=True)["meta"])["compatible_with"]["model_id"]
+        for m in expected
+    }
+    assert len(old_ids) == 1  # every method is compatible with the same old checkpoint

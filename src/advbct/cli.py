@@ -31,6 +31,7 @@ from advbct.reporting import comparison_table, print_report
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console()
+errors = Console(stderr=True, soft_wrap=True)  # one unwrapped line per error, whatever the terminal width
 USER_ERRORS = (ConfigError, DataError, CheckpointError, StatisticsError, CompatError, FileNotFoundError)
 
 PresetOpt = Annotated[str, typer.Option("--preset", help="built-in preset: quickstart, smoke, paper-cifar100")]
@@ -92,7 +93,7 @@ def _run(fn, *args, **kwargs):
         pipeline.set_threads()
         return fn(*args, **kwargs)
     except USER_ERRORS as exc:
-        console.print(f"[red]error:[/] {exc}")
+        errors.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from None
 
 
@@ -142,7 +143,7 @@ def train_new_cmd(
 ) -> None:
     """Train a new model with a compatibility method (advbct, independent, ...)."""
     if method not in list_methods():
-        console.print(f"[red]error:[/] unknown method {method!r}; available: {', '.join(list_methods())}")
+        errors.print(f"[red]error:[/] unknown method {method!r}; available: {', '.join(list_methods())}")
         raise typer.Exit(2)
     cfg = _run(train_config, "new", preset, config, [*(overrides or []), f"compat.method={method}"], data, device)
     if stats is None and old is not None and (old.parent / "stats.pt").is_file() and method != "independent":
@@ -208,7 +209,7 @@ def compare_cmd(
         chosen += [m for m in ABLATIONS if m not in chosen]
     unknown = [m for m in chosen if m not in list_methods()]
     if unknown:
-        console.print(f"[red]error:[/] unknown methods {unknown}; available: {', '.join(list_methods())}")
+        errors.print(f"[red]error:[/] unknown methods {unknown}; available: {', '.join(list_methods())}")
         raise typer.Exit(2)
     cfg = _run(quickstart_config, preset, config, overrides, data, device)
     reports = _run(pipeline.compare, cfg, out, chosen, console, not no_progress)

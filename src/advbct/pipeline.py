@@ -6,6 +6,7 @@ The CLI is a thin layer over these, so notebooks and tests drive exactly what us
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -200,7 +201,6 @@ def compare(
 
 
 def set_threads() -> None:
-    """Use every core for intra-op work (PyTorch's default can be lower inside containers)."""
-    import os
-
-    torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+    """Use every core this process may run on for intra-op work (PyTorch's default can be lower in containers)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(max(1, cores or 1))

@@ -71,25 +71,12 @@ def test_matches_reference_on_random_data(n, dim, classes, seed, exclude, chunk)
     other = rng.normal(size=(n, dim)).astype(np.float32)
     labels = rng.integers(0, classes, size=n)
     expected = reference_metrics(other, labels, emb, labels, exclude)
+    args = (torch.from_numpy(other), torch.from_numpy(labels), torch.from_numpy(emb), torch.from_numpy(labels))
     if np.isnan(expected[0]):
         with pytest.raises(ValueError, match="no query"):
-            label_retrieval_metrics(
-                torch.from_numpy(other),
-                torch.from_numpy(labels),
-                torch.from_numpy(emb),
-                torch.from_numpy(labels),
-                exclude_same_index=exclude,
-                chunk_size=chunk,
-            )
+            label_retrieval_metrics(*args, exclude_same_index=exclude, chunk_size=chunk)
         return
-    out = label_retrieval_metrics(
-        torch.from_numpy(other),
-        torch.from_numpy(labels),
-        torch.from_numpy(emb),
-        torch.from_numpy(labels),
-        exclude_same_index=exclude,
-        chunk_size=chunk,
-    )
+    out = label_retrieval_metrics(*args, exclude_same_index=exclude, chunk_size=chunk)
     assert out["map"] == pytest.approx(expected[0], abs=1e-4)
     assert out["map_at_r"] == pytest.approx(expected[1], abs=1e-4)
     assert out["top1"] == pytest.approx(expected[2], abs=1e-4)

@@ -50,3 +50,15 @@ def test_resume_after_interruption_gives_identical_weights(tiny_folder, tmp_path
     assert a.keys() == b.keys()
     for key in a:
         assert torch.allclose(a[key].float(), b[key].float(), atol=1e-6), key
+
+
+def test_a_run_folder_made_with_another_config_is_refused(tiny_folder, tmp_path):
+    overrides = ["data.dataset=image-folder", "device=cpu", "optim.epochs=1"]
+    cfg = train_config("old", "smoke", None, overrides, str(tiny_folder), None)
+    first = pipeline.train_old(cfg, tmp_path / "old", show_progress=False)
+    assert pipeline.train_old(cfg, tmp_path / "old", show_progress=False) == first  # same config: reused
+    before = first.read_bytes()
+    other = train_config("old", "smoke", None, [*overrides, "optim.lr=0.3"], str(tiny_folder), None)
+    with pytest.raises(loop_module.CheckpointError, match=r"different config \(sections optim differ\)"):
+        pipeline.train_old(other, tmp_path / "old", show_progress=False)
+    assert first.read_bytes() == before

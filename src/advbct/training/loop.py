@@ -76,6 +76,28 @@ def check_compatible_setup(cfg: TrainConfig, old: OldModel, stats: ClassStatisti
         )
 
 
+def _comparable(tree: dict) -> dict:
+    """A run's config without what may legitimately differ between machines (data location, device)."""
+    tree = json.loads(json.dumps(tree))
+    tree.pop("device", None)
+    tree.get("data", {}).pop("root", None)
+    return tree
+
+
+def check_same_run(run_dir: Path, cfg: TrainConfig) -> None:
+    """Refuse to resume or reuse a run folder that was made with another configuration."""
+    saved_path = run_dir / "config.json"
+    if not saved_path.is_file():
+        return
+    saved, current = _comparable(json.loads(saved_path.read_text())), _comparable(cfg.model_dump(mode="json"))
+    if saved != current:
+        differing = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
+        raise CheckpointError(
+            f"run folder {run_dir} was made with a different config (sections {', '.join(differing)} differ); "
+            "use another --out, or delete the folder to start again"
+        )
+
+
 def _head_label_map(head_classes: list[int], num_classes: int) -> torch.Tensor:
     mapping = torch.full((num_classes,), -1, dtype=torch.long)
     mapping[torch.as_tensor(head_classes, dtype=torch.long)] = torch.arange(len(head_classes))
@@ -115,6 +137,8 @@ def train_model(
     """Train one model into ``run_dir``; returns the path of the finished ``model.pt``."""
     run_dir = Path(run_dir)
     final_path, last_path = run_dir / "model.pt", run_dir / "last.pt"
+    if resume:
+        check_same_run(run_dir, cfg)
     if resume and final_path.is_file():
         return final_path
     if role == "new" and old is None and cfg.compat.method != "independent":

@@ -82,10 +82,14 @@ def test_step_commands_and_refusals(tiny_folder, tmp_path):
         "-o",
         "data.dataset=image-folder",
     ]
+
+    def train_old_with_stats(folder, *extra):
+        assert run_cli("train-old", "--out", str(folder), *common, *extra).returncode == 0
+        result = run_cli("stats", "--old", str(folder / "model.pt"), "--data", str(tiny_folder))
+        assert result.returncode == 0, result.stdout + result.stderr
+
     old_dir = tmp_path / "old"
-    assert run_cli("train-old", "--out", str(old_dir), *common).returncode == 0
-    result = run_cli("stats", "--old", str(old_dir / "model.pt"), "--data", str(tiny_folder))
-    assert result.returncode == 0, result.stdout + result.stderr
+    train_old_with_stats(old_dir)
 
     # an old checkpoint of another embedding dim is refused before training, and nothing is written
     result = run_cli(
@@ -106,8 +110,7 @@ def test_step_commands_and_refusals(tiny_folder, tmp_path):
 
     # statistics computed from another checkpoint are refused
     other = tmp_path / "other"
-    assert run_cli("train-old", "--out", str(other), *common, "-o", "seed=1").returncode == 0
-    assert run_cli("stats", "--old", str(other / "model.pt"), "--data", str(tiny_folder)).returncode == 0
+    train_old_with_stats(other, "-o", "seed=1")
     result = run_cli(
         "train-new",
         "--old",

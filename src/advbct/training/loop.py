@@ -204,6 +204,8 @@ def train_model(
     steps_per_epoch, epochs = len(stream), cfg.optim.epochs
     total_steps = steps_per_epoch * epochs
     use_amp = cfg.amp and device.type == "cuda"
+    # The old model usually shares the new one's normalisation; then its input is the batch already prepared.
+    same_prep = old is not None and old.meta.prep == prep
     history: list[dict] = []
 
     with _progress(show_progress) as progress:
@@ -229,7 +231,8 @@ def train_model(
                     old_emb = None
                     if old_net is not None:
                         with torch.no_grad():
-                            old_emb = old_net(normalise(images_u8, old.meta.prep, cfg.channels_last)).float()
+                            old_images = images if same_prep else normalise(images_u8, old.meta.prep, cfg.channels_last)
+                            old_emb = old_net(old_images).float()
                     out = method(
                         CompatBatch(
                             emb.float(),

@@ -26,6 +26,7 @@ from advbct.config import (
     read_yaml,
 )
 from advbct.data.images import DataError
+from advbct.landmark_eval import PAPER_TESTS, evaluate_benchmarks, parse_benchmarks, print_landmark_report
 from advbct.models.checkpoint import CheckpointError
 from advbct.reporting import comparison_table, print_report
 
@@ -154,16 +155,47 @@ def train_new_cmd(
 
 @app.command("eval")
 def eval_cmd(
-    old: Annotated[Path, typer.Option("--old", help="old model.pt")],
-    new: Annotated[Path, typer.Option("--new", help="new model.pt")],
+    old: Annotated[Path | None, typer.Option("--old", help="old model.pt")] = None,
+    new: Annotated[Path | None, typer.Option("--new", help="new model.pt")] = None,
     independent: Annotated[Path | None, typer.Option("--independent", help="independent model.pt")] = None,
+    query_model: Annotated[Path | None, typer.Option("--query-model", help="one test: the query side")] = None,
+    gallery_model: Annotated[Path | None, typer.Option("--gallery-model", help="one test: the gallery side")] = None,
+    benchmark: Annotated[
+        str, typer.Option("--benchmark", help="cifar100, or roxford5k, rparis6k, gldv2 (comma-separated), paper")
+    ] = "cifar100",
     out: Annotated[Path | None, typer.Option("--out", help="write the report as JSON")] = None,
     data: DataOpt = None,
     device: Annotated[str, typer.Option("--device")] = "auto",
+    no_progress: QuietOpt = False,
 ) -> None:
-    """Self and cross tests on the test split, P_up / P_comp / P_1 and the empirical criterion."""
-    report = _run(pipeline.evaluate, old, new, independent, data, device)
-    print_report(report, console)
+    """Self and cross tests, P_up / P_comp / P_1 and the empirical criterion.
+
+    Either one test (--query-model, --gallery-model) or the upgrade tests (--old, --new [--independent]). On the
+    landmark benchmarks the paper's table takes Medium mAP (ROxford, RParis) and Private mAP@100 (GLDv2).
+    """
+    single = query_model is not None or gallery_model is not None
+    if single and (query_model is None or gallery_model is None or old or new or independent):
+        errors.print("[red]error:[/] give both --query-model and --gallery-model, and not --old/--new/--independent")
+        raise typer.Exit(2)
+    if not single and (old is None or new is None):
+        errors.print("[red]error:[/] give --old and --new (or --query-model and --gallery-model for one test)")
+        raise typer.Exit(2)
+    if benchmark == "cifar100":
+        if single:
+            report = _run(pipeline.evaluate_one, query_model, gallery_model, data, device)
+            console.print(report)
+        else:
+            report = _run(pipeline.evaluate, old, new, independent, data, device)
+            print_report(report, console)
+    else:
+        names = _run(parse_benchmarks, benchmark)
+        if single:
+            models, tests = {"query": query_model, "gallery": gallery_model}, [("query", "gallery")]
+        else:
+            models = {"old": old, "new": new, **({"independent": independent} if independent else {})}
+            tests = list(PAPER_TESTS if independent else PAPER_TESTS[:3])
+        report = _run(evaluate_benchmarks, names, models, tests, data, device, not no_progress)
+        print_landmark_report(report, console)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2))

@@ -143,6 +143,12 @@ def evaluate(
     return upgrade_report(evaluate_pairs(embeddings, labels, pairs))
 
 
+def evaluate_one(query_path: Path, gallery_path: Path, data_root: str | None = None, device: str = "auto") -> dict:
+    """One test on the test split: queries embedded by one model, the gallery by another (or the same)."""
+    embeddings, labels = embed_test_set({"query": query_path, "gallery": gallery_path}, data_root, device)
+    return evaluate_pairs(embeddings, labels, [("query", "gallery")])["query/gallery"]
+
+
 def _prepare_old(cfg: QuickstartConfig, out: Path, console: Console, show_progress: bool) -> tuple[Path, Path]:
     console.print(f"[bold]old model[/] ({cfg.old.data.allocation}, {cfg.old.model.backbone})")
     old_path = train_old(cfg.old, out / "old", show_progress)

@@ -1,8 +1,11 @@
 """Pure retrieval metrics, the self/cross protocol, and the compatibility summary scores."""
 
 from advbct.evaluation.compatibility import compatibility_scores, empirical_criterion
+from advbct.evaluation.gldv2 import gldv2_map
 from advbct.evaluation.metrics import average_precision_from_relevance, label_retrieval_metrics
 from advbct.evaluation.protocol import embed_images, evaluate_pairs, upgrade_report
+from advbct.evaluation.revisited import revisited_map
+from advbct.evaluation.search import exact_search
 
 __all__ = [
     "average_precision_from_relevance",
@@ -10,6 +13,9 @@ __all__ = [
     "embed_images",
     "empirical_criterion",
     "evaluate_pairs",
+    "exact_search",
+    "gldv2_map",
     "label_retrieval_metrics",
+    "revisited_map",
     "upgrade_report",
 ]

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
 from advbct import pipeline
 from advbct.compat import CompatError, StatisticsError, list_methods
@@ -25,6 +26,7 @@ from advbct.config import (
     preset_tree,
     read_yaml,
 )
+from advbct.data.download import download_gldv2, download_revisited
 from advbct.data.images import DataError
 from advbct.landmark_eval import PAPER_TESTS, evaluate_benchmarks, parse_benchmarks, print_landmark_report
 from advbct.models.checkpoint import CheckpointError
@@ -249,6 +251,39 @@ def compare_cmd(
     console.print(comparison_table(reports, title))
     (out / "results.json").write_text(json.dumps(reports, indent=2))
     console.print(f"results: {out / 'results.json'}")
+
+
+@app.command("download")
+def download_cmd(
+    name: Annotated[str, typer.Argument(help="roxford5k, rparis6k or gldv2")],
+    root: Annotated[Path, typer.Option("--root", help="data root; files go to ROOT/<name>/")] = Path("data"),
+    images: Annotated[bool, typer.Option("--images/--no-images", help="revisited: also the image archives")] = True,
+    splits: Annotated[str, typer.Option("--splits", help="gldv2: comma-separated of train, index, test")] = (
+        "index,test"
+    ),
+    max_archives: Annotated[
+        int | None, typer.Option("--max-archives", help="gldv2: only the first N archives of each split")
+    ] = None,
+    base_url: Annotated[
+        str | None, typer.Option("--base-url", help="a mirror holding the official paths (default: the official sites)")
+    ] = None,
+) -> None:
+    """Fetch a landmark benchmark's official files: resumable, checksum-verified, unpacked in place."""
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+
+        def bar(label: str):
+            task = progress.add_task(label, total=None)
+            return lambda done, total: progress.update(task, completed=done, total=total)
+
+        if name == "gldv2":
+            chosen = tuple(s.strip() for s in splits.split(",") if s.strip())
+            kwargs = {"base": base_url} if base_url else {}
+            folder = _run(download_gldv2, root, chosen, max_archives, progress=bar, **kwargs)
+        else:
+            kwargs = {"gnd_base": base_url, "images_base": base_url} if base_url else {}
+            folder = _run(download_revisited, name, root, images, progress=bar, **kwargs)
+    console.print(f"{name}: {folder}  (evaluate with --data {root})")
 
 
 @app.command("methods")

@@ -3,8 +3,9 @@ protocols, for every query at once.
 
 Each protocol splits a query's ground truth into "ok" images (positives) and "junk" images (ignored: removed from
 the ranking before scoring). Removing junk is a shift of each positive's rank by the number of junk images above
-it, which is a cumulative sum over the ranked junk mask; so the whole computation is a few (queries x database)
-tensor operations instead of a Python loop per query.
+it. The ground truth is one bit-flag matrix gathered into ranked order once; each protocol then counts junk above
+every positive with binary searches, in work proportional to the listed images, for all queries at once instead
+of a Python loop per query.
 """
 
 from __future__ import annotations
@@ -13,30 +14,28 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-PROTOCOLS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "easy": (("easy",), ("junk", "hard")),
-    "medium": (("easy", "hard"), ("junk",)),
-    "hard": (("hard",), ("junk", "easy")),
+FLAGS = {"easy": 1, "hard": 2, "junk": 4}
+PROTOCOLS: dict[str, tuple[int, int]] = {
+    "easy": (FLAGS["easy"], FLAGS["junk"] | FLAGS["hard"]),
+    "medium": (FLAGS["easy"] | FLAGS["hard"], FLAGS["junk"]),
+    "hard": (FLAGS["hard"], FLAGS["junk"] | FLAGS["easy"]),
 }
 
 
-def _membership(
-    gnd: Sequence[Mapping[str, Sequence[int]]], keys: tuple[str, ...], shape: tuple[int, int]
-) -> torch.Tensor:
-    """(queries x database) boolean mask: True where the database image is in any of ``gnd[q][key]``."""
-    rows, cols = [], []
-    for q, entry in enumerate(gnd):
-        for key in keys:
-            indices = entry.get(key, ())
-            rows.extend([q] * len(indices))
-            cols.extend(indices)
-    mask = torch.zeros(shape, dtype=torch.bool)
-    if cols:
+def _ground_truth_flags(gnd: Sequence[Mapping[str, Sequence[int]]], db_size: int) -> torch.Tensor:
+    """(queries x database) uint8: bit 1 easy, bit 2 hard, bit 4 junk (a list may overlap another)."""
+    flags = torch.zeros((len(gnd), db_size), dtype=torch.uint8)
+    for key, bit in FLAGS.items():
+        rows = [q for q, entry in enumerate(gnd) for _ in entry.get(key, ())]
+        cols = [i for entry in gnd for i in entry.get(key, ())]
+        if not cols:
+            continue
         col_index = torch.as_tensor(cols, dtype=torch.long)
-        if int(col_index.min()) < 0 or int(col_index.max()) >= shape[1]:
-            raise ValueError(f"ground truth names database index {int(col_index.max())}, database has {shape[1]}")
-        mask[torch.as_tensor(rows, dtype=torch.long), col_index] = True
-    return mask
+        if int(col_index.min()) < 0 or int(col_index.max()) >= db_size:
+            raise ValueError(f"ground truth names database index {int(col_index.max())}, database has {db_size}")
+        row_index = torch.as_tensor(rows, dtype=torch.long)
+        flags[row_index, col_index] |= bit
+    return flags
 
 
 def _check_ranks(ranks: torch.Tensor, num_queries: int) -> torch.Tensor:
@@ -53,30 +52,36 @@ def _check_ranks(ranks: torch.Tensor, num_queries: int) -> torch.Tensor:
     return ranks
 
 
-def protocol_scores(
-    ranks: torch.Tensor, ok: torch.Tensor, junk: torch.Tensor, kappas: Sequence[int]
-) -> dict[str, float]:
-    """mAP and mP@k (percent) of best-first ``ranks`` given (queries x database) ok and junk masks."""
-    ok_ranked = ok.gather(1, ranks)
-    junk_ranked = junk.gather(1, ranks)
-    junk_above = junk_ranked.cumsum(1) - junk_ranked.long()
-    adjusted_rank = torch.arange(ranks.shape[1]).unsqueeze(0) - junk_above
-    positive_index = ok_ranked.cumsum(1) - 1
-    num_ok = ok.sum(1)
-    r = adjusted_rank.double()
-    j = positive_index.double()
+def protocol_scores(ranked_flags: torch.Tensor, ok_bits: int, junk_bits: int, kappas: Sequence[int]) -> dict:
+    """mAP and mP@k (percent) from ground-truth flags in ranked order (queries x database).
+
+    Only the ok and junk positions are looked at after one pass over the flags, so the work is proportional to
+    the number of listed images, not to queries x database.
+    """
+    num_queries, depth = ranked_flags.shape
+    rows, positions = torch.nonzero((ranked_flags & ok_bits) != 0, as_tuple=True)
+    junk_rows, junk_positions = torch.nonzero((ranked_flags & junk_bits) != 0, as_tuple=True)
+    # Junk above each positive: junk keys (row, position) are sorted row-major, so two binary searches count the
+    # junk of the positive's row that comes before it.
+    junk_keys = junk_rows * depth + junk_positions
+    junk_above = torch.searchsorted(junk_keys, rows * depth + positions) - torch.searchsorted(junk_keys, rows * depth)
+    counts = torch.bincount(rows, minlength=num_queries)
+    first_of_row = torch.cumsum(counts, 0) - counts
+    j = (torch.arange(rows.numel()) - first_of_row[rows]).double()
+    r = (positions - junk_above).double()
     p0 = torch.where(r == 0, torch.ones_like(r), j / r.clamp(min=1))
     p1 = (j + 1) / (r + 1)
-    contrib = torch.where(ok_ranked, (p0 + p1) / 2, torch.zeros_like(r))
-    scored = num_ok > 0
-    ap = contrib.sum(1)[scored] / num_ok[scored].double()
+    scored = counts > 0
+    ap = torch.zeros(num_queries, dtype=torch.float64).index_add_(0, rows, (p0 + p1) / 2)
+    ap = ap[scored] / counts[scored].double()
     result = {"map": 100.0 * ap.mean().item() if scored.any() else float("nan")}
-    one_based = torch.where(ok_ranked, adjusted_rank + 1, torch.zeros_like(adjusted_rank))
-    last_positive = one_based.max(1).values
+    one_based = r + 1
+    last_positive = torch.zeros(num_queries, dtype=torch.float64)
+    last_positive[scored] = one_based[(first_of_row + counts - 1)[scored]]  # positives come in rank order
     for k in kappas:
         kq = last_positive.clamp(max=k)
-        hits = (ok_ranked & (one_based <= kq.unsqueeze(1))).sum(1)
-        precision = hits[scored].double() / kq[scored].clamp(min=1).double()
+        hits = torch.zeros(num_queries, dtype=torch.float64).index_add_(0, rows, (one_based <= kq[rows]).double())
+        precision = hits[scored] / kq[scored]
         result[f"mp@{k}"] = 100.0 * precision.mean().item() if scored.any() else float("nan")
     return result
 
@@ -91,11 +96,5 @@ def revisited_map(
     protocol are left out of that protocol's averages.
     """
     ranks = _check_ranks(ranks, len(gnd))
-    shape = (ranks.shape[0], ranks.shape[1])
-    lists = {key: _membership(gnd, (key,), shape) for key in ("easy", "hard", "junk")}
-    out: dict[str, dict[str, float]] = {}
-    for name, (ok_keys, junk_keys) in PROTOCOLS.items():
-        ok = torch.stack([lists[k] for k in ok_keys]).any(0)
-        junk = torch.stack([lists[k] for k in junk_keys]).any(0)
-        out[name] = protocol_scores(ranks, ok, junk, kappas)
-    return out
+    ranked_flags = _ground_truth_flags(gnd, ranks.shape[1]).gather(1, ranks)
+    return {name: protocol_scores(ranked_flags, ok, junk, kappas) for name, (ok, junk) in PROTOCOLS.items()}

@@ -28,6 +28,7 @@ from advbct.config import (
 )
 from advbct.data.download import download_gldv2, download_revisited
 from advbct.data.images import DataError
+from advbct.distributed import current_world, init_from_environment, shutdown
 from advbct.landmark_eval import PAPER_TESTS, evaluate_benchmarks, parse_benchmarks, print_landmark_report
 from advbct.models.checkpoint import CheckpointError
 from advbct.reporting import comparison_table, print_report
@@ -93,6 +94,8 @@ def quickstart_config(
 
 def _run(fn, *args, **kwargs):
     try:
+        world = init_from_environment()
+        console.quiet = not world.is_main
         pipeline.set_threads()
         return fn(*args, **kwargs)
     except USER_ERRORS as exc:
@@ -198,7 +201,7 @@ def eval_cmd(
             tests = list(PAPER_TESTS if independent else PAPER_TESTS[:3])
         report = _run(evaluate_benchmarks, names, models, tests, data, device, not no_progress)
         print_landmark_report(report, console)
-    if out is not None:
+    if out is not None and current_world().is_main:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2))
 
@@ -249,7 +252,8 @@ def compare_cmd(
     reports = _run(pipeline.compare, cfg, out, chosen, console, not no_progress)
     title = f"{cfg.new.data.allocation}, {cfg.new.model.backbone}, seed {cfg.new.seed}"
     console.print(comparison_table(reports, title))
-    (out / "results.json").write_text(json.dumps(reports, indent=2))
+    if current_world().is_main:
+        (out / "results.json").write_text(json.dumps(reports, indent=2))
     console.print(f"results: {out / 'results.json'}")
 
 
@@ -294,4 +298,7 @@ def methods_cmd() -> None:
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    finally:
+        shutdown()

@@ -91,6 +91,8 @@ class TrainConfig(_Section):
     channels_last: bool = True
     log_every: int = Field(20, ge=1)
     eval_batch_size: int = Field(1024, ge=1)
+    checkpoint_every: int = Field(0, ge=0, description="also save last.pt every N steps (0: once per epoch)")
+    sync_batchnorm: bool = Field(True, description="under torchrun, batch norm statistics over all ranks")
 
 
 class QuickstartConfig(_Section):

@@ -17,6 +17,7 @@ from advbct.config import DataConfig, QuickstartConfig, TrainConfig
 from advbct.data.allocation import Allocation, load_allocation, load_or_make_allocation
 from advbct.data.images import DataError, ImageSet
 from advbct.data.sources import load_split
+from advbct.distributed import current_world
 from advbct.evaluation.protocol import embed_images, evaluate_pairs, upgrade_report
 from advbct.models.checkpoint import load_checkpoint
 from advbct.reporting.tables import print_report
@@ -31,9 +32,18 @@ def _with_root(data: DataConfig, root: str | None) -> DataConfig:
 
 
 def prepare_allocation(cfg: DataConfig, train_set: ImageSet, path: Path) -> Allocation:
-    return load_or_make_allocation(
-        path, train_set.labels, train_set.num_classes, cfg.allocation, cfg.old_fraction, cfg.allocation_seed
-    )
+    """The saved split beside the run (made by rank 0 first under torchrun, then read by the others)."""
+    world = current_world()
+
+    def make() -> Allocation:
+        return load_or_make_allocation(
+            path, train_set.labels, train_set.num_classes, cfg.allocation, cfg.old_fraction, cfg.allocation_seed
+        )
+
+    if world.is_main:
+        allocation = make()
+    world.barrier()
+    return allocation if world.is_main else make()
 
 
 def train_old(cfg: TrainConfig, out: Path, show_progress: bool = True) -> Path:
@@ -81,7 +91,10 @@ def compute_statistics(
     emb = embed_images(old.model, subset.images, old.meta.prep, resolve_device(device))
     stats = compute_class_statistics(emb, subset.labels, train_set.num_classes, old.meta.model_id, train_set.classes)
     out = out or old_path.parent / "stats.pt"
-    save_statistics(stats, out)
+    world = current_world()
+    if world.is_main:
+        save_statistics(stats, out)
+    world.barrier()
     return stats, out
 
 
@@ -173,8 +186,9 @@ def quickstart(cfg: QuickstartConfig, out: Path, console: Console | None = None,
     """old -> stats -> AdvBCT new -> independent new -> eval; finished steps are skipped on a re-run."""
     reports = compare(cfg, out, ["advbct"], console, show_progress)
     report = reports["advbct"]
-    (out / "results.json").write_text(json.dumps(report, indent=2))
-    print_report(report, console or Console())
+    if current_world().is_main:
+        (out / "results.json").write_text(json.dumps(report, indent=2))
+        print_report(report, console or Console())
     return report
 
 
@@ -207,6 +221,8 @@ def compare(
 
 
 def set_threads() -> None:
-    """Use every core this process may run on for intra-op work (PyTorch's default can be lower in containers)."""
+    """Share the cores this process may run on between the processes torchrun started on this machine (all of
+    them for a single process; PyTorch's own default can be lower in containers)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    torch.set_num_threads(max(1, cores or 1))
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    torch.set_num_threads(max(1, (cores or 1) // max(1, local_processes)))

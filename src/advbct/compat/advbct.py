@@ -94,6 +94,7 @@ def adversarial_loss(
 @register_method("advbct")
 class AdvBCT(CompatibilityMethod):
     requires = ("statistics",)
+    batch_wide = True  # the discriminator's batch norm and the mean over boundary violators span the batch
 
     def __init__(
         self,
@@ -104,6 +105,7 @@ class AdvBCT(CompatibilityMethod):
         adversarial: bool = True,
         elastic: bool = True,
         normalise_discriminator_input: bool = False,
+        adversarial_scale: float = 1.0,
     ):
         super().__init__()
         stats = context.statistics
@@ -114,6 +116,7 @@ class AdvBCT(CompatibilityMethod):
             raise ValueError(f"statistics cover {stats.num_classes} classes, training has {context.num_classes}")
         self.tau, self.use_boundary, self.use_adversarial, self.elastic = tau, boundary, adversarial, elastic
         self.normalise_discriminator_input = normalise_discriminator_input
+        self.adversarial_scale = adversarial_scale
         self.register_buffer("centres", stats.centres.clone())
         self.register_buffer("r_max", stats.radii.clone())
         self.register_buffer("has_radius", stats.has_radius.clone())
@@ -138,7 +141,7 @@ class AdvBCT(CompatibilityMethod):
             if self.normalise_discriminator_input:
                 new_emb, old_emb = F.normalize(new_emb.float(), dim=1), F.normalize(old_emb.float(), dim=1)
             adv, disc_acc = adversarial_loss(self.discriminator, new_emb, old_emb, dann_alpha(batch.progress))
-            weight = adversarial_weight(batch.epoch, batch.num_epochs)
+            weight = self.adversarial_scale * adversarial_weight(batch.epoch, batch.num_epochs)
             parts["adv"], parts["disc_acc"] = adv, disc_acc.detach()
             total = total + weight * adv
         return LossOutput(total, parts)

@@ -55,10 +55,16 @@ class LossOutput:
 
 
 class CompatibilityMethod(nn.Module):
-    """Base class: subclasses set ``requires`` and implement ``forward(batch) -> LossOutput``."""
+    """Base class: subclasses set ``requires`` and implement ``forward(batch) -> LossOutput``.
+
+    ``batch_wide``: the loss is not a plain mean of per-sample terms over the batch (it normalises by a count
+    that depends on the batch, compares samples with each other, or runs batch norm), so distributed training
+    hands it the batch gathered from every rank. Per-sample losses leave it False and stay local.
+    """
 
     requires: ClassVar[tuple[str, ...]] = ()
     needs_old_embeddings: ClassVar[bool] = True
+    batch_wide: ClassVar[bool] = False
 
     def forward(self, batch: CompatBatch) -> LossOutput:
         raise NotImplementedError

@@ -48,6 +48,7 @@ class BCT(CompatibilityMethod):
 
     requires = ("old_head",)
     needs_old_embeddings = False
+    batch_wide = True  # mean over the batch's old-class samples
 
     def __init__(self, context: CompatContext, weight: float = 1.0):
         super().__init__()
@@ -78,6 +79,7 @@ class LCE(CompatibilityMethod):
 
     requires = ("statistics",)
     needs_old_embeddings = False
+    batch_wide = True  # means over the batch's old-class samples
 
     def __init__(self, context: CompatContext, boundary_weight: float = 1.0, align_weight: float = 1.0):
         super().__init__()
@@ -105,6 +107,7 @@ class UniBCT(CompatibilityMethod):
 
     requires = ("statistics",)
     needs_old_embeddings = False
+    batch_wide = True  # means over the batch's old-class samples
 
     def __init__(self, context: CompatContext, scale: float = 30.0, margin: float = 0.3, weight: float = 1.0):
         super().__init__()
@@ -142,6 +145,8 @@ def hot_refresh_loss(
 @register_method("hot-refresh")
 class HotRefresh(CompatibilityMethod):
     """New-to-old contrastive alignment (RACT / Hot-refresh, ICLR 2022)."""
+
+    batch_wide = True  # negatives are the other samples of the (cross-rank gathered) batch
 
     def __init__(self, context: CompatContext, temperature: float = 0.01, weight: float = 1.0):
         super().__init__()

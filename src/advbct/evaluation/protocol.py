@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from advbct.data.batches import Preprocessing, normalise
+from advbct.distributed import current_world, gather_rows
 from advbct.evaluation.compatibility import compatibility_scores, empirical_criterion
 from advbct.evaluation.metrics import label_retrieval_metrics
 
@@ -21,20 +22,26 @@ def embed_images(
     batch_size: int = 1024,
     channels_last: bool = True,
 ) -> torch.Tensor:
-    """Embeddings (N, d) in float32 on the CPU, in eval mode, with bf16 autocast on CUDA."""
+    """Embeddings (N, d) in float32 on the CPU, in eval mode, with bf16 autocast on CUDA.
+
+    Under torchrun each rank embeds every world-th image and the rows are gathered, so every rank returns all N.
+    """
     if images.shape[-1] != prep.image_size or images.shape[-2] != prep.image_size:
         raise ValueError(
             f"images are {tuple(images.shape[-2:])}, the model expects {prep.image_size}x{prep.image_size}"
         )
+    world = current_world()
     model = model.to(device).eval()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    own = images[world.rank :: world.size]
     out = []
-    for start in range(0, images.shape[0], batch_size):
-        batch = normalise(images[start : start + batch_size].to(device, non_blocking=True), prep, channels_last)
+    for start in range(0, own.shape[0], batch_size):
+        batch = normalise(own[start : start + batch_size].to(device, non_blocking=True), prep, channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            out.append(model(batch).float().cpu())
-    return torch.cat(out)
+            out.append(model(batch).float())
+    emb = torch.cat(out) if out else torch.empty(0, model.embedding_dim, device=device)
+    return gather_rows(emb, world, images.shape[0]).cpu()
 
 
 def evaluate_pairs(

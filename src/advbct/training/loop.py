@@ -16,15 +16,26 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from advbct.compat import ClassStatistics, CompatBatch, CompatContext, create, method_class
+from advbct.compat.base import LossOutput
 from advbct.config import TrainConfig
 from advbct.data.allocation import Allocation
 from advbct.data.batches import BatchStream, Preprocessing, normalise
 from advbct.data.images import ImageSet
+from advbct.distributed import (
+    World,
+    convert_batchnorm,
+    current_world,
+    gather_no_grad,
+    gather_with_grad,
+    process_device,
+)
 from advbct.models.checkpoint import (
     CheckpointError,
     ModelMeta,
@@ -80,6 +91,7 @@ def _comparable(tree: dict) -> dict:
     """A run's config without what may legitimately differ between machines (data location, device)."""
     tree = json.loads(json.dumps(tree))
     tree.pop("device", None)
+    tree.pop("checkpoint_every", None)
     tree.get("data", {}).pop("root", None)
     return tree
 
@@ -117,10 +129,17 @@ class _Meter:
             self.sums[name] = self.sums[name] + value if name in self.sums else value
         self.count += 1
 
-    def read(self) -> dict[str, float]:
-        out = {name: float(value) / max(1, self.count) for name, value in self.sums.items()}
+    def read(self, world: World | None = None) -> dict[str, float]:
+        """Means since the last read, averaged over ranks (one all-reduce) when training is distributed."""
+        names = sorted(self.sums)
+        if not names:
+            return {}
+        values = torch.stack([self.sums[name] for name in names]) / max(1, self.count)
+        if world is not None and world.distributed:
+            dist.all_reduce(values)
+            values = values / world.size
         self.sums, self.count = {}, 0
-        return out
+        return dict(zip(names, values.tolist(), strict=True))
 
 
 def train_model(
@@ -147,7 +166,8 @@ def train_model(
         check_compatible_setup(cfg, old, stats, train_set.classes)
 
     torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
+    world = current_world()
+    device = process_device(cfg.device, world)
     indices = allocation.old_indices if role == "old" else allocation.new_indices
     head_classes = list(allocation.old_classes) if role == "old" else list(range(train_set.num_classes))
     prep = Preprocessing(cfg.data.image_size)
@@ -168,24 +188,30 @@ def train_model(
     model = build_model(meta).to(device)
     method = _build_method(cfg, role, train_set.num_classes, old, stats).to(device)
     needs_old = role == "new" and method_class(cfg.compat.method).needs_old_embeddings
+    batch_wide = world.distributed and role == "new" and method_class(cfg.compat.method).batch_wide
     old_net = old.model.to(device).eval().requires_grad_(False) if (old is not None and needs_old) else None
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
         old_net = old_net.to(memory_format=torch.channels_last) if old_net is not None else None
+    if world.distributed and cfg.sync_batchnorm:
+        model = convert_batchnorm(model, device)
     params = [p for p in [*model.parameters(), *method.parameters()] if p.requires_grad]
     optimizer = torch.optim.SGD(
         params, lr=cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay
     )
 
-    start_epoch = 0
+    start_epoch, start_step = 0, 0
     if resume and last_path.is_file():
         blob = read_checkpoint(last_path)
         meta = read_meta(blob, last_path)
         model.load_state_dict(blob["model"])
         method.load_state_dict(blob["method"])
         optimizer.load_state_dict(blob["optimizer"])
-        start_epoch = int(blob["epoch"])
+        start_epoch, start_step = int(blob["epoch"]), int(blob.get("step", 0))
 
+    step_module = TrainStep(model, method, pass_classifier=role == "new")
+    if world.distributed:
+        step_module = DistributedDataParallel(step_module, device_ids=[device.index] if device.type == "cuda" else None)
     label_map = _head_label_map(head_classes, train_set.num_classes).to(device)
     # On a GPU the uint8 training images live on the device: batches are gathered and augmented there, and
     # nothing crosses the PCIe bus per step. On the CPU the same code runs in place.
@@ -195,54 +221,55 @@ def train_model(
         cfg.optim.batch_size,
         cfg.seed,
         cfg.data.augment,
+        world,
     )
     if len(stream) == 0:
         raise ValueError(f"{role} training set is empty")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
-    writer = _tensorboard(run_dir / "tb")
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
+    writer = _tensorboard(run_dir / "tb") if world.is_main else None
     steps_per_epoch, epochs = len(stream), cfg.optim.epochs
     total_steps = steps_per_epoch * epochs
     use_amp = cfg.amp and device.type == "cuda"
     # The old model usually shares the new one's normalisation; then its input is the batch already prepared.
     same_prep = old is not None and old.meta.prep == prep
-    history: list[dict] = []
+    history: list[dict] = json.loads(blob.get("history", "[]")) if start_epoch or start_step else []
 
-    with _progress(show_progress) as progress:
-        task = progress.add_task(
-            f"{role} {meta.method}", total=total_steps, completed=start_epoch * steps_per_epoch, info=""
-        )
+    def save_state(epoch: int, step: int) -> None:
+        """last.pt resumes at (epoch, step); rank 0 writes it, every rank waits until it is complete."""
+        if world.is_main:
+            state = {"model": model.state_dict(), "method": method.state_dict(), "optimizer": optimizer.state_dict()}
+            atomic_save(
+                {"meta": meta.model_dump_json(), **state, "epoch": epoch, "step": step, "history": json.dumps(history)},
+                last_path,
+            )
+        world.barrier()
+
+    with _progress(show_progress and world.is_main) as progress:
+        done = start_epoch * steps_per_epoch + start_step
+        task = progress.add_task(f"{role} {meta.method}", total=total_steps, completed=done, info="")
         for epoch in range(start_epoch, epochs):
-            model.train()
-            method.train()
+            step_module.train()
             meter, epoch_meter = _Meter(), _Meter()
             started, seen = time.perf_counter(), 0
-            for step, (images_u8, labels) in enumerate(stream.epoch(epoch)):
+            first_step = start_step if epoch == start_epoch else 0
+            for step, (images_u8, labels) in enumerate(stream.epoch(epoch, first_step), start=first_step):
                 global_step = epoch * steps_per_epoch + step
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate(cfg.optim, global_step, steps_per_epoch)
                 images_u8 = images_u8.to(device, non_blocking=True)
                 labels = labels.to(device, non_blocking=True)
                 images = normalise(images_u8, prep, cfg.channels_last)
+                old_emb = None
+                if old_net is not None:
+                    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                        old_images = images if same_prep else normalise(images_u8, old.meta.prep, cfg.channels_last)
+                        old_emb = old_net(old_images).float()
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                    emb = model(images)
-                    logits = model.classify(emb.float(), label_map[labels])
-                    cls_loss = F.cross_entropy(logits.float(), label_map[labels])
-                    old_emb = None
-                    if old_net is not None:
-                        with torch.no_grad():
-                            old_images = images if same_prep else normalise(images_u8, old.meta.prep, cfg.channels_last)
-                            old_emb = old_net(old_images).float()
-                    out = method(
-                        CompatBatch(
-                            emb.float(),
-                            labels,
-                            old_emb,
-                            global_step / max(1, total_steps - 1),
-                            epoch,
-                            epochs,
-                            model.head.weight if role == "new" else None,
-                        )
+                    progress_fraction = global_step / max(1, total_steps - 1)
+                    cls_loss, out = step_module(
+                        images, labels, label_map[labels], old_emb, progress_fraction, epoch, epochs, batch_wide
                     )
                 loss = cls_loss + out.total
                 optimizer.zero_grad(set_to_none=True)
@@ -251,33 +278,63 @@ def train_model(
                 parts = {"loss": loss, "cls": cls_loss, **out.parts}
                 meter.add(parts)
                 epoch_meter.add(parts)
-                seen += labels.shape[0]
+                seen += labels.shape[0] * world.size
                 if (step + 1) % cfg.log_every == 0 or step + 1 == steps_per_epoch:
-                    values = meter.read()
-                    for name, value in values.items():
-                        writer.add_scalar(f"train/{name}", value, global_step)
-                    writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], global_step)
+                    values = meter.read(world)
+                    if writer is not None:
+                        for name, value in values.items():
+                            writer.add_scalar(f"train/{name}", value, global_step)
+                        writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], global_step)
                     info = " ".join(f"{k}={v:.3f}" for k, v in values.items())
                     progress.update(task, completed=global_step + 1, info=f"ep {epoch + 1}/{epochs} {info}")
+                if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps_per_epoch:
+                    save_state(epoch, step + 1)
             elapsed = time.perf_counter() - started
-            summary = {"epoch": epoch, **epoch_meter.read(), "images_per_s": seen / max(elapsed, 1e-9)}
+            summary = {"epoch": epoch, **epoch_meter.read(world), "images_per_s": seen / max(elapsed, 1e-9)}
             history.append(summary)
-            writer.add_scalar("train/images_per_s", summary["images_per_s"], epoch)
-            atomic_save(
-                {
-                    "meta": meta.model_dump_json(),
-                    "model": model.state_dict(),
-                    "method": method.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "epoch": epoch + 1,
-                },
-                last_path,
-            )
-    writer.close()
+            if writer is not None:
+                writer.add_scalar("train/images_per_s", summary["images_per_s"], epoch)
+            save_state(epoch + 1, 0)
+    if writer is not None:
+        writer.close()
     meta.metrics["train_history"] = history
-    save_checkpoint(final_path, model.cpu().to(memory_format=torch.contiguous_format), meta)
-    (run_dir / "history.json").write_text(json.dumps(history, indent=2))
+    if world.is_main:
+        save_checkpoint(final_path, model.cpu().to(memory_format=torch.contiguous_format), meta)
+        (run_dir / "history.json").write_text(json.dumps(history, indent=2))
+    world.barrier()
     return final_path
+
+
+class TrainStep(nn.Module):
+    """The model and the compatibility method as one module, so DistributedDataParallel sees every trainable
+    parameter of a step (backbone, heads, discriminator, radius weights) in one forward call."""
+
+    def __init__(self, model: EmbeddingModel, method: nn.Module, pass_classifier: bool):
+        super().__init__()
+        self.model, self.method, self.pass_classifier = model, method, pass_classifier
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        head_labels: torch.Tensor,
+        old_emb: torch.Tensor | None,
+        progress: float,
+        epoch: int,
+        num_epochs: int,
+        batch_wide: bool,
+    ) -> tuple[torch.Tensor, LossOutput]:
+        emb = self.model(images)
+        cls_loss = F.cross_entropy(self.model.classify(emb.float(), head_labels).float(), head_labels)
+        new_emb = emb.float()
+        if batch_wide:
+            # The method sees the global batch; see advbct.distributed for why gradients then come out right.
+            world = current_world()
+            new_emb, labels = gather_with_grad(new_emb, world), gather_no_grad(labels, world)
+            old_emb = gather_no_grad(old_emb, world) if old_emb is not None else None
+        classifier = self.model.head.weight if self.pass_classifier else None
+        out = self.method(CompatBatch(new_emb, labels, old_emb, progress, epoch, num_epochs, classifier))
+        return cls_loss, out
 
 
 def _build_method(

@@ -3,8 +3,11 @@ two-process quickstart writes the single-process results, and a run killed mid-e
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -61,3 +64,66 @@ def test_two_process_quickstart_writes_the_single_process_results(tmp_path):
     for test, metrics in a["tests"].items():
         assert b["tests"][test] == pytest.approx(metrics, abs=1e-3), test
     assert b["p_1"] == pytest.approx(a["p_1"], abs=1e-3) and a["criterion"] == b["criterion"]
+
+
+def _train_old_command(folder, out, nproc, checkpoint_every):
+    overrides = ["data.dataset=image-folder", "device=cpu", "data.old_fraction=0.75", "optim.batch_size=16",
+                 "optim.epochs=2", f"checkpoint_every={checkpoint_every}"]  # fmt: skip
+    args = ["-m", "advbct", "train-old", "--preset", "smoke", "--out", str(out), "--data", str(folder), "--no-progress"]
+    args += [part for o in overrides for part in ("-o", o)]
+    return torchrun(*args, nproc=nproc) if nproc > 1 else [sys.executable, *args]
+
+
+def _last_state(path):
+    try:
+        blob = torch.load(path, weights_only=True)
+    except (OSError, RuntimeError, EOFError):
+        return None
+    return int(blob["epoch"]), int(blob["step"])
+
+
+def _weights(path):
+    return torch.load(path, weights_only=True)["model"]
+
+
+def test_a_run_killed_mid_epoch_resumes_to_the_same_weights(tmp_path):
+    folder = write_image_folder(tmp_path / "data", classes=4, train_per_class=40, test_per_class=2)
+    env = env_with(ADVBCT_CACHE=tmp_path / "cache")
+    straight = tmp_path / "straight"
+    done = subprocess.run(_train_old_command(folder, straight, 2, 0), capture_output=True, text=True, env=env,
+                          timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    broken = tmp_path / "broken"
+    process = subprocess.Popen(_train_old_command(folder, broken, 2, 1), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, env=env, start_new_session=True)  # fmt: skip
+    state, deadline = None, time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        state = _last_state(broken / "last.pt") if (broken / "last.pt").is_file() else None
+        if state is not None and state[1] >= 2:
+            break
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert state is not None and state[1] >= 2, f"no mid-epoch checkpoint was seen before the kill: {state}"
+    assert not (broken / "model.pt").exists()
+
+    single = tmp_path / "single"
+    shutil.copytree(broken, single)
+
+    resumed = subprocess.run(_train_old_command(folder, broken, 2, 1), capture_output=True, text=True, env=env,
+                             timeout=600)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected, got = _weights(straight / "model.pt"), _weights(broken / "model.pt")
+    for name, value in expected.items():
+        assert torch.equal(got[name], value), f"{name} differs after resuming with the same world size"
+
+    # The same interrupted state resumed by one process continues the same global batches; only the order of
+    # float sums differs (batch-norm statistics summed in one process instead of across two).
+    alone = subprocess.run(_train_old_command(folder, single, 1, 1), capture_output=True, text=True, env=env,
+                           timeout=600)  # fmt: skip
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    got = _weights(single / "model.pt")
+    for name, value in expected.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(got[name], value, rtol=1e-3, atol=1e-4, msg=f"{name} differs (world 1)")

@@ -32,6 +32,7 @@ from advbct.distributed import current_world, init_from_environment, shutdown
 from advbct.landmark_eval import PAPER_TESTS, evaluate_benchmarks, parse_benchmarks, print_landmark_report
 from advbct.models.checkpoint import CheckpointError
 from advbct.reporting import comparison_table, print_report
+from advbct.table_bench import DEFAULT_METHODS, SETTINGS, run_bench
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console()
@@ -255,6 +256,32 @@ def compare_cmd(
     if current_world().is_main:
         (out / "results.json").write_text(json.dumps(reports, indent=2))
     console.print(f"results: {out / 'results.json'}")
+
+
+@app.command("bench")
+def bench_cmd(
+    preset: Annotated[str, typer.Option("--preset", help="cifar100 (the paper setting) or smoke")] = "cifar100",
+    out: Annotated[Path, typer.Option("--out", help="folder for runs, results.json, results.md and plots")] = Path(
+        "runs/bench"
+    ),
+    settings: Annotated[
+        str, typer.Option("--settings", help="comma-separated of extended-class, extended-data, extended-backbone")
+    ] = ",".join(SETTINGS),
+    methods: Annotated[str, typer.Option("--methods", help="comma-separated methods")] = ",".join(DEFAULT_METHODS),
+    overrides: OverrideOpt = None,
+    data: DataOpt = None,
+    device: DeviceOpt = None,
+    no_progress: QuietOpt = False,
+) -> None:
+    """The full comparison table: every method on every setting, one seed set; re-running skips finished runs."""
+    chosen = [m.strip() for m in methods.split(",") if m.strip()]
+    unknown = [m for m in chosen if m not in list_methods()]
+    if unknown:
+        errors.print(f"[red]error:[/] unknown methods {unknown}; available: {', '.join(list_methods())}")
+        raise typer.Exit(2)
+    picked = [s.strip() for s in settings.split(",") if s.strip()]
+    _run(run_bench, preset, out, picked, chosen, overrides, data, device, console, not no_progress)
+    console.print(f"results: {out / 'results.json'}, {out / 'results.md'}, plots in {out}")
 
 
 @app.command("download")

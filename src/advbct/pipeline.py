@@ -192,6 +192,32 @@ def quickstart(cfg: QuickstartConfig, out: Path, console: Console | None = None,
     return report
 
 
+def train_methods(
+    cfg: QuickstartConfig, out: Path, methods: list[str], console: Console, show_progress: bool = True
+) -> dict[str, Path]:
+    """The old model, its statistics, the independent model and every method: ``{name: model.pt}``.
+    Finished runs are skipped."""
+    out.mkdir(parents=True, exist_ok=True)
+    old_path, stats_path = _prepare_old(cfg, out, console, show_progress)
+    paths = {"old": old_path}
+    for method in ["independent", *[m for m in methods if m != "independent"]]:
+        console.print(f"[bold]new model: {method}[/]")
+        paths[method] = _train_method(cfg, out, method, old_path, stats_path, show_progress)
+    return paths
+
+
+def method_reports(embeddings: dict[str, torch.Tensor], labels: torch.Tensor, methods: list[str]) -> dict[str, dict]:
+    """One quickstart-format report per method from test-set embeddings of old, independent and the methods."""
+    shared_pairs = [("old", "old"), ("independent", "independent"), ("independent", "old")]
+    shared = evaluate_pairs(embeddings, labels, shared_pairs)
+    reports = {}
+    for method in methods:
+        own = evaluate_pairs(embeddings, labels, [(method, method), (method, "old")])
+        tests = {**shared, "new/new": own[f"{method}/{method}"], "new/old": own[f"{method}/old"]}
+        reports[method] = upgrade_report({key: tests[key] for key in TEST_ORDER})
+    return reports
+
+
 def compare(
     cfg: QuickstartConfig,
     out: Path,
@@ -202,22 +228,10 @@ def compare(
     """Train the old model, the independent model and every method on one allocation and one seed set;
     return one quickstart-format report per method (the test set is embedded once per model)."""
     console = console or Console()
-    out.mkdir(parents=True, exist_ok=True)
-    old_path, stats_path = _prepare_old(cfg, out, console, show_progress)
-    paths = {"old": old_path}
-    for method in ["independent", *[m for m in methods if m != "independent"]]:
-        console.print(f"[bold]new model: {method}[/]")
-        paths[method] = _train_method(cfg, out, method, old_path, stats_path, show_progress)
+    paths = train_methods(cfg, out, methods, console, show_progress)
     console.print("[bold]evaluation[/]")
     embeddings, labels = embed_test_set(paths, device=cfg.new.device)
-    shared_pairs = [("old", "old"), ("independent", "independent"), ("independent", "old")]
-    shared = evaluate_pairs(embeddings, labels, shared_pairs)
-    reports = {}
-    for method in methods:
-        own = evaluate_pairs(embeddings, labels, [(method, method), (method, "old")])
-        tests = {**shared, "new/new": own[f"{method}/{method}"], "new/old": own[f"{method}/old"]}
-        reports[method] = upgrade_report({key: tests[key] for key in TEST_ORDER})
-    return reports
+    return method_reports(embeddings, labels, methods)
 
 
 def set_threads() -> None:

@@ -290,7 +290,12 @@ def train_model(
                 if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps_per_epoch:
                     save_state(epoch, step + 1)
             elapsed = time.perf_counter() - started
-            summary = {"epoch": epoch, **epoch_meter.read(world), "images_per_s": seen / max(elapsed, 1e-9)}
+            summary = {
+                "epoch": epoch,
+                **epoch_meter.read(world),
+                "images_per_s": seen / max(elapsed, 1e-9),
+                "seconds": elapsed,
+            }
             history.append(summary)
             if writer is not None:
                 writer.add_scalar("train/images_per_s", summary["images_per_s"], epoch)

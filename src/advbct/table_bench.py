@@ -1,0 +1,119 @@
+"""``advbct bench``: every method on every data setting, one seed set, one table.
+
+For each setting (extended-class, extended-data, extended-backbone) the old model, its statistics, the
+independent model and every compatibility method are trained (finished runs are skipped on a re-run), the test
+set is embedded once per model, and every (query model, gallery model) pair is scored. The results go to
+``results.json``, ``results.md`` (the paper-style table with training time and throughput per run) and plots.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+
+from advbct.config import ModelConfig, QuickstartConfig, apply_overrides, build, deep_merge, preset_tree
+from advbct.data.images import DataError
+from advbct.distributed import current_world
+from advbct.evaluation.protocol import evaluate_pairs
+from advbct.pipeline import embed_test_set, method_reports, train_methods
+from advbct.reporting.bench_report import write_markdown, write_plots
+
+DEFAULT_METHODS = ("l2", "bct", "lce", "unibct", "hot-refresh", "advbct")
+SETTINGS = ("extended-class", "extended-data", "extended-backbone")
+
+
+@dataclass(frozen=True)
+class BenchPreset:
+    """A quickstart preset to start from and what the extended-backbone setting changes in the new model."""
+
+    base: str
+    bigger_new_model: dict = field(default_factory=dict)
+
+
+BENCH_PRESETS = {
+    # resnet18 old -> resnet50 new, as in the paper.
+    "cifar100": BenchPreset("paper-cifar100", {"backbone": "resnet50"}),
+    # Twice the depth and width of the smoke model: the same change of architecture, in seconds.
+    "smoke": BenchPreset("smoke", {"backbone_kwargs": {"layers": [2, 2, 2, 2], "channels": [16, 32, 64, 128]}}),
+}
+
+
+def setting_config(
+    preset: str, setting: str, overrides: list[str], data: str | None, device: str | None
+) -> QuickstartConfig:
+    """The quickstart config of one setting of a bench preset, with the user's overrides on top."""
+    if preset not in BENCH_PRESETS:
+        raise DataError(f"unknown bench preset {preset!r}; use one of {', '.join(BENCH_PRESETS)}")
+    bench = BENCH_PRESETS[preset]
+    tree = preset_tree(bench.base)
+    allocation = "extended-data" if setting == "extended-data" else "extended-class"
+    tree = deep_merge(tree, {"common": {"data": {"allocation": allocation}}})
+    if setting == "extended-backbone":
+        tree = deep_merge(tree, {"new": {"model": bench.bigger_new_model}})
+    extra = [f"common.data.root={json.dumps(data)}"] if data else []
+    extra += [f"common.device={device}"] if device else []
+    tree = apply_overrides(tree, [*extra, *overrides])
+    common = tree.pop("common", {})
+    for role in ("old", "new"):
+        tree[role] = deep_merge(common, tree.get(role, {}))
+    return build(QuickstartConfig, tree, f"bench preset {preset} ({setting})")
+
+
+def _run_summary(history_path: Path) -> dict:
+    history = json.loads(history_path.read_text()) if history_path.is_file() else []
+    seconds = sum(epoch.get("seconds", 0.0) for epoch in history)
+    rates = [epoch["images_per_s"] for epoch in history if "images_per_s" in epoch]
+    return {"seconds": seconds, "images_per_s": sum(rates) / len(rates) if rates else None}
+
+
+def _architecture(model: ModelConfig) -> str:
+    """The backbone name, with its layer and channel changes when a preset narrows or deepens it."""
+    kwargs = ", ".join(f"{k}={v}" for k, v in model.backbone_kwargs.items())
+    return f"{model.backbone} ({kwargs})" if kwargs else model.backbone
+
+
+def run_setting(cfg: QuickstartConfig, out: Path, methods: list[str], console: Console, show_progress: bool) -> dict:
+    paths = train_methods(cfg, out, methods, console, show_progress)
+    embeddings, labels = embed_test_set(paths, device=cfg.new.device)
+    names = list(paths)
+    matrix = evaluate_pairs(embeddings, labels, [(q, g) for q in names for g in names])
+    return {
+        "methods": method_reports(embeddings, labels, methods),
+        "matrix": {key: value["map"] for key, value in matrix.items()},
+        "models": names,
+        "runs": {name: _run_summary(path.parent / "history.json") for name, path in paths.items()},
+        "old_backbone": _architecture(cfg.old.model),
+        "new_backbone": _architecture(cfg.new.model),
+    }
+
+
+def run_bench(
+    preset: str,
+    out: Path,
+    settings: list[str],
+    methods: list[str],
+    overrides: list[str] | None = None,
+    data: str | None = None,
+    device: str | None = None,
+    console: Console | None = None,
+    show_progress: bool = True,
+) -> dict:
+    """Train and evaluate every setting into ``out/<setting>/``; write results.json, results.md and plots."""
+    console = console or Console()
+    unknown = [s for s in settings if s not in SETTINGS]
+    if unknown:
+        raise DataError(f"unknown setting(s) {', '.join(unknown)}; use {', '.join(SETTINGS)}")
+    configs = {s: setting_config(preset, s, list(overrides or []), data, device) for s in settings}
+    results: dict = {"preset": preset, "settings": {}}
+    for setting, cfg in configs.items():
+        console.rule(f"[bold]{setting}")
+        results["settings"][setting] = run_setting(cfg, out / setting, methods, console, show_progress)
+    if current_world().is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+        write_markdown(results, out / "results.md")
+        write_plots(results, out)
+    return results

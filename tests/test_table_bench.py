@@ -1,0 +1,68 @@
+"""`advbct bench --preset smoke`: the full table on every setting, its JSON, markdown and plots, and re-runs."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from advbct.evaluation import compatibility_scores
+
+SETTINGS = ("extended-class", "extended-data", "extended-backbone")
+METHODS = ("l2", "bct", "lce", "unibct", "hot-refresh", "advbct")
+
+
+def run_bench(folder, out, cache):
+    command = [sys.executable, "-m", "advbct", "bench", "--preset", "smoke", "--out", str(out), "--data", str(folder),
+               "--no-progress", "-o", "common.data.dataset=image-folder", "-o", "common.device=cpu"]  # fmt: skip
+    env = {**os.environ, "ADVBCT_CACHE": str(cache)}
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+
+
+def test_bench_smoke_writes_the_table_json_and_plots(tiny_folder, tmp_path):
+    out = tmp_path / "bench"
+    result = run_bench(tiny_folder, out, tmp_path / "cache")
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert tuple(results["settings"]) == SETTINGS
+    for block in results["settings"].values():
+        assert tuple(block["methods"]) == METHODS
+        assert block["models"] == ["old", "independent", *METHODS]
+        assert len(block["matrix"]) == len(block["models"]) ** 2
+        for method, report in block["methods"].items():
+            tests = report["tests"]
+            # The heatmap's diagonal and old column are the same numbers as the per-method tests.
+            assert block["matrix"][f"{method}/{method}"] == pytest.approx(tests["new/new"]["map"])
+            assert block["matrix"][f"{method}/old"] == pytest.approx(tests["new/old"]["map"])
+            assert block["matrix"]["old/old"] == pytest.approx(tests["old/old"]["map"])
+            expected = compatibility_scores(
+                [tests["old/old"]["map"]], [tests["independent/independent"]["map"]],
+                [tests["new/new"]["map"]], [tests["new/old"]["map"]],
+            )  # fmt: skip
+            assert {k: report[k] for k in expected} == pytest.approx(expected)
+        for run in block["runs"].values():
+            assert run["seconds"] > 0 and run["images_per_s"] > 0
+    backbone = results["settings"]["extended-backbone"]
+    assert backbone["old_backbone"] != backbone["new_backbone"]
+
+    markdown = (out / "results.md").read_text()
+    for setting in SETTINGS:
+        assert f"## {setting}" in markdown
+    rows = [line for line in markdown.splitlines() if line.startswith("| advbct |")]
+    assert len(rows) == 3
+    advbct = results["settings"]["extended-class"]["methods"]["advbct"]
+    assert f"| {advbct['tests']['new/new']['map']:.2f} | {advbct['tests']['new/old']['map']:.2f} |" in rows[0]
+
+    for name in ("p_scores.png", *(f"heatmap_{s}.png" for s in SETTINGS)):
+        with Image.open(out / name) as image:
+            assert image.format == "PNG" and image.width > 300 and image.height > 200
+
+    models = sorted(out.rglob("model.pt"))
+    assert len(models) == 3 * (2 + len(METHODS))
+    stamps = {path: path.stat().st_mtime_ns for path in models}
+    again = run_bench(tiny_folder, out, tmp_path / "cache")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert {path: path.stat().st_mtime_ns for path in models} == stamps, "finished runs are not trained again"
+    assert json.loads((out / "results.json").read_text())["settings"] == results["settings"]

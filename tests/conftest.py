@@ -50,3 +50,22 @@ def write_image_folder(
 def tiny_folder(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("ADVBCT_CACHE", str(tmp_path / "cache"))
     return write_image_folder(tmp_path / "data", classes=6, train_per_class=12, test_per_class=5)
+
+
+@pytest.fixture(scope="session")
+def three_models(tmp_path_factory):
+    """Three tiny checkpoints (seeds 0, 1, 2, same embedding dim) trained on a PNG folder: stand-ins for old,
+    new and independent models wherever real checkpoints are needed but their quality is not the point."""
+    from advbct.cli import train_config
+    from advbct.pipeline import train_old
+
+    base = tmp_path_factory.mktemp("models")
+    folder = write_image_folder(base / "data", classes=4, train_per_class=8, test_per_class=2)
+    paths = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ADVBCT_CACHE", str(base / "cache"))
+        for seed, role in enumerate(("old", "new", "independent")):
+            overrides = ["data.dataset=image-folder", "device=cpu", f"seed={seed}", "optim.epochs=1"]
+            cfg = train_config("old", "smoke", None, overrides, str(folder), None)
+            paths[role] = train_old(cfg, base / role, show_progress=False)
+    return paths

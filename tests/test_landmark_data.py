@@ -13,15 +13,13 @@ import pytest
 import torch
 from PIL import Image
 
-from advbct.cli import train_config
 from advbct.data.benchmarks import find_benchmark_root
 from advbct.data.gldv2 import gldv2_allocation, gldv2_image_path, load_gldv2_retrieval, load_gldv2_train
 from advbct.data.images import DataError, decode_image
 from advbct.data.revisited import load_revisited
 from advbct.data.safe_pickle import load_plain_pickle
 from advbct.evaluation import compatibility_scores
-from advbct.pipeline import train_old
-from conftest import REPO, write_image_folder
+from conftest import REPO
 from landmark_layouts import write_gldv2, write_revisited
 
 
@@ -134,21 +132,6 @@ def test_gldv2_loaders_and_allocations(tmp_path):
     (tmp_path / "index.csv").write_text("name\nx\n")
     with pytest.raises(DataError, match=r"index\.csv lacks column"):
         load_gldv2_retrieval(tmp_path)
-
-
-@pytest.fixture(scope="module")
-def three_models(tmp_path_factory):
-    """Three tiny checkpoints (seeds 0, 1, 2) trained on a PNG folder: old, new and independent stand-ins."""
-    base = tmp_path_factory.mktemp("models")
-    folder = write_image_folder(base / "data", classes=4, train_per_class=8, test_per_class=2)
-    paths = {}
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ADVBCT_CACHE", str(base / "cache"))
-        for seed, role in enumerate(("old", "new", "independent")):
-            overrides = ["data.dataset=image-folder", "device=cpu", f"seed={seed}", "optim.epochs=1"]
-            cfg = train_config("old", "smoke", None, overrides, str(folder), None)
-            paths[role] = train_old(cfg, base / role, show_progress=False)
-    return paths
 
 
 def run_cli(*args):

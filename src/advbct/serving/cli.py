@@ -1,0 +1,174 @@
+"""CLI for the gallery: ``advbct index add|search|stats``, ``advbct upgrade``, ``advbct rollback``,
+``advbct backfill``. Item ids are assigned in file order after the largest id in use; an item's reference is
+its path relative to the image root."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from advbct.data.images import IMAGE_SUFFIXES, DataError
+from advbct.serving.backfill import BackfillProgress, run_backfill
+from advbct.serving.models import Embedder, GateRefused, ModelRegistry
+from advbct.serving.store import GalleryStore, StoreError
+
+index_app = typer.Typer(add_completion=False, no_args_is_help=True, help="The gallery in Milvus.")
+console = Console()
+errors = Console(stderr=True, soft_wrap=True)
+
+DbOpt = Annotated[str, typer.Option("--db", help="Milvus Lite file or Milvus URI (http://host:19530)")]
+RegistryOpt = Annotated[Path | None, typer.Option("--registry", help="model registry JSON (default: <db>.models.json)")]
+RootOpt = Annotated[Path, typer.Option("--image-root", help="folder that item references are relative to")]
+DeviceOpt = Annotated[str, typer.Option("--device")]
+
+
+def registry_path(db: str, registry: Path | None) -> Path:
+    if registry is not None:
+        return registry
+    if "://" in db:
+        raise DataError("a Milvus server URI needs --registry PATH for the model registry file")
+    return Path(db + ".models.json")
+
+
+def _fail(exc: Exception) -> typer.Exit:
+    errors.print(f"[red]error:[/] {exc}")
+    return typer.Exit(2)
+
+
+SERVING_ERRORS = (DataError, GateRefused, StoreError, FileNotFoundError)
+
+
+def open_gallery(db: str, registry: Path | None, device: str) -> tuple[ModelRegistry, Embedder, GalleryStore]:
+    models = ModelRegistry(registry_path(db, registry))
+    active = models.active
+    if active is None:
+        raise DataError("no model is registered yet: run `advbct index add --model CHECKPOINT ...` first")
+    embedder = Embedder(active.path, device)
+    return models, embedder, GalleryStore(db, embedder.dim)
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+@index_app.command("add")
+def add_cmd(
+    images: Annotated[Path, typer.Argument(help="an image file or a folder of them, inside the image root")],
+    db: DbOpt = "gallery.db",
+    image_root: RootOpt = Path("."),
+    model: Annotated[Path | None, typer.Option("--model", help="first generation's checkpoint (new gallery)")] = None,
+    registry: RegistryOpt = None,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 256,
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Embed images with the active model and add them to the gallery."""
+    try:
+        models = ModelRegistry(registry_path(db, registry))
+        if models.active is None:
+            if model is None:
+                raise DataError("the gallery has no model yet: pass --model CHECKPOINT for generation 1")
+            models.register_first(model, device)
+        active = models.active
+        embedder = Embedder(active.path, device)
+        store = GalleryStore(db, embedder.dim)
+        files = [images] if images.is_file() else _image_files(images)
+        if not files:
+            raise DataError(f"no image files at {images}")
+        refs = [_reference(f, image_root) for f in files]
+        start = models.reserve_ids(len(files))
+        for offset in range(0, len(files), batch_size):
+            chunk = files[offset : offset + batch_size]
+            ids = list(range(start + offset, start + offset + len(chunk)))
+            store.add(ids, refs[offset : offset + batch_size], embedder.embed_files(chunk), active.number)
+        console.print(f"added {len(files)} items (ids {start}..{start + len(files) - 1}) at generation {active.number}")
+    except SERVING_ERRORS as exc:
+        raise _fail(exc) from None
+
+
+def _reference(path: Path, image_root: Path) -> str:
+    """The item's reference: its path relative to the image root (a file outside it is refused)."""
+    root, full = image_root.resolve(), path.resolve()
+    if not full.is_relative_to(root):
+        raise DataError(f"{path} is not inside the image root {image_root}")
+    return str(full.relative_to(root))
+
+
+@index_app.command("search")
+def search_cmd(
+    image: Annotated[Path, typer.Argument(help="query image file")],
+    db: DbOpt = "gallery.db",
+    registry: RegistryOpt = None,
+    k: Annotated[int, typer.Option("-k")] = 10,
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Top-k gallery items for a query image, embedded by the active model."""
+    try:
+        _, embedder, store = open_gallery(db, registry, device)
+        hits = store.search(embedder.embed_files([image]), k)[0]
+    except SERVING_ERRORS as exc:
+        raise _fail(exc) from None
+    console.print(json.dumps([h.__dict__ for h in hits], indent=1))
+
+
+@index_app.command("stats")
+def stats_cmd(db: DbOpt = "gallery.db", registry: RegistryOpt = None, device: DeviceOpt = "cpu") -> None:
+    """Items per generation and the active generation."""
+    try:
+        models, _, store = open_gallery(db, registry, device)
+        stats = {"items": store.count(), "by_generation": store.generations(), "active": models.active.number}
+    except SERVING_ERRORS as exc:
+        raise _fail(exc) from None
+    console.print(json.dumps(stats))
+
+
+def upgrade_cmd(
+    model: Annotated[Path, typer.Option("--model", help="candidate checkpoint")],
+    validation: Annotated[Path, typer.Option("--validation", help="labelled image folder <class>/<file>")],
+    db: DbOpt = "gallery.db",
+    registry: RegistryOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="register even if the gate fails (numbers recorded)")] = False,
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Register a new generation behind the compatibility gate; it serves queries at once."""
+    try:
+        generation = ModelRegistry(registry_path(db, registry)).upgrade(model, validation, device, force)
+    except SERVING_ERRORS as exc:
+        raise _fail(exc) from None
+    console.print(json.dumps({"generation": generation.number, "gate": generation.gate}))
+
+
+def rollback_cmd(db: DbOpt = "gallery.db", registry: RegistryOpt = None) -> None:
+    """Make the previous generation active again (backfill then re-embeds towards it)."""
+    try:
+        generation = ModelRegistry(registry_path(db, registry)).rollback()
+    except SERVING_ERRORS as exc:
+        raise _fail(exc) from None
+    console.print(json.dumps({"active": generation.number}))
+
+
+def backfill_cmd(
+    db: DbOpt = "gallery.db",
+    image_root: RootOpt = Path("."),
+    registry: RegistryOpt = None,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 256,
+    worker: Annotated[int, typer.Option("--worker", help="this worker's index")] = 0,
+    workers: Annotated[int, typer.Option("--workers", help="number of workers splitting the gallery")] = 1,
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Re-embed items not at the active generation; safe to kill and restart at any point."""
+    try:
+        models, embedder, store = open_gallery(db, registry, device)
+        target = models.active.number
+
+        def report(progress: BackfillProgress) -> None:
+            print(json.dumps({"done": progress.done, "remaining": progress.remaining,
+                              "items_per_s": round(progress.items_per_s, 1)}), flush=True)  # fmt: skip
+
+        progress = run_backfill(store, embedder, target, image_root, batch_size, worker, workers, on_batch=report)
+    except SERVING_ERRORS as exc:
+        raise _fail(exc) from None
+    console.print(json.dumps({"state": progress.state, "done": progress.done, "remaining": progress.remaining}))

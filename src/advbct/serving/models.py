@@ -1,0 +1,172 @@
+"""Model generations: checkpoints registered in order, one active query model, and the compatibility gate.
+
+The registry is a small JSON file written atomically beside the gallery (the vectors live in Milvus; this file
+only names checkpoints). A new generation goes live only if, on a labelled validation image folder, its queries
+find the current gallery better than the current model does (M(n,o) > M(o,o)) and it is better on its own
+(M(n,n) > M(o,o)), with the same embedding dimension; otherwise it is refused with the measured numbers and the
+registry is left untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from advbct.data.batches import Preprocessing, normalise
+from advbct.data.images import ImageSet, decode_image, load_image_folder
+from advbct.evaluation.metrics import label_retrieval_metrics
+from advbct.evaluation.protocol import embed_images
+from advbct.models.checkpoint import load_checkpoint
+
+
+class GateRefused(ValueError):
+    """The candidate model failed the compatibility gate; the message holds the numbers."""
+
+
+class Embedder:
+    """A checkpoint ready to embed decoded images or image files at its own input size."""
+
+    def __init__(self, path: str | Path, device: str = "cpu"):
+        self.path = Path(path)
+        self.model, self.meta = load_checkpoint(self.path)
+        self.device = torch.device(device)
+        self.model = self.model.to(self.device).eval()
+
+    @property
+    def dim(self) -> int:
+        return self.meta.embedding_dim
+
+    @property
+    def prep(self) -> Preprocessing:
+        return self.meta.prep
+
+    @torch.no_grad()
+    def embed_arrays(self, images: np.ndarray) -> np.ndarray:
+        """uint8 (N, H, W, 3) at the model's size -> L2-normalised float32 (N, d)."""
+        batch = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(self.device)
+        emb = self.model(normalise(batch, self.prep))
+        return torch.nn.functional.normalize(emb.float(), dim=1).cpu().numpy()
+
+    def embed_files(self, paths: list[Path]) -> np.ndarray:
+        return self.embed_arrays(np.stack([decode_image(p, self.prep.image_size) for p in paths]))
+
+
+@dataclass(frozen=True)
+class Generation:
+    number: int
+    path: str
+    model_id: str
+    dim: int
+    image_size: int
+    registered_at: float
+    gate: dict | None
+
+
+def compatibility_gate(old: Embedder, new: Embedder, validation: ImageSet) -> dict:
+    """M(o,o), M(n,n), M(n,o) (mAP, percent) on the validation images and whether the upgrade is allowed."""
+    if new.dim != old.dim:
+        raise GateRefused(f"the candidate embeds to {new.dim} dimensions, the gallery holds {old.dim}")
+    device = new.device
+    emb_old = embed_images(old.model, validation.images, old.prep, device)
+    emb_new = embed_images(new.model, validation.images, new.prep, device)
+    labels = validation.labels
+
+    def test(q: torch.Tensor, g: torch.Tensor) -> float:
+        return label_retrieval_metrics(q, labels, g, labels, exclude_same_index=True)["map"]
+
+    numbers = {"old/old": test(emb_old, emb_old), "new/new": test(emb_new, emb_new), "new/old": test(emb_new, emb_old)}
+    numbers["passed"] = numbers["new/old"] > numbers["old/old"] and numbers["new/new"] > numbers["old/old"]
+    return numbers
+
+
+class ModelRegistry:
+    """Generations and the active one, in ``path`` (JSON)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.state = json.loads(self.path.read_text()) if self.path.is_file() else {"generations": [], "active": None}
+
+    def _save(self) -> None:
+        tmp = self.path.with_name(self.path.name + f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.state, indent=2))
+        tmp.replace(self.path)
+
+    def reload(self) -> None:
+        if self.path.is_file():
+            self.state = json.loads(self.path.read_text())
+
+    @property
+    def generations(self) -> list[Generation]:
+        return [Generation(**g) for g in self.state["generations"]]
+
+    @property
+    def active(self) -> Generation | None:
+        number = self.state["active"]
+        return next((g for g in self.generations if g.number == number), None)
+
+    def generation(self, number: int) -> Generation:
+        for g in self.generations:
+            if g.number == number:
+                return g
+        raise GateRefused(f"no generation {number} is registered")
+
+    def _append(self, embedder: Embedder, gate: dict | None) -> Generation:
+        number = max((g.number for g in self.generations), default=0) + 1
+        entry = Generation(number, str(embedder.path.resolve()), embedder.meta.model_id, embedder.dim,
+                           embedder.prep.image_size, time.time(), gate)  # fmt: skip
+        self.state["generations"].append(entry.__dict__)
+        self.state["active"] = number
+        self._save()
+        return entry
+
+    def register_first(self, path: str | Path, device: str = "cpu") -> Generation:
+        if self.generations:
+            raise GateRefused("the registry already has generations; use upgrade")
+        return self._append(Embedder(path, device), None)
+
+    def upgrade(
+        self, path: str | Path, validation_folder: str | Path, device: str = "cpu", force: bool = False
+    ) -> Generation:
+        """Gate the candidate against the active generation; register it and make it active only if it passes.
+
+        ``force`` is the operator's override: the gate still runs and its numbers are recorded with the generation.
+        """
+        current = self.active
+        if current is None:
+            raise GateRefused("no active generation to upgrade from; register the first model")
+        candidate = Embedder(path, device)
+        if candidate.meta.model_id in {g.model_id for g in self.generations}:
+            raise GateRefused(f"{path} is already registered")
+        old = Embedder(current.path, device)
+        validation = load_image_folder(validation_folder, old.prep.image_size)
+        numbers = compatibility_gate(old, candidate, validation)
+        numbers["forced"] = force and not numbers["passed"]
+        if not numbers["passed"] and not force:
+            raise GateRefused(
+                f"{path} fails the compatibility gate on {validation_folder}: M(n,o) {numbers['new/old']:.2f}, "
+                f"M(n,n) {numbers['new/new']:.2f}, M(o,o) {numbers['old/old']:.2f} (both must exceed M(o,o))"
+            )
+        return self._append(candidate, numbers)
+
+    def reserve_ids(self, count: int) -> int:
+        """The first of ``count`` fresh item ids; the counter is saved before any item is written."""
+        start = int(self.state.get("next_id", 0))
+        self.state["next_id"] = start + count
+        self._save()
+        return start
+
+    def rollback(self) -> Generation:
+        """Make the generation before the active one active again."""
+        current = self.active
+        earlier = [g for g in self.generations if current is not None and g.number < current.number]
+        if not earlier:
+            raise GateRefused("there is no earlier generation to roll back to")
+        self.state["active"] = earlier[-1].number
+        self._save()
+        return earlier[-1]

@@ -1,0 +1,163 @@
+"""The gallery in Milvus: Milvus Lite in a local file by default (``./gallery.db``), a Milvus server or cluster
+by URI (``http://host:19530``), through the same client code.
+
+Each item is (id, image reference, L2-normalised vector, generation that embedded it, time of embedding,
+bucket). Search is inner product on normalised vectors, i.e. cosine similarity. ``bucket`` = id mod 64 is stored
+so backfill workers can split the gallery by id with a plain filter (Milvus filters have no modulo).
+Reads use strong consistency, so what a write returned from is what the next search sees.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from pymilvus import DataType, MilvusClient
+from pymilvus.exceptions import MilvusException
+
+BUCKETS = 64
+MAX_REF_LENGTH = 2048
+
+
+class StoreError(ValueError):
+    """A request the gallery refuses (unknown or duplicate id, wrong dimension); nothing was changed."""
+
+
+@dataclass(frozen=True)
+class Hit:
+    id: int
+    score: float
+    generation: int
+    ref: str
+
+
+def normalised(vectors: np.ndarray, dim: int) -> np.ndarray:
+    vectors = np.asarray(vectors, dtype=np.float32)
+    if vectors.ndim != 2 or vectors.shape[1] != dim:
+        raise StoreError(f"vectors must be (n, {dim}), got {vectors.shape}")
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    if not np.all(np.isfinite(vectors)) or np.any(norms == 0):
+        raise StoreError("vectors must be finite and non-zero")
+    return vectors / norms
+
+
+class GalleryStore:
+    """One Milvus collection of gallery items."""
+
+    def __init__(self, uri: str, dim: int, collection: str = "gallery"):
+        self.uri, self.dim, self.collection = uri, dim, collection
+        self.client = MilvusClient(uri)
+        if self.client.has_collection(collection):
+            have = self._stored_dim()
+            if have != dim:
+                raise StoreError(f"collection {collection!r} in {uri} holds {have}-d vectors, not {dim}-d")
+        else:
+            self._create()
+        self.client.load_collection(collection)
+
+    def _stored_dim(self) -> int:
+        fields = self.client.describe_collection(self.collection)["fields"]
+        vector = next(f for f in fields if f["name"] == "vector")
+        return int(vector["params"]["dim"])
+
+    def _create(self) -> None:
+        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field("id", DataType.INT64, is_primary=True)
+        schema.add_field("ref", DataType.VARCHAR, max_length=MAX_REF_LENGTH)
+        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=self.dim)
+        schema.add_field("generation", DataType.INT64)
+        schema.add_field("embedded_at", DataType.DOUBLE)
+        schema.add_field("bucket", DataType.INT64)
+        index = self.client.prepare_index_params()
+        index.add_index("vector", index_type="FLAT", metric_type="IP")
+        self.client.create_collection(self.collection, schema=schema, index_params=index, consistency_level="Strong")
+
+    def _rows(self, ids: Sequence[int], refs: Sequence[str], vectors: np.ndarray, generation: int) -> list[dict]:
+        if not (len(ids) == len(refs) == len(vectors)):
+            raise StoreError(f"{len(ids)} ids, {len(refs)} references and {len(vectors)} vectors do not match")
+        if any(len(ref) > MAX_REF_LENGTH for ref in refs):
+            raise StoreError(f"an image reference is longer than {MAX_REF_LENGTH} characters")
+        vectors = normalised(vectors, self.dim)
+        now = time.time()
+        return [
+            {"id": int(i), "ref": ref, "vector": v.tolist(), "generation": int(generation), "embedded_at": now,
+             "bucket": int(i) % BUCKETS}
+            for i, ref, v in zip(ids, refs, vectors, strict=True)
+        ]  # fmt: skip
+
+    def existing(self, ids: Sequence[int]) -> set[int]:
+        if not ids:
+            return set()
+        rows = self.client.query(self.collection, filter=f"id in {[int(i) for i in ids]}", output_fields=["id"])
+        return {int(row["id"]) for row in rows}
+
+    def add(self, ids: Sequence[int], refs: Sequence[str], vectors: np.ndarray, generation: int) -> None:
+        """New items; refused as a whole when any id is already stored or repeated."""
+        if len(set(ids)) != len(ids):
+            raise StoreError("the request repeats an id")
+        taken = self.existing(ids)
+        if taken:
+            raise StoreError(f"ids already in the gallery: {sorted(taken)[:10]}")
+        self.client.insert(self.collection, self._rows(ids, refs, vectors, generation))
+
+    def replace(self, ids: Sequence[int], refs: Sequence[str], vectors: np.ndarray, generation: int) -> None:
+        """Re-embedded items: an upsert by primary key, so doing it twice leaves one copy of each."""
+        self.client.upsert(self.collection, self._rows(ids, refs, vectors, generation))
+
+    def delete(self, ids: Sequence[int]) -> None:
+        missing = set(int(i) for i in ids) - self.existing(ids)
+        if missing:
+            raise StoreError(f"unknown ids: {sorted(missing)[:10]}")
+        self.client.delete(self.collection, ids=[int(i) for i in ids])
+
+    def get(self, ids: Sequence[int], with_vectors: bool = False) -> list[dict]:
+        fields = ["id", "ref", "generation", "embedded_at", *(["vector"] if with_vectors else [])]
+        return self.client.get(self.collection, ids=[int(i) for i in ids], output_fields=fields)
+
+    def count(self, filter: str = "") -> int:
+        rows = self.client.query(self.collection, filter=filter, output_fields=["count(*)"])
+        return int(rows[0]["count(*)"])
+
+    def generations(self) -> dict[int, int]:
+        """Items per generation."""
+        counts: dict[int, int] = {}
+        for generation in self.distinct_generations():
+            counts[generation] = self.count(f"generation == {generation}")
+        return counts
+
+    def distinct_generations(self) -> list[int]:
+        seen: set[int] = set()
+        while True:
+            clause = f"generation not in {sorted(seen)}" if seen else ""
+            rows = self.client.query(self.collection, filter=clause, output_fields=["generation"], limit=1)
+            if not rows:
+                return sorted(seen)
+            seen.add(int(rows[0]["generation"]))
+
+    def stale(self, generation: int, limit: int, buckets: Sequence[int] | None = None) -> list[dict]:
+        """Up to ``limit`` items embedded by another generation than ``generation`` (in the given id buckets)."""
+        clause = f"generation != {int(generation)}"
+        if buckets is not None:
+            clause += f" and bucket in {[int(b) for b in buckets]}"
+        return self.client.query(self.collection, filter=clause, output_fields=["id", "ref", "generation"], limit=limit)
+
+    def search(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
+        if k < 1:
+            raise StoreError(f"k must be at least 1, got {k}")
+        vectors = normalised(vectors, self.dim)
+        try:
+            results = self.client.search(
+                self.collection, data=vectors.tolist(), limit=k, output_fields=["generation", "ref"],
+                search_params={"metric_type": "IP"},
+            )  # fmt: skip
+        except MilvusException as exc:
+            raise StoreError(f"search failed: {exc}") from exc
+        return [
+            [Hit(int(h["id"]), float(h["distance"]), int(h["entity"]["generation"]), h["entity"]["ref"]) for h in row]
+            for row in results
+        ]
+
+    def close(self) -> None:
+        self.client.close()

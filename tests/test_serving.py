@@ -1,0 +1,154 @@
+"""The gallery on a real Milvus Lite database: storage rules, the compatibility gate, a backfill killed with
+SIGKILL and restarted, searches during a backfill, and rollback with part of the gallery re-embedded."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+from advbct.serving.backfill import run_backfill
+from advbct.serving.models import Embedder, GateRefused, ModelRegistry
+from advbct.serving.store import GalleryStore, StoreError
+from conftest import write_image_folder
+
+
+@pytest.fixture
+def image_root(tmp_path):
+    return write_image_folder(tmp_path / "images", classes=4, train_per_class=10, test_per_class=4, seed=3)
+
+
+def train_files(root):
+    return sorted((root / "train").rglob("*.png"))
+
+
+def run_cli(*args, **kwargs):
+    return subprocess.run([sys.executable, "-m", "advbct", *args], capture_output=True, text=True, timeout=300,
+                          **kwargs)  # fmt: skip
+
+
+def test_store_rules(tmp_path):
+    store = GalleryStore(str(tmp_path / "g.db"), dim=4)
+    vectors = np.eye(4, dtype=np.float32) * 3
+    store.add([1, 2, 3, 4], ["a", "b", "c", "d"], vectors, generation=1)
+    with pytest.raises(StoreError, match=r"ids already in the gallery: \[2\]"):
+        store.add([5, 2], ["e", "b"], vectors[:2], generation=1)
+    assert store.count() == 4 and store.existing([5]) == set(), "a refused request changes nothing"
+    with pytest.raises(StoreError, match="repeats an id"):
+        store.add([7, 7], ["x", "y"], vectors[:2], generation=1)
+    with pytest.raises(StoreError, match=r"vectors must be \(n, 4\)"):
+        store.add([9], ["z"], np.ones((1, 3)), generation=1)
+    hits = store.search(np.array([[0, 0, 2.0, 0]]), k=2)[0]
+    assert hits[0].id == 3 and hits[0].score == pytest.approx(1.0) and hits[0].generation == 1
+    with pytest.raises(StoreError, match=r"unknown ids: \[42\]"):
+        store.delete([42])
+    store.delete([4])
+    assert store.count() == 3 and store.generations() == {1: 3}
+    store.close()
+    with pytest.raises(StoreError, match="holds 4-d vectors, not 8-d"):
+        GalleryStore(str(tmp_path / "g.db"), dim=8)
+
+
+def test_gate_refuses_an_incompatible_model_and_changes_nothing(three_models, image_root, tmp_path):
+    registry = ModelRegistry(tmp_path / "models.json")
+    registry.register_first(three_models["old"])
+    before = (tmp_path / "models.json").read_bytes()
+    with pytest.raises(GateRefused, match=r"fails the compatibility gate .* M\(n,o\) \d+\.\d+, M\(n,n\) .* M\(o,o\)"):
+        registry.upgrade(three_models["new"], image_root / "test")
+    assert (tmp_path / "models.json").read_bytes() == before
+    assert ModelRegistry(tmp_path / "models.json").active.number == 1
+
+
+def _gallery(three_models, image_root, db, registry):
+    add = run_cli("index", "add", str(image_root / "train"), "--db", str(db), "--image-root", str(image_root),
+                  "--model", str(three_models["old"]), "--registry", str(registry))  # fmt: skip
+    assert add.returncode == 0, add.stderr
+    forced = run_cli("upgrade", "--model", str(three_models["new"]), "--validation", str(image_root / "test"),
+                     "--db", str(db), "--registry", str(registry), "--force")  # fmt: skip
+    assert forced.returncode == 0, forced.stderr
+    assert json.loads(forced.stdout)["gate"]["forced"] is True
+
+
+def _expected_vectors(model, image_root, files):
+    return {str(f.relative_to(image_root)): v for f, v in zip(files, Embedder(model).embed_files(files), strict=True)}
+
+
+def test_backfill_killed_mid_way_resumes_with_nothing_lost_or_doubled(three_models, image_root, tmp_path):
+    db, registry = tmp_path / "gallery.db", tmp_path / "models.json"
+    _gallery(three_models, image_root, db, registry)
+    command = [sys.executable, "-m", "advbct", "backfill", "--db", str(db), "--registry", str(registry),
+               "--image-root", str(image_root), "--batch-size", "3"]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    done = 0
+    for line in process.stdout:
+        if line.startswith("{") and '"done"' in line:
+            done = json.loads(line)["done"]
+            if done >= 9:
+                break
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert 9 <= done < 40, f"the backfill was killed mid-way ({done} of 40 re-embedded)"
+
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr
+    assert '"state": "finished"' in finished.stdout
+
+    files = train_files(image_root)
+    expected = _expected_vectors(three_models["new"], image_root, files)
+    store = GalleryStore(str(db), dim=next(iter(expected.values())).shape[0])
+    assert store.count() == len(files) == 40
+    rows = store.get(list(range(40)), with_vectors=True)
+    assert sorted(int(r["id"]) for r in rows) == list(range(40)), "every item exactly once"
+    for row in rows:
+        assert row["generation"] == 2
+        np.testing.assert_allclose(np.asarray(row["vector"]), expected[row["ref"]], atol=1e-5)
+
+
+def test_searches_during_backfill_never_fail_or_miss_an_item(three_models, image_root, tmp_path):
+    db, registry = tmp_path / "gallery.db", tmp_path / "models.json"
+    _gallery(three_models, image_root, db, registry)
+    models = ModelRegistry(registry)
+    new = Embedder(models.active.path)
+    store = GalleryStore(str(db), new.dim)
+    query = new.embed_files(train_files(image_root)[:1])
+    stop = threading.Event()
+    result = {}
+
+    def backfill():
+        result["progress"] = run_backfill(store, new, 2, image_root, batch_size=2, stop=stop)
+
+    worker = threading.Thread(target=backfill)
+    worker.start()
+    searches, generations_seen = 0, set()
+    while worker.is_alive() or searches < 3:
+        hits = store.search(query, k=40)[0]
+        assert sorted(h.id for h in hits) == list(range(40)), "a search during backfill missed an item"
+        generations_seen |= {h.generation for h in hits}
+        searches += 1
+    worker.join()
+    assert result["progress"].state == "finished" and store.generations() == {2: 40}
+    assert searches > 3 and generations_seen == {1, 2}, "searches ran over the mixed gallery"
+
+
+def test_rollback_with_part_of_the_gallery_re_embedded(three_models, image_root, tmp_path):
+    db, registry = tmp_path / "gallery.db", tmp_path / "models.json"
+    _gallery(three_models, image_root, db, registry)
+    models = ModelRegistry(registry)
+    store = GalleryStore(str(db), Embedder(models.active.path).dim)
+    stop = threading.Event()
+    run_backfill(store, Embedder(models.active.path), 2, image_root, batch_size=5, stop=stop,
+                 on_batch=lambda p: stop.set() if p.done >= 10 else None)  # fmt: skip
+    assert store.generations() == {1: 30, 2: 10}
+    assert models.rollback().number == 1
+    old = Embedder(models.active.path)
+    assert run_backfill(store, old, 1, image_root, batch_size=8).state == "finished"
+    expected = _expected_vectors(three_models["old"], image_root, train_files(image_root))
+    for row in store.get(list(range(40)), with_vectors=True):
+        assert row["generation"] == 1
+        np.testing.assert_allclose(np.asarray(row["vector"]), expected[row["ref"]], atol=1e-5)
+    with pytest.raises(GateRefused, match="no earlier generation"):
+        models.rollback()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -69,3 +72,27 @@ def three_models(tmp_path_factory):
             cfg = train_config("old", "smoke", None, overrides, str(folder), None)
             paths[role] = train_old(cfg, base / role, show_progress=False)
     return paths
+
+
+def run_advbct(*args, **kwargs):
+    """The real console script in a subprocess."""
+    return subprocess.run([sys.executable, "-m", "advbct", *args], capture_output=True, text=True, timeout=300,
+                          **kwargs)  # fmt: skip
+
+
+@pytest.fixture
+def image_root(tmp_path):
+    """40 training and 16 test PNG images in 4 classes: a gallery's image root."""
+    return write_image_folder(tmp_path / "images", classes=4, train_per_class=10, test_per_class=4, seed=3)
+
+
+def build_gallery(three_models, image_root, db, registry):
+    """The training images indexed at generation 1 (the "old" model), then the "new" model registered as
+    generation 2 through the gate's operator override (two unrelated tiny models fail the gate, as they should)."""
+    add = run_advbct("index", "add", str(image_root / "train"), "--db", str(db), "--image-root", str(image_root),
+                     "--model", str(three_models["old"]), "--registry", str(registry))  # fmt: skip
+    assert add.returncode == 0, add.stderr
+    forced = run_advbct("upgrade", "--model", str(three_models["new"]), "--validation", str(image_root / "test"),
+                        "--db", str(db), "--registry", str(registry), "--force")  # fmt: skip
+    assert forced.returncode == 0, forced.stderr
+    assert json.loads(forced.stdout)["gate"]["forced"] is True

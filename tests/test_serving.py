@@ -14,21 +14,11 @@ import pytest
 from advbct.serving.backfill import run_backfill
 from advbct.serving.models import Embedder, GateRefused, ModelRegistry
 from advbct.serving.store import GalleryStore, StoreError
-from conftest import write_image_folder
-
-
-@pytest.fixture
-def image_root(tmp_path):
-    return write_image_folder(tmp_path / "images", classes=4, train_per_class=10, test_per_class=4, seed=3)
+from conftest import build_gallery
 
 
 def train_files(root):
     return sorted((root / "train").rglob("*.png"))
-
-
-def run_cli(*args, **kwargs):
-    return subprocess.run([sys.executable, "-m", "advbct", *args], capture_output=True, text=True, timeout=300,
-                          **kwargs)  # fmt: skip
 
 
 def test_store_rules(tmp_path):
@@ -63,23 +53,13 @@ def test_gate_refuses_an_incompatible_model_and_changes_nothing(three_models, im
     assert ModelRegistry(tmp_path / "models.json").active.number == 1
 
 
-def _gallery(three_models, image_root, db, registry):
-    add = run_cli("index", "add", str(image_root / "train"), "--db", str(db), "--image-root", str(image_root),
-                  "--model", str(three_models["old"]), "--registry", str(registry))  # fmt: skip
-    assert add.returncode == 0, add.stderr
-    forced = run_cli("upgrade", "--model", str(three_models["new"]), "--validation", str(image_root / "test"),
-                     "--db", str(db), "--registry", str(registry), "--force")  # fmt: skip
-    assert forced.returncode == 0, forced.stderr
-    assert json.loads(forced.stdout)["gate"]["forced"] is True
-
-
 def _expected_vectors(model, image_root, files):
     return {str(f.relative_to(image_root)): v for f, v in zip(files, Embedder(model).embed_files(files), strict=True)}
 
 
 def test_backfill_killed_mid_way_resumes_with_nothing_lost_or_doubled(three_models, image_root, tmp_path):
     db, registry = tmp_path / "gallery.db", tmp_path / "models.json"
-    _gallery(three_models, image_root, db, registry)
+    build_gallery(three_models, image_root, db, registry)
     command = [sys.executable, "-m", "advbct", "backfill", "--db", str(db), "--registry", str(registry),
                "--image-root", str(image_root), "--batch-size", "3"]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, start_new_session=True)
@@ -110,7 +90,7 @@ def test_backfill_killed_mid_way_resumes_with_nothing_lost_or_doubled(three_mode
 
 def test_searches_during_backfill_never_fail_or_miss_an_item(three_models, image_root, tmp_path):
     db, registry = tmp_path / "gallery.db", tmp_path / "models.json"
-    _gallery(three_models, image_root, db, registry)
+    build_gallery(three_models, image_root, db, registry)
     models = ModelRegistry(registry)
     new = Embedder(models.active.path)
     store = GalleryStore(str(db), new.dim)
@@ -136,7 +116,7 @@ def test_searches_during_backfill_never_fail_or_miss_an_item(three_models, image
 
 def test_rollback_with_part_of_the_gallery_re_embedded(three_models, image_root, tmp_path):
     db, registry = tmp_path / "gallery.db", tmp_path / "models.json"
-    _gallery(three_models, image_root, db, registry)
+    build_gallery(three_models, image_root, db, registry)
     models = ModelRegistry(registry)
     store = GalleryStore(str(db), Embedder(models.active.path).dim)
     stop = threading.Event()

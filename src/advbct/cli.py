@@ -32,7 +32,7 @@ from advbct.distributed import current_world, init_from_environment, shutdown
 from advbct.landmark_eval import PAPER_TESTS, evaluate_benchmarks, parse_benchmarks, print_landmark_report
 from advbct.models.checkpoint import CheckpointError
 from advbct.reporting import comparison_table, print_report
-from advbct.serving.cli import backfill_cmd, index_app, rollback_cmd, upgrade_cmd
+from advbct.serving.cli import backfill_cmd, index_app, rollback_cmd, serve_cmd, upgrade_cmd
 from advbct.table_bench import DEFAULT_METHODS, SETTINGS, run_bench
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -329,6 +329,7 @@ app.add_typer(index_app, name="index")
 app.command("upgrade")(upgrade_cmd)
 app.command("rollback")(rollback_cmd)
 app.command("backfill")(backfill_cmd)
+app.command("serve")(serve_cmd)
 
 
 def main() -> None:

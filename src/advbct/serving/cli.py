@@ -172,3 +172,26 @@ def backfill_cmd(
     except SERVING_ERRORS as exc:
         raise _fail(exc) from None
     console.print(json.dumps({"state": progress.state, "done": progress.done, "remaining": progress.remaining}))
+
+
+def serve_cmd(
+    db: DbOpt = "gallery.db",
+    image_root: RootOpt = Path("."),
+    registry: RegistryOpt = None,
+    host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port")] = 8000,
+    device: DeviceOpt = "cpu",
+    backfill: Annotated[bool, typer.Option("--backfill/--no-backfill", help="start the backfill at once")] = True,
+) -> None:
+    """The HTTP API and web page (FastAPI + uvicorn) over the gallery."""
+    import uvicorn
+
+    from advbct.serving.api import ServiceConfig, create_app
+
+    try:
+        app = create_app(ServiceConfig(db, registry_path(db, registry), image_root, device))
+    except SERVING_ERRORS as exc:
+        raise _fail(exc) from None
+    if backfill:
+        app.state.service.start_backfill()
+    uvicorn.run(app, host=host, port=port)

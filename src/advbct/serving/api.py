@@ -1,0 +1,236 @@
+"""``advbct serve``: the HTTP API and web page over the gallery, the model registry and the backfill.
+
+A registered compatible generation answers queries at once (its queries search the mixed gallery), while a
+background thread re-embeds the items of older generations; search keeps working throughout. Bad input gets a
+4xx with a message and changes nothing: a file that is not an image (400), one too large (413), a path outside
+the image root (400), an unknown id (404), a checkpoint that does not fit or fails the gate (422).
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from fastapi import FastAPI, File, Form, HTTPException, UploadFile
+from fastapi.responses import FileResponse, HTMLResponse
+from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel
+
+from advbct.data.images import DataError
+from advbct.models.checkpoint import CheckpointError
+from advbct.serving.backfill import BackfillProgress, resolve_ref, run_backfill
+from advbct.serving.batcher import MicroBatcher
+from advbct.serving.models import Embedder, GateRefused, ModelRegistry
+from advbct.serving.page import PAGE
+from advbct.serving.store import GalleryStore, StoreError
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    db: str
+    registry: Path
+    image_root: Path
+    device: str = "cpu"
+    max_upload_bytes: int = 20 * 2**20
+    max_pixels: int = 40_000_000
+    backfill_batch: int = 256
+
+
+class UpgradeRequest(BaseModel):
+    path: str
+    validation: str
+    force: bool = False
+
+
+class AddByPath(BaseModel):
+    paths: list[str]
+
+
+class Service:
+    """The state behind the API: the active model (behind a micro-batcher), the store and the backfill."""
+
+    def __init__(self, config: ServiceConfig):
+        self.config = config
+        self.registry = ModelRegistry(config.registry)
+        if self.registry.active is None:
+            raise DataError(f"no model registered in {config.registry}; add items with --model first")
+        self.lock = threading.Lock()
+        self._activate()
+        self.store = GalleryStore(config.db, self.embedder.dim)
+        self.backfill_thread: threading.Thread | None = None
+        self.stop, self.pause = threading.Event(), threading.Event()
+        self.progress = BackfillProgress(self.registry.active.number)
+
+    def _activate(self) -> None:
+        self.embedder = Embedder(self.registry.active.path, self.config.device)
+        self.batcher = MicroBatcher(self.embedder)
+
+    def decode(self, data: bytes, name: str) -> np.ndarray:
+        if len(data) > self.config.max_upload_bytes:
+            raise HTTPException(413, f"{name} is {len(data)} bytes; the limit is {self.config.max_upload_bytes}")
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                if image.width * image.height > self.config.max_pixels:
+                    raise HTTPException(413, f"{name} has {image.width}x{image.height} pixels; too large")
+                image = image.convert("RGB")
+                short = min(image.size)
+                left, top = (image.width - short) // 2, (image.height - short) // 2
+                size = self.embedder.prep.image_size
+                image = image.crop((left, top, left + short, top + short)).resize((size, size))
+                return np.asarray(image, dtype=np.uint8)
+        except (UnidentifiedImageError, OSError, ValueError) as exc:
+            raise HTTPException(400, f"{name} is not a readable image: {exc}") from None
+
+    def start_backfill(self) -> None:
+        if self.backfill_thread is not None and self.backfill_thread.is_alive():
+            return
+        self.stop.clear()
+        self.pause.clear()
+        target = self.registry.active.number
+        self.progress = BackfillProgress(target)
+        embedder = self.embedder
+
+        def work() -> None:
+            try:
+                run_backfill(self.store, embedder, target, self.config.image_root, self.config.backfill_batch,
+                             stop=self.stop, pause=self.pause, progress=self.progress)  # fmt: skip
+            except (DataError, StoreError) as exc:
+                self.progress.state, self.progress.failed = "failed", [str(exc)]
+
+        self.backfill_thread = threading.Thread(target=work, daemon=True)
+        self.backfill_thread.start()
+
+    def stop_backfill(self) -> None:
+        self.stop.set()
+        if self.backfill_thread is not None:
+            self.backfill_thread.join()
+
+
+def create_app(config: ServiceConfig) -> FastAPI:
+    service = Service(config)
+    app = FastAPI(title="advbct retrieval service")
+    app.state.service = service
+
+    @app.get("/", response_class=HTMLResponse)
+    def page() -> str:
+        return PAGE
+
+    @app.get("/health")
+    def health() -> dict:
+        return {"status": "ok", "items": service.store.count(), "active": service.registry.active.number}
+
+    @app.get("/models")
+    def models() -> dict:
+        generations = [g.__dict__ for g in service.registry.generations]
+        return {"active": service.registry.active.number, "generations": generations}
+
+    @app.post("/models")
+    def upgrade(request: UpgradeRequest) -> dict:
+        with service.lock:
+            try:
+                generation = service.registry.upgrade(request.path, request.validation, config.device, request.force)
+            except (GateRefused, DataError, CheckpointError, FileNotFoundError) as exc:
+                raise HTTPException(422, str(exc)) from None
+            service.stop_backfill()
+            service._activate()
+            service.start_backfill()
+        return {"generation": generation.number, "gate": generation.gate}
+
+    @app.post("/models/rollback")
+    def rollback() -> dict:
+        with service.lock:
+            try:
+                generation = service.registry.rollback()
+            except GateRefused as exc:
+                raise HTTPException(409, str(exc)) from None
+            service.stop_backfill()
+            service._activate()
+            service.start_backfill()
+        return {"active": generation.number}
+
+    @app.post("/search")
+    def search(image: UploadFile = File(...), k: int = Form(10)) -> dict:
+        if not 1 <= k <= 1000:
+            raise HTTPException(400, "k must be between 1 and 1000")
+        pixels = service.decode(image.file.read(), image.filename or "upload")
+        vector = service.batcher.embed(pixels[None])
+        hits = service.store.search(vector, k)[0]
+        return {"active": service.registry.active.number, "hits": [h.__dict__ for h in hits]}
+
+    @app.post("/items")
+    def add_upload(image: UploadFile = File(...)) -> dict:
+        data = image.file.read()
+        pixels = service.decode(data, image.filename or "upload")
+        uploads = config.image_root / "uploads"
+        uploads.mkdir(parents=True, exist_ok=True)
+        item_id = service.registry.reserve_ids(1)
+        suffix = Path(image.filename or "").suffix.lower() or ".img"
+        path = uploads / f"{item_id}{suffix}"
+        path.write_bytes(data)
+        ref = str(path.relative_to(config.image_root))
+        service.store.add([item_id], [ref], service.batcher.embed(pixels[None]), service.registry.active.number)
+        return {"ids": [item_id]}
+
+    @app.post("/items/by-path")
+    def add_paths(request: AddByPath) -> dict:
+        try:
+            files = [resolve_ref(config.image_root, p) for p in request.paths]
+        except DataError as exc:
+            raise HTTPException(400, str(exc)) from None
+        arrays = []
+        for path in files:
+            if not path.is_file():
+                raise HTTPException(404, f"no image file {path.relative_to(config.image_root.resolve())}")
+            arrays.append(service.decode(path.read_bytes(), path.name))
+        start = service.registry.reserve_ids(len(files))
+        ids = list(range(start, start + len(files)))
+        refs = [str(p.relative_to(config.image_root.resolve())) for p in files]
+        service.store.add(ids, refs, service.batcher.embed(np.stack(arrays)), service.registry.active.number)
+        return {"ids": ids}
+
+    @app.delete("/items/{item_id}")
+    def delete(item_id: int) -> dict:
+        try:
+            service.store.delete([item_id])
+        except StoreError as exc:
+            raise HTTPException(404, str(exc)) from None
+        return {"deleted": item_id}
+
+    @app.get("/items/{item_id}/image")
+    def item_image(item_id: int) -> FileResponse:
+        rows = service.store.get([item_id])
+        if not rows:
+            raise HTTPException(404, f"unknown id {item_id}")
+        return FileResponse(resolve_ref(config.image_root, rows[0]["ref"]))
+
+    @app.get("/backfill")
+    def backfill_status() -> dict:
+        p = service.progress
+        stale = service.store.count(f"generation != {service.registry.active.number}")
+        return {
+            "state": p.state,
+            "target_generation": p.target_generation,
+            "done": p.done,
+            "remaining": stale,
+            "items_per_s": p.items_per_s,
+            "by_generation": service.store.generations(),
+            "failed": p.failed,
+        }
+
+    @app.post("/backfill/{action}")
+    def backfill_control(action: str) -> dict:
+        if action == "start" or action == "resume":
+            service.pause.clear()
+            service.start_backfill()
+        elif action == "pause":
+            service.pause.set()
+        elif action == "stop":
+            service.stop_backfill()
+        else:
+            raise HTTPException(404, f"unknown backfill action {action!r}; use start, pause, resume or stop")
+        return backfill_status()
+
+    return app

@@ -1,0 +1,54 @@
+"""Micro-batching: concurrent requests are embedded together, one model call per batch.
+
+Each request puts its decoded images on a queue and waits; one worker thread takes whatever arrived within a
+short window (up to ``max_batch`` images), embeds them in one forward pass and hands each request its rows.
+Under load this turns many single-image calls into a few large ones; alone, a request waits at most the window.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from concurrent.futures import Future
+
+import numpy as np
+
+from advbct.serving.models import Embedder
+
+
+class MicroBatcher:
+    def __init__(self, embedder: Embedder, max_batch: int = 64, window_s: float = 0.005):
+        self.embedder, self.max_batch, self.window_s = embedder, max_batch, window_s
+        self._queue: queue.Queue[tuple[np.ndarray, Future]] = queue.Queue()
+        self._thread = threading.Thread(target=self._work, daemon=True)
+        self._thread.start()
+        self.batches = 0
+
+    def embed(self, images: np.ndarray) -> np.ndarray:
+        """uint8 (N, H, W, 3) at the model's input size -> normalised (N, d), batched with other requests."""
+        future: Future = Future()
+        self._queue.put((images, future))
+        return future.result()
+
+    def _work(self) -> None:
+        while True:
+            first = self._queue.get()
+            pending, count = [first], len(first[0])
+            while count < self.max_batch:
+                try:
+                    item = self._queue.get(timeout=self.window_s)
+                except queue.Empty:
+                    break
+                pending.append(item)
+                count += len(item[0])
+            try:
+                vectors = self.embedder.embed_arrays(np.concatenate([images for images, _ in pending]))
+            except Exception as exc:  # every waiting request learns about the failure
+                for _, future in pending:
+                    future.set_exception(exc)
+                continue
+            self.batches += 1
+            start = 0
+            for images, future in pending:
+                future.set_result(vectors[start : start + len(images)])
+                start += len(images)

@@ -1,0 +1,128 @@
+"""The HTTP service on a real uvicorn server on localhost over a real Milvus Lite gallery."""
+
+import io
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+from PIL import Image
+
+from advbct.cli import train_config
+from advbct.pipeline import train_old
+from advbct.serving.api import ServiceConfig, create_app
+from conftest import build_gallery
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def service(three_models, image_root, tmp_path):
+    db, registry = tmp_path / "gallery.db", tmp_path / "models.json"
+    build_gallery(three_models, image_root, db, registry)  # generation 1 indexed, generation 2 registered (forced)
+    config = ServiceConfig(str(db), registry, image_root, max_upload_bytes=60_000, backfill_batch=4)
+    app = create_app(config)
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+        yield client, app.state.service, image_root
+    app.state.service.stop_backfill()
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def _png(source) -> bytes:
+    """PNG bytes of an image file or a uint8 array."""
+    buffer = io.BytesIO()
+    image = Image.fromarray(source) if isinstance(source, np.ndarray) else Image.open(source)
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_search_add_delete_and_the_page(service):
+    client, _, root = service
+    assert client.get("/health").json() == {"status": "ok", "items": 40, "active": 2}
+    query = sorted((root / "train").rglob("*.png"))[0]
+    result = client.post("/search", files={"image": ("q.png", query.read_bytes())}, data={"k": "5"}).json()
+    assert result["active"] == 2 and len(result["hits"]) == 5
+    assert {h["generation"] for h in result["hits"]} <= {1, 2}
+
+    added = client.post("/items", files={"image": ("new.png", _png(query))}).json()["ids"]
+    assert added == [40]
+    top = client.post("/search", files={"image": ("q.png", query.read_bytes())}, data={"k": "1"}).json()["hits"][0]
+    assert top["id"] in (0, 40) and top["score"] == pytest.approx(1.0, abs=1e-4)
+    image = client.get("/items/40/image")
+    assert image.status_code == 200 and image.content == _png(query)
+    assert client.delete("/items/40").status_code == 200
+    assert client.get("/health").json()["items"] == 40
+
+    page = client.get("/")
+    assert page.status_code == 200 and 'id="search-form"' in page.text and "/backfill" in page.text
+
+
+def test_bad_input_gets_a_4xx_and_changes_nothing(service, tmp_path):
+    client, _, root = service
+    not_image = client.post("/search", files={"image": ("x.png", b"this is not an image")})
+    assert not_image.status_code == 400 and "not a readable image" in not_image.json()["detail"]
+    noise = np.random.default_rng(0).integers(0, 256, size=(200, 200, 3), dtype=np.uint8)
+    big = client.post("/items", files={"image": ("big.png", _png(noise))})
+    assert big.status_code == 413 and "limit" in big.json()["detail"]
+    outside = client.post("/items/by-path", json={"paths": ["../../etc/passwd"]})
+    assert outside.status_code == 400 and "outside the image root" in outside.json()["detail"]
+    assert client.delete("/items/999").status_code == 404
+    assert client.get("/items/999/image").status_code == 404
+    assert client.post("/search", files={"image": ("q.png", b"x")}, data={"k": "0"}).status_code == 400
+
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    junk = client.post("/models", json={"path": str(tmp_path / "junk.pt"), "validation": str(root / "test")})
+    assert junk.status_code == 422
+    cfg = train_config("old", "smoke", None, ["data.dataset=image-folder", "device=cpu", "optim.epochs=1",
+                                              "model.embedding_dim=16"], str(root), None)  # fmt: skip
+    narrow = train_old(cfg, tmp_path / "narrow", show_progress=False)
+    wrong_dim = client.post("/models", json={"path": str(narrow), "validation": str(root / "test")})
+    assert wrong_dim.status_code == 422 and "16 dimensions" in wrong_dim.json()["detail"]
+
+    health = client.get("/health").json()
+    assert health == {"status": "ok", "items": 40, "active": 2}
+    assert len(client.get("/models").json()["generations"]) == 2
+
+
+def test_backfill_through_the_api_while_searches_are_batched(service):
+    client, state, root = service
+    files = sorted((root / "train").rglob("*.png"))
+    assert client.post("/backfill/start").json()["state"] in ("running", "finished", "idle")
+
+    def search(path):
+        response = client.post("/search", files={"image": (path.name, path.read_bytes())}, data={"k": "40"})
+        response.raise_for_status()
+        return response.json()["hits"]
+
+    batches_before = state.batcher.batches
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(search, files[:32]))
+    assert all(sorted(h["id"] for h in hits) == list(range(40)) for hits in results)
+    assert state.batcher.batches - batches_before < 32, "concurrent queries share model calls"
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        status = client.get("/backfill").json()
+        if status["state"] == "finished":
+            break
+        time.sleep(0.2)
+    assert status["state"] == "finished" and status["by_generation"] == {"2": 40} and status["remaining"] == 0
+    rolled = client.post("/models/rollback").json()
+    assert rolled == {"active": 1}
+    assert client.post("/models/rollback").status_code == 409

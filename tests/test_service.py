@@ -1,7 +1,12 @@
 """The HTTP service on a real uvicorn server on localhost over a real Milvus Lite gallery."""
 
+import base64
 import io
+import json
+import re
+import shutil
 import socket
+import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -10,6 +15,7 @@ import httpx
 import numpy as np
 import pytest
 import uvicorn
+import websocket
 from PIL import Image
 
 from advbct.cli import train_config
@@ -126,3 +132,86 @@ def test_backfill_through_the_api_while_searches_are_batched(service):
     rolled = client.post("/models/rollback").json()
     assert rolled == {"active": 1}
     assert client.post("/models/rollback").status_code == 409
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+class DevTools:
+    """The smallest Chrome DevTools Protocol client: numbered commands over the page's websocket."""
+
+    def __init__(self, ws_url: str):
+        self.socket = websocket.create_connection(ws_url, timeout=30, suppress_origin=True)
+        self.next_id = 0
+
+    def __call__(self, method: str, **params):
+        self.next_id += 1
+        self.socket.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
+        while True:
+            message = json.loads(self.socket.recv())
+            if message.get("id") == self.next_id:
+                if "error" in message:
+                    raise RuntimeError(f"{method}: {message['error']}")
+                return message["result"]
+
+    def evaluate(self, expression: str):
+        return self("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)["result"].get(
+            "value"
+        )
+
+    def wait_for(self, expression: str, timeout: float = 60):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = self.evaluate(expression)
+            if value:
+                return value
+            time.sleep(0.1)
+        raise AssertionError(f"timed out waiting for {expression}")
+
+
+@pytest.fixture
+def browser(tmp_path):
+    if CHROMIUM is None:
+        pytest.skip("headless Chromium not found (Debian: apt-get install chromium)")
+    profile = tmp_path / "chromium-profile"
+    process = subprocess.Popen(
+        [CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--remote-debugging-port=0",
+         f"--user-data-dir={profile}", "about:blank"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        port_file = profile / "DevToolsActivePort"
+        deadline = time.monotonic() + 60
+        while not port_file.is_file() or not port_file.read_text().strip():
+            assert time.monotonic() < deadline and process.poll() is None, "Chromium did not start"
+            time.sleep(0.1)
+        port = int(port_file.read_text().split()[0])
+        pages = httpx.get(f"http://127.0.0.1:{port}/json/list", timeout=10).json()
+        page = next(p for p in pages if p["type"] == "page")
+        yield DevTools(page["webSocketDebuggerUrl"])
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_web_page_upload_shows_results_in_headless_chromium(service, browser, tmp_path):
+    client, _, root = service
+    query = sorted((root / "train").rglob("*.png"))[5]
+    browser("Page.enable")
+    browser("Page.navigate", url=str(client.base_url) + "/")
+    browser.wait_for("document.readyState === 'complete' && document.getElementById('active').textContent !== '?'")
+    assert browser.evaluate("document.getElementById('active').textContent") == "2"
+    document = browser("DOM.getDocument")
+    node = browser("DOM.querySelector", nodeId=document["root"]["nodeId"], selector="#query")["nodeId"]
+    browser("DOM.setFileInputFiles", files=[str(query)], nodeId=node)
+    browser.evaluate("document.getElementById('search-form').requestSubmit()")
+    browser.wait_for("document.querySelectorAll('figure.hit').length === 12")
+    captions = browser.evaluate("[...document.querySelectorAll('figure.hit figcaption')].map(e => e.textContent)")
+    assert len(captions) == 12
+    assert all(re.fullmatch(r"#\d+ · [01]\.\d{3} · gen [12]", caption) for caption in captions), captions
+    browser.wait_for("[...document.querySelectorAll('figure.hit img')].every(i => i.complete && i.naturalWidth > 0)")
+    expected = client.post("/search", files={"image": ("q.png", query.read_bytes())}, data={"k": "12"}).json()
+    assert [c.split(" ")[0] for c in captions] == [f"#{h['id']}" for h in expected["hits"]]
+    shot = browser("Page.captureScreenshot", format="png")["data"]
+    (tmp_path / "page.png").write_bytes(base64.b64decode(shot))
+    assert (tmp_path / "page.png").stat().st_size > 1000

@@ -122,7 +122,8 @@ def test_rollback_with_part_of_the_gallery_re_embedded(three_models, image_root,
     stop = threading.Event()
     run_backfill(store, Embedder(models.active.path), 2, image_root, batch_size=5, stop=stop,
                  on_batch=lambda p: stop.set() if p.done >= 10 else None)  # fmt: skip
-    assert store.generations() == {1: 30, 2: 10}
+    counts = store.generations()  # stopping lets the batches already embedded be written
+    assert counts[1] + counts[2] == 40 and 10 <= counts[2] < 40
     assert models.rollback().number == 1
     old = Embedder(models.active.path)
     assert run_backfill(store, old, 1, image_root, batch_size=8).state == "finished"

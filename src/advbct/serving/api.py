@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +64,8 @@ class Service:
         self.backfill_thread: threading.Thread | None = None
         self.stop, self.pause = threading.Event(), threading.Event()
         self.progress = BackfillProgress(self.registry.active.number)
+        self._counts: dict[int, int] = {}
+        self._counted_at, self._counted_state = float("-inf"), ""
 
     def _activate(self) -> None:
         self.embedder = Embedder(self.registry.active.path, self.config.device)
@@ -102,6 +105,16 @@ class Service:
 
         self.backfill_thread = threading.Thread(target=work, daemon=True)
         self.backfill_thread.start()
+
+    def generation_counts(self, max_age_s: float = 2.0) -> dict[int, int]:
+        """Items per generation, recounted at most every ``max_age_s`` (filtered counts scan the collection;
+        the page polls this), and always once the backfill has finished."""
+        now = time.monotonic()
+        finished = self.progress.state in ("finished", "stopped", "failed")
+        stale_cache = now - self._counted_at > max_age_s or (finished and self._counted_state != self.progress.state)
+        if stale_cache:
+            self._counts, self._counted_at, self._counted_state = self.store.generations(), now, self.progress.state
+        return self._counts
 
     def stop_backfill(self) -> None:
         self.stop.set()
@@ -209,14 +222,15 @@ def create_app(config: ServiceConfig) -> FastAPI:
     @app.get("/backfill")
     def backfill_status() -> dict:
         p = service.progress
-        stale = service.store.count(f"generation != {service.registry.active.number}")
+        by_generation = service.generation_counts()
+        stale = sum(n for g, n in by_generation.items() if g != service.registry.active.number)
         return {
             "state": p.state,
             "target_generation": p.target_generation,
             "done": p.done,
             "remaining": stale,
             "items_per_s": p.items_per_s,
-            "by_generation": service.store.generations(),
+            "by_generation": by_generation,
             "failed": p.failed,
         }
 

@@ -35,9 +35,9 @@ async function refresh() {
   const total = Object.values(b.by_generation).reduce((a, c) => a + c, 0);
   document.getElementById("backfill-state").textContent = b.state;
   const bar = document.getElementById("backfill-bar");
-  bar.max = Math.max(total, 1); bar.value = total - b.remaining;
+  bar.max = Math.max(total, 1); bar.value = total - (b.remaining ?? total);
   document.getElementById("backfill-text").textContent =
-    `${total - b.remaining} / ${total} items at generation ${models.active}`;
+    `${total - (b.remaining ?? total)} / ${total} items at generation ${models.active}`;
 }
 document.getElementById("search-form").addEventListener("submit", async (event) => {
   event.preventDefault();

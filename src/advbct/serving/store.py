@@ -4,7 +4,9 @@ by URI (``http://host:19530``), through the same client code.
 Each item is (id, image reference, L2-normalised vector, generation that embedded it, time of embedding,
 bucket). Search is inner product on normalised vectors, i.e. cosine similarity. ``bucket`` = id mod 64 is stored
 so backfill workers can split the gallery by id with a plain filter (Milvus filters have no modulo).
-Reads use strong consistency, so what a write returned from is what the next search sees.
+Reads use strong consistency, so what a write returned from is what the next search sees. Every write is
+flushed into a sealed segment: in Milvus Lite a search scans unflushed rows one by one (2,048 of them add about
+40 ms to a 20,000-item search), while a flush of a batch costs tens of milliseconds once.
 """
 
 from __future__ import annotations
@@ -101,16 +103,27 @@ class GalleryStore:
         if taken:
             raise StoreError(f"ids already in the gallery: {sorted(taken)[:10]}")
         self.client.insert(self.collection, self._rows(ids, refs, vectors, generation))
+        self.client.flush(self.collection)
 
-    def replace(self, ids: Sequence[int], refs: Sequence[str], vectors: np.ndarray, generation: int) -> None:
-        """Re-embedded items: an upsert by primary key, so doing it twice leaves one copy of each."""
+    def replace(
+        self, ids: Sequence[int], refs: Sequence[str], vectors: np.ndarray, generation: int, flush: bool = True
+    ) -> None:
+        """Re-embedded items: an upsert by primary key, so doing it twice leaves one copy of each.
+
+        ``flush=False`` leaves the rows in the growing segment (a bulk writer flushes every few batches)."""
         self.client.upsert(self.collection, self._rows(ids, refs, vectors, generation))
+        if flush:
+            self.flush()
+
+    def flush(self) -> None:
+        self.client.flush(self.collection)
 
     def delete(self, ids: Sequence[int]) -> None:
         missing = set(int(i) for i in ids) - self.existing(ids)
         if missing:
             raise StoreError(f"unknown ids: {sorted(missing)[:10]}")
         self.client.delete(self.collection, ids=[int(i) for i in ids])
+        self.client.flush(self.collection)
 
     def get(self, ids: Sequence[int], with_vectors: bool = False) -> list[dict]:
         fields = ["id", "ref", "generation", "embedded_at", *(["vector"] if with_vectors else [])]

@@ -133,3 +133,30 @@ def test_rollback_with_part_of_the_gallery_re_embedded(three_models, image_root,
         np.testing.assert_allclose(np.asarray(row["vector"]), expected[row["ref"]], atol=1e-5)
     with pytest.raises(GateRefused, match="no earlier generation"):
         models.rollback()
+
+
+def test_two_workers_split_the_gallery_by_id_bucket(three_models, image_root, tmp_path):
+    db, registry = tmp_path / "gallery.db", tmp_path / "models.json"
+    build_gallery(three_models, image_root, db, registry)
+    new = Embedder(ModelRegistry(registry).active.path)
+    store = GalleryStore(str(db), new.dim)
+    batches: list[list[int]] = []
+    original_replace = store.replace
+
+    def recording_replace(ids, *args, **kwargs):
+        batches.append(list(ids))
+        return original_replace(ids, *args, **kwargs)
+
+    store.replace = recording_replace
+    threads = [
+        threading.Thread(target=run_backfill, args=(store, new, 2, image_root, 4), kwargs={"worker": w, "workers": 2})
+        for w in (0, 1)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert store.generations() == {2: 40}
+    written = [i for batch in batches for i in batch]
+    assert sorted(written) == list(range(40)), "each item re-embedded exactly once across the two workers"
+    assert all(len({i % 64 % 2 for i in batch}) == 1 for batch in batches), "a batch stays inside one shard"

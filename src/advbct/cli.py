@@ -45,7 +45,6 @@ ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML con
 OverrideOpt = Annotated[list[str] | None, typer.Option("--set", "-o", help="dotted override, e.g. optim.lr=0.05")]
 DataOpt = Annotated[str | None, typer.Option("--data", help="data root (else $ADVBCT_DATA, ../shared/data)")]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda, cuda:1 ...")]
-DEFAULT_COMPARISON = ("l2", "bct", "lce", "unibct", "hot-refresh", "advbct")
 ABLATIONS = ("advbct-adv-only", "advbct-bound-only", "advbct-fixed-radius")
 QuietOpt = Annotated[bool, typer.Option("--no-progress", help="hide progress bars")]
 
@@ -92,6 +91,17 @@ def quickstart_config(
     for role in ("old", "new"):
         tree[role] = deep_merge(common, tree.get(role, {}))
     return build(QuickstartConfig, tree, f"preset {preset}" + (f" + {config}" if config else ""))
+
+
+def _method_list(text: str, extra: tuple[str, ...] = ()) -> list[str]:
+    """Comma-separated method names plus ``extra``, each checked against the registry."""
+    chosen = [m.strip() for m in text.split(",") if m.strip()]
+    chosen += [m for m in extra if m not in chosen]
+    unknown = [m for m in chosen if m not in list_methods()]
+    if unknown:
+        errors.print(f"[red]error:[/] unknown methods {unknown}; available: {', '.join(list_methods())}")
+        raise typer.Exit(2)
+    return chosen
 
 
 def _run(fn, *args, **kwargs):
@@ -233,7 +243,7 @@ def compare_cmd(
     ),
     methods: Annotated[
         str, typer.Option("--methods", help="comma-separated methods (default: every baseline and advbct)")
-    ] = ",".join(DEFAULT_COMPARISON),
+    ] = ",".join(DEFAULT_METHODS),
     ablations: Annotated[bool, typer.Option("--ablations", help="add the AdvBCT ablations")] = False,
     preset: PresetOpt = "quickstart",
     config: ConfigOpt = None,
@@ -243,13 +253,7 @@ def compare_cmd(
     no_progress: QuietOpt = False,
 ) -> None:
     """Train every method on one allocation and one seed set; one table, one results.json."""
-    chosen = [m.strip() for m in methods.split(",") if m.strip()]
-    if ablations:
-        chosen += [m for m in ABLATIONS if m not in chosen]
-    unknown = [m for m in chosen if m not in list_methods()]
-    if unknown:
-        errors.print(f"[red]error:[/] unknown methods {unknown}; available: {', '.join(list_methods())}")
-        raise typer.Exit(2)
+    chosen = _method_list(methods, ABLATIONS if ablations else ())
     cfg = _run(quickstart_config, preset, config, overrides, data, device)
     reports = _run(pipeline.compare, cfg, out, chosen, console, not no_progress)
     title = f"{cfg.new.data.allocation}, {cfg.new.model.backbone}, seed {cfg.new.seed}"
@@ -275,11 +279,7 @@ def bench_cmd(
     no_progress: QuietOpt = False,
 ) -> None:
     """The full comparison table: every method on every setting, one seed set; re-running skips finished runs."""
-    chosen = [m.strip() for m in methods.split(",") if m.strip()]
-    unknown = [m for m in chosen if m not in list_methods()]
-    if unknown:
-        errors.print(f"[red]error:[/] unknown methods {unknown}; available: {', '.join(list_methods())}")
-        raise typer.Exit(2)
+    chosen = _method_list(methods)
     picked = [s.strip() for s in settings.split(",") if s.strip()]
     _run(run_bench, preset, out, picked, chosen, overrides, data, device, console, not no_progress)
     console.print(f"results: {out / 'results.json'}, {out / 'results.md'}, plots in {out}")

@@ -200,9 +200,15 @@ def test_compare_every_method_on_one_allocation(tiny_folder, tmp_path):
         "common.data.dataset=image-folder",
         "-o",
         "common.device=cpu",
+        "-o",
+        "new.compat.options.tau=0.5",
     )
     assert result.returncode == 0, result.stdout + result.stderr
     reports = json.loads((out / "results.json").read_text())
+    # AdvBCT's option reaches AdvBCT and its ablations, and no other method.
+    for method in ("advbct", "advbct-bound-only", "bct", "hot-refresh"):
+        options = json.loads((out / method / "config.json").read_text())["compat"]["options"]
+        assert options == ({"tau": 0.5} if method.startswith("advbct") else {}), method
     expected = {
         "l2",
         "bct",

@@ -5,6 +5,7 @@ The CLI is a thin layer over these, so notebooks and tests drive exactly what us
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from advbct.compat import ClassStatistics, compute_class_statistics, load_statistics, save_statistics
+from advbct.compat import ClassStatistics, compute_class_statistics, load_statistics, method_class, save_statistics
 from advbct.config import DataConfig, QuickstartConfig, TrainConfig
 from advbct.data.allocation import Allocation, load_allocation, load_or_make_allocation
 from advbct.data.images import DataError, ImageSet
@@ -177,9 +178,20 @@ def _train_method(
 ) -> Path:
     new_cfg = cfg.new.model_copy(deep=True)
     if method != cfg.new.compat.method:
-        new_cfg.compat.method, new_cfg.compat.options = method, {}
+        options = options_for(method, cfg.new.compat.options)
+        new_cfg.compat.method, new_cfg.compat.options = method, options
     uses_stats = method != "independent"
     return train_new(new_cfg, out / method, old_path, stats_path if uses_stats else None, show_progress=show_progress)
+
+
+def options_for(method: str, options: dict) -> dict:
+    """The configured compatibility options that ``method`` takes: a comparison sets options once (for the
+    preset's method) and each method receives those its constructor accepts (AdvBCT's ablations take all of
+    AdvBCT's; ``tau`` never reaches ``bct``)."""
+    parameters = inspect.signature(method_class(method).__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return dict(options)
+    return {key: value for key, value in options.items() if key in parameters}
 
 
 def quickstart(cfg: QuickstartConfig, out: Path, console: Console | None = None, show_progress: bool = True) -> dict:

@@ -11,7 +11,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from advbct.compat import CompatContext, compute_class_statistics, create
-from advbct.distributed import convert_batchnorm, current_world, gather_no_grad
+from advbct.distributed import convert_batchnorm, current_world, gather_rows
 from advbct.models.embedding import EmbeddingModel
 from advbct.training.loop import TrainStep
 
@@ -51,7 +51,7 @@ def step(method_name: str) -> dict[str, torch.Tensor]:
         cls_mean = cls_loss.detach().clone()
         dist.all_reduce(cls_mean)
         mean_loss = cls_mean / world.size + out.total.detach()
-        assert gather_no_grad(labels[mine], world).tolist() == labels.tolist()
+        assert gather_rows(labels[mine], world).tolist() == labels.tolist()
     named = module.module.named_parameters() if world.distributed else module.named_parameters()
     grads = {name: p.grad.detach().clone() for name, p in named if p.grad is not None}
     return {"loss": mean_loss, **grads}

@@ -123,7 +123,7 @@ def test_extraction_refuses_members_that_leave_the_folder(tmp_path):
         extract_tar(tmp_path / "evil.tar", tmp_path / "out")
     assert not (tmp_path / "escaped.txt").exists() and not (tmp_path / "out" / "ok.txt").exists()
     _tar(tmp_path / "good.tar", {"a/b/c.txt": b"x", "d.txt": b"y"})
-    assert extract_tar(tmp_path / "good.tar", tmp_path / "flat", flatten_to=tmp_path / "flat" / "jpg") == 2
+    assert extract_tar(tmp_path / "good.tar", tmp_path / "flat" / "jpg", flatten=True) == 2
     assert sorted(p.name for p in (tmp_path / "flat" / "jpg").iterdir()) == ["c.txt", "d.txt"]
 
 

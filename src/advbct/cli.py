@@ -22,7 +22,9 @@ from advbct.config import (
     TrainConfig,
     apply_overrides,
     build,
+    build_quickstart,
     deep_merge,
+    location_overrides,
     preset_tree,
     read_yaml,
 )
@@ -56,15 +58,6 @@ def _role_tree(preset_or_file: dict[str, Any], role: str) -> dict[str, Any]:
     return deep_merge(preset_or_file.get("common", {}), preset_or_file.get(role, {}))
 
 
-def _cli_overrides(data: str | None, device: str | None, prefix: str = "") -> list[str]:
-    out = []
-    if data is not None:
-        out.append(f"{prefix}data.root={json.dumps(data)}")
-    if device is not None:
-        out.append(f"{prefix}device={device}")
-    return out
-
-
 def train_config(
     role: str,
     preset: str,
@@ -76,7 +69,7 @@ def train_config(
     tree = _role_tree(preset_tree(preset), role)
     if config is not None:
         tree = deep_merge(tree, _role_tree(read_yaml(config), role))
-    tree = apply_overrides(tree, [*_cli_overrides(data, device), *(overrides or [])])
+    tree = apply_overrides(tree, [*location_overrides(data, device), *(overrides or [])])
     return build(TrainConfig, tree, f"preset {preset}" + (f" + {config}" if config else ""))
 
 
@@ -86,11 +79,8 @@ def quickstart_config(
     tree = preset_tree(preset)
     if config is not None:
         tree = deep_merge(tree, read_yaml(config))
-    tree = apply_overrides(tree, [*_cli_overrides(data, device, "common."), *(overrides or [])])
-    common = tree.pop("common", {})
-    for role in ("old", "new"):
-        tree[role] = deep_merge(common, tree.get(role, {}))
-    return build(QuickstartConfig, tree, f"preset {preset}" + (f" + {config}" if config else ""))
+    source = f"preset {preset}" + (f" + {config}" if config else "")
+    return build_quickstart(tree, list(overrides or []), data, device, source)
 
 
 def _method_list(text: str, extra: tuple[str, ...] = ()) -> list[str]:

@@ -53,17 +53,16 @@ def current_world() -> World:
     return World()
 
 
-def init_from_environment(device: str = "auto") -> World:
+def init_from_environment() -> World:
     """Join the process group torchrun describes in the environment (no-op outside torchrun).
 
-    NCCL when this process trains on a GPU, gloo otherwise; each process takes the GPU of its local rank.
+    NCCL where there are GPUs, gloo otherwise; each process takes the GPU of its local rank.
     """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_available() and dist.is_initialized()):
         return current_world()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = (torch.cuda.is_available() and device in ("auto", "cuda")) or device.startswith("cuda")
+    use_cuda = torch.cuda.is_available()
     if use_cuda:
-        torch.cuda.set_device(local_rank)
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     return current_world()
 
@@ -73,11 +72,13 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def process_device(name: str, world: World) -> torch.device:
-    """The device this process trains on: its local GPU under torchrun, else what ``name`` asks for."""
+def resolve_device(name: str) -> torch.device:
+    """The device ``name`` means for this process: ``auto`` is a GPU when there is one, and under torchrun
+    ``cuda`` is the GPU of this process's local rank (training and evaluation alike)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
+    world = current_world()
     if device.type == "cuda" and world.distributed:
         return torch.device("cuda", world.local_rank)
     return device
@@ -98,19 +99,15 @@ def gather_with_grad(x: torch.Tensor, world: World) -> torch.Tensor:
     return torch.stack(parts, dim=1).reshape(-1, *x.shape[1:])
 
 
-def gather_no_grad(x: torch.Tensor, world: World) -> torch.Tensor:
-    """As ``gather_with_grad`` for tensors that need no gradient (labels, old embeddings)."""
+def gather_rows(x: torch.Tensor, world: World, total: int | None = None) -> torch.Tensor:
+    """Without gradient: the rows each rank holds for ``range(rank, total, world)``, reassembled in order.
+
+    That is a training batch dealt out by rank (every rank holds the same number of rows; ``total`` defaults to
+    all of them) or an evaluation shard, whose last ranks may hold one row fewer (padded for the exchange).
+    """
     if not world.distributed:
         return x
-    parts = [torch.empty_like(x) for _ in range(world.size)]
-    dist.all_gather(parts, x.contiguous())
-    return torch.stack(parts, dim=1).reshape(-1, *x.shape[1:])
-
-
-def gather_rows(x: torch.Tensor, world: World, total: int) -> torch.Tensor:
-    """Rows a rank computed for ``range(rank, total, world)`` (an evaluation shard), reassembled in order."""
-    if not world.distributed:
-        return x
+    total = x.shape[0] * world.size if total is None else total
     per_rank = -(-total // world.size)
     padded = torch.zeros((per_rank, *x.shape[1:]), dtype=x.dtype, device=x.device)
     padded[: x.shape[0]] = x

@@ -18,11 +18,14 @@ from rich.table import Table
 
 from advbct.data.benchmarks import BENCHMARK_NAMES, find_benchmark_root
 from advbct.data.images import DataError
+from advbct.distributed import resolve_device
 from advbct.evaluation.compatibility import compatibility_scores, empirical_criterion
-from advbct.evaluation.landmarks import LandmarkBenchmark, embed_files, load_benchmark, run_test
-from advbct.models.checkpoint import load_checkpoint
-from advbct.training.loop import resolve_device
+from advbct.evaluation.landmarks import LandmarkBenchmark, load_benchmark, run_test
+from advbct.evaluation.protocol import embed_files
+from advbct.models.checkpoint import ModelMeta, load_comparable_checkpoints
+from advbct.models.embedding import EmbeddingModel
 
+Loaded = tuple[EmbeddingModel, ModelMeta]
 PAPER_TESTS = (("old", "old"), ("new", "new"), ("new", "old"), ("independent", "independent"), ("independent", "old"))
 
 
@@ -37,18 +40,18 @@ def parse_benchmarks(value: str) -> list[str]:
 
 
 def _embed_side(
-    benchmark: LandmarkBenchmark, side: str, model_path: Path, device: torch.device, progress: Progress
+    benchmark: LandmarkBenchmark, side: str, name: str, loaded: Loaded, device: torch.device, progress: Progress
 ) -> torch.Tensor:
-    model, meta = load_checkpoint(model_path)
+    model, meta = loaded
     files = benchmark.query_files if side == "query" else benchmark.gallery_files
     boxes = benchmark.query_boxes if side == "query" else None
-    task = progress.add_task(f"{benchmark.name} {side}s ({model_path})", total=len(files))
+    task = progress.add_task(f"{benchmark.name} {side}s ({name} model)", total=len(files))
     return embed_files(model, meta.prep, files, device, boxes, on_batch=lambda n: progress.advance(task, n))
 
 
 def _evaluate_benchmark(
     benchmark: LandmarkBenchmark,
-    models: dict[str, Path],
+    models: dict[str, Loaded],
     tests: Sequence[tuple[str, str]],
     device: torch.device,
     progress: Progress,
@@ -57,7 +60,7 @@ def _evaluate_benchmark(
 
     def embedded(model: str, side: str) -> torch.Tensor:
         if (model, side) not in cache:
-            cache[(model, side)] = _embed_side(benchmark, side, models[model], device, progress)
+            cache[(model, side)] = _embed_side(benchmark, side, model, models[model], device, progress)
         return cache[(model, side)]
 
     results = {f"{q}/{g}": run_test(benchmark, embedded(q, "query"), embedded(g, "gallery"), device) for q, g in tests}
@@ -78,14 +81,12 @@ def evaluate_benchmarks(
 ) -> dict:
     """``{benchmark: {"tests": {"q/g": scores}, "headline": {"q/g": number}, "headline_name": str}}``, plus
     ``summary`` (P scores and the criterion per benchmark) when the tests include the paper's five."""
-    dims = {name: load_checkpoint(path)[1].embedding_dim for name, path in models.items()}
-    if len(set(dims.values())) != 1:
-        raise DataError(f"models embed to different dimensions {dims}; cross tests need one dimension")
+    checkpoints = load_comparable_checkpoints(models)
     loaded = [load_benchmark(name, find_benchmark_root(name, data_root)) for name in benchmarks]
     dev = resolve_device(device)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, disable=not show_progress, transient=True) as progress:
-        report: dict = {b.name: _evaluate_benchmark(b, models, tests, dev, progress) for b in loaded}
+        report: dict = {b.name: _evaluate_benchmark(b, checkpoints, tests, dev, progress) for b in loaded}
     if {f"{q}/{g}" for q, g in PAPER_TESTS} <= {f"{q}/{g}" for q, g in tests}:
         report["summary"] = paper_summary(report, benchmarks)
     return report

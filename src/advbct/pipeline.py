@@ -18,11 +18,11 @@ from advbct.config import DataConfig, QuickstartConfig, TrainConfig
 from advbct.data.allocation import Allocation, load_allocation, load_or_make_allocation
 from advbct.data.images import DataError, ImageSet
 from advbct.data.sources import load_split
-from advbct.distributed import current_world
+from advbct.distributed import current_world, resolve_device
 from advbct.evaluation.protocol import embed_images, evaluate_pairs, upgrade_report
-from advbct.models.checkpoint import load_checkpoint
+from advbct.models.checkpoint import load_checkpoint, load_comparable_checkpoints
 from advbct.reporting.tables import print_report
-from advbct.training.loop import OldModel, resolve_device, train_model
+from advbct.training.loop import OldModel, train_model
 
 ALLOCATION_FILE = "allocation.json"
 TEST_ORDER = ("old/old", "new/new", "new/old", "independent/independent", "independent/old")
@@ -125,10 +125,7 @@ def embed_test_set(
     paths: dict[str, Path], data_root: str | None = None, device: str = "auto", batch_size: int = 1024
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Embed the test split once per checkpoint; all must share one embedding dimension."""
-    models = {name: load_checkpoint(path) for name, path in paths.items()}
-    dims = {name: meta.embedding_dim for name, (_, meta) in models.items()}
-    if len(set(dims.values())) != 1:
-        raise DataError(f"models embed to different dimensions {dims}; cross tests need one dimension")
+    models = load_comparable_checkpoints(paths)
     data = _with_root(next(iter(models.values()))[1].data, data_root)
     test_set = load_split(data, "test")
     dev = resolve_device(device)

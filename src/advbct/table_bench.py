@@ -14,7 +14,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from advbct.config import ModelConfig, QuickstartConfig, apply_overrides, build, deep_merge, preset_tree
+from advbct.config import ModelConfig, QuickstartConfig, build_quickstart, deep_merge, preset_tree
 from advbct.data.images import DataError
 from advbct.distributed import current_world
 from advbct.evaluation.protocol import evaluate_pairs
@@ -53,13 +53,7 @@ def setting_config(
     tree = deep_merge(tree, {"common": {"data": {"allocation": allocation}}})
     if setting == "extended-backbone":
         tree = deep_merge(tree, {"new": {"model": bench.bigger_new_model}})
-    extra = [f"common.data.root={json.dumps(data)}"] if data else []
-    extra += [f"common.device={device}"] if device else []
-    tree = apply_overrides(tree, [*extra, *overrides])
-    common = tree.pop("common", {})
-    for role in ("old", "new"):
-        tree[role] = deep_merge(common, tree.get(role, {}))
-    return build(QuickstartConfig, tree, f"bench preset {preset} ({setting})")
+    return build_quickstart(tree, overrides, data, device, f"bench preset {preset} ({setting})")
 
 
 def _run_summary(history_path: Path) -> dict:

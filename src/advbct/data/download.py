@@ -87,9 +87,7 @@ def download_file(
                     f"download of {url} stopped at {done} of {total_bytes} bytes; run the command again to resume"
                 )
     except urllib.error.HTTPError as exc:
-        if exc.code == 416 and have:  # the part file is already complete
-            pass
-        else:
+        if not (exc.code == 416 and have):  # 416 with a part file: it is already complete
             raise DataError(f"download of {url} failed: HTTP {exc.code} {exc.reason}") from exc
     except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
         raise DataError(f"download of {url} failed ({exc}); run the command again to resume") from exc
@@ -112,9 +110,9 @@ def _safe_members(archive: tarfile.TarFile, dest: Path) -> list[tarfile.TarInfo]
     return members
 
 
-def extract_tar(archive_path: Path, dest: Path, flatten_to: Path | None = None) -> int:
-    """Unpack regular files (checked first, all of them); ``flatten_to`` puts every file directly in one folder
-    (the Paris archives nest images by landmark, the benchmark expects them in ``jpg/``). Returns the file count."""
+def extract_tar(archive_path: Path, dest: Path, flatten: bool = False) -> int:
+    """Unpack regular files into ``dest`` (every member checked first); ``flatten`` drops their folders (the
+    Paris archives nest images by landmark, the benchmark expects them all in ``jpg/``). Returns the file count."""
     try:
         with tarfile.open(archive_path) as archive:
             members = _safe_members(archive, dest)
@@ -122,7 +120,7 @@ def extract_tar(archive_path: Path, dest: Path, flatten_to: Path | None = None) 
             for member in members:
                 if not member.isfile():
                     continue
-                target = (flatten_to / Path(member.name).name) if flatten_to else dest / member.name
+                target = dest / (Path(member.name).name if flatten else member.name)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 source = archive.extractfile(member)
                 if source is None:
@@ -177,7 +175,7 @@ def download_revisited(
                 continue
             local = folder / "archives" / Path(archive).name
             download_file(f"{images_base}/{archive}", local, None, progress(local.name) if progress else None)
-            extract_tar(local, folder / "archives" / "unpacked", flatten_to=folder / "jpg")
+            extract_tar(local, folder / "jpg", flatten=True)
             marker.touch()
     return folder
 

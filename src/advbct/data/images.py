@@ -67,30 +67,37 @@ def list_image_folder(split_dir: Path) -> tuple[list[tuple[Path, int]], tuple[st
     return files, classes
 
 
-def decode_image(
-    path: Path, size: int, box: tuple[float, float, float, float] | None = None, whole: bool = False
+def square_rgb(
+    img: Image.Image, size: int, box: tuple[float, float, float, float] | None = None, whole: bool = False
 ) -> np.ndarray:
-    """RGB uint8 (size, size, 3).
+    """An opened image as RGB uint8 (size, size, 3).
 
     By default a non-square image is centre-cropped to a square first (the classification convention).
     ``whole=True`` resizes the whole image to the square instead, and ``box`` = (x1, y1, x2, y2) cuts that region
     out first: landmark benchmarks define what must be seen (a query's box, a whole database photo), so nothing of
     it may be cropped away.
     """
+    img = img.convert("RGB")
+    if box is not None:
+        img = img.crop(tuple(round(v) for v in box))
+        if img.width < 1 or img.height < 1:
+            raise ValueError(f"box {box} is empty")
+    elif not whole and img.width != img.height:
+        short = min(img.size)
+        left, top = (img.width - short) // 2, (img.height - short) // 2
+        img = img.crop((left, top, left + short, top + short))
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.Resampling.BICUBIC)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def decode_image(
+    path: Path, size: int, box: tuple[float, float, float, float] | None = None, whole: bool = False
+) -> np.ndarray:
+    """The image file as ``square_rgb`` makes it; a file that cannot be decoded is a DataError naming it."""
     try:
         with Image.open(path) as img:
-            img = img.convert("RGB")
-            if box is not None:
-                img = img.crop(tuple(round(v) for v in box))
-                if img.width < 1 or img.height < 1:
-                    raise ValueError(f"box {box} is empty")
-            elif not whole and img.width != img.height:
-                short = min(img.size)
-                left, top = (img.width - short) // 2, (img.height - short) // 2
-                img = img.crop((left, top, left + short, top + short))
-            if img.size != (size, size):
-                img = img.resize((size, size), Image.Resampling.BICUBIC)
-            return np.asarray(img, dtype=np.uint8)
+            return square_rgb(img, size, box, whole)
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise DataError(f"cannot decode image {path}: {exc}") from exc
 

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 from advbct.data.batches import Preprocessing, normalise
+from advbct.data.images import decode_image
 from advbct.distributed import current_world, gather_rows
 from advbct.evaluation.compatibility import compatibility_scores, empirical_criterion
 from advbct.evaluation.metrics import label_retrieval_metrics
+
+Box = tuple[float, float, float, float]
 
 
 @torch.no_grad()
@@ -42,6 +48,60 @@ def embed_images(
             out.append(model(batch).float())
     emb = torch.cat(out) if out else torch.empty(0, model.embedding_dim, device=device)
     return gather_rows(emb, world, images.shape[0]).cpu()
+
+
+def _decoded_batches(
+    files: Sequence[Path], boxes: Sequence[Box] | None, size: int, batch_size: int, workers: int, whole: bool
+) -> Iterator[torch.Tensor]:
+    """uint8 (B, 3, size, size) batches; the next batch decodes while the caller works on the current one."""
+
+    def decode(index: int) -> np.ndarray:
+        return decode_image(files[index], size, box=None if boxes is None else boxes[index], whole=whole)
+
+    starts = range(0, len(files), batch_size)
+    with ThreadPoolExecutor(workers) as pool:
+
+        def submit(start: int) -> list:
+            return [pool.submit(decode, i) for i in range(start, min(start + batch_size, len(files)))]
+
+        pending = submit(starts[0]) if starts else []
+        for position in range(len(starts)):
+            current = pending
+            if position + 1 < len(starts):
+                pending = submit(starts[position + 1])
+            arrays = np.stack([future.result() for future in current])
+            yield torch.from_numpy(np.ascontiguousarray(arrays.transpose(0, 3, 1, 2)))
+
+
+@torch.no_grad()
+def embed_files(
+    model: nn.Module,
+    prep: Preprocessing,
+    files: Sequence[Path],
+    device: torch.device,
+    boxes: Sequence[Box] | None = None,
+    batch_size: int = 64,
+    workers: int = 4,
+    on_batch: Callable[[int], None] | None = None,
+    whole: bool = True,
+) -> torch.Tensor:
+    """(N, d) float32 embeddings of image files at the model's input size, on the CPU, in eval mode.
+
+    Images are decoded by a thread pool, the next batch while the model embeds the current one. ``whole``: the
+    whole image (or its box) is resized to the square, as retrieval benchmarks define them; ``False``
+    centre-crops, the classification convention.
+    """
+    if boxes is not None and len(boxes) != len(files):
+        raise ValueError(f"{len(boxes)} boxes for {len(files)} files")
+    model = model.to(device).eval()
+    out = []
+    for batch in _decoded_batches(files, boxes, prep.image_size, batch_size, workers, whole):
+        images = normalise(batch.to(device, non_blocking=True), prep)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out.append(model(images).float().cpu())
+        if on_batch is not None:
+            on_batch(batch.shape[0])
+    return torch.cat(out) if out else torch.empty(0, 0)
 
 
 def evaluate_pairs(

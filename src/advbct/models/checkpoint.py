@@ -114,3 +114,12 @@ def load_checkpoint(path: str | Path) -> tuple[EmbeddingModel, ModelMeta]:
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: weights do not match the architecture in its metadata: {exc}") from exc
     return model.eval(), meta
+
+
+def load_comparable_checkpoints(paths: dict[str, Path]) -> dict[str, tuple[EmbeddingModel, ModelMeta]]:
+    """Several checkpoints for cross tests, loaded once each; they must share one embedding dimension."""
+    models = {name: load_checkpoint(path) for name, path in paths.items()}
+    dims = {name: meta.embedding_dim for name, (_, meta) in models.items()}
+    if len(set(dims.values())) > 1:
+        raise CheckpointError(f"models embed to different dimensions {dims}; cross tests need one dimension")
+    return models

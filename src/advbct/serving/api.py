@@ -20,7 +20,7 @@ from fastapi.responses import FileResponse, HTMLResponse
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel
 
-from advbct.data.images import DataError
+from advbct.data.images import DataError, square_rgb
 from advbct.models.checkpoint import CheckpointError
 from advbct.serving.backfill import BackfillProgress, resolve_ref, run_backfill
 from advbct.serving.batcher import MicroBatcher
@@ -78,12 +78,7 @@ class Service:
             with Image.open(io.BytesIO(data)) as image:
                 if image.width * image.height > self.config.max_pixels:
                     raise HTTPException(413, f"{name} has {image.width}x{image.height} pixels; too large")
-                image = image.convert("RGB")
-                short = min(image.size)
-                left, top = (image.width - short) // 2, (image.height - short) // 2
-                size = self.embedder.prep.image_size
-                image = image.crop((left, top, left + short, top + short)).resize((size, size))
-                return np.asarray(image, dtype=np.uint8)
+                return square_rgb(image, self.embedder.prep.image_size)
         except (UnidentifiedImageError, OSError, ValueError) as exc:
             raise HTTPException(400, f"{name} is not a readable image: {exc}") from None
 

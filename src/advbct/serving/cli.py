@@ -5,6 +5,8 @@ its path relative to the image root."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -12,6 +14,7 @@ import typer
 from rich.console import Console
 
 from advbct.data.images import IMAGE_SUFFIXES, DataError
+from advbct.models.checkpoint import CheckpointError
 from advbct.serving.backfill import BackfillProgress, run_backfill
 from advbct.serving.models import Embedder, GateRefused, ModelRegistry
 from advbct.serving.store import GalleryStore, StoreError
@@ -34,12 +37,17 @@ def registry_path(db: str, registry: Path | None) -> Path:
     return Path(db + ".models.json")
 
 
-def _fail(exc: Exception) -> typer.Exit:
-    errors.print(f"[red]error:[/] {exc}")
-    return typer.Exit(2)
+SERVING_ERRORS = (DataError, GateRefused, StoreError, CheckpointError, FileNotFoundError)
 
 
-SERVING_ERRORS = (DataError, GateRefused, StoreError, FileNotFoundError)
+@contextmanager
+def refused_as_exit() -> Iterator[None]:
+    """A refused request (bad input, failed gate) is one line on stderr and exit status 2, not a traceback."""
+    try:
+        yield
+    except SERVING_ERRORS as exc:
+        errors.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from None
 
 
 def open_gallery(db: str, registry: Path | None, device: str) -> tuple[ModelRegistry, Embedder, GalleryStore]:
@@ -66,7 +74,7 @@ def add_cmd(
     device: DeviceOpt = "cpu",
 ) -> None:
     """Embed images with the active model and add them to the gallery."""
-    try:
+    with refused_as_exit():
         models = ModelRegistry(registry_path(db, registry))
         if models.active is None:
             if model is None:
@@ -85,8 +93,6 @@ def add_cmd(
             ids = list(range(start + offset, start + offset + len(chunk)))
             store.add(ids, refs[offset : offset + batch_size], embedder.embed_files(chunk), active.number)
         console.print(f"added {len(files)} items (ids {start}..{start + len(files) - 1}) at generation {active.number}")
-    except SERVING_ERRORS as exc:
-        raise _fail(exc) from None
 
 
 def _reference(path: Path, image_root: Path) -> str:
@@ -106,22 +112,18 @@ def search_cmd(
     device: DeviceOpt = "cpu",
 ) -> None:
     """Top-k gallery items for a query image, embedded by the active model."""
-    try:
+    with refused_as_exit():
         _, embedder, store = open_gallery(db, registry, device)
         hits = store.search(embedder.embed_files([image]), k)[0]
-    except SERVING_ERRORS as exc:
-        raise _fail(exc) from None
     console.print(json.dumps([h.__dict__ for h in hits], indent=1))
 
 
 @index_app.command("stats")
 def stats_cmd(db: DbOpt = "gallery.db", registry: RegistryOpt = None, device: DeviceOpt = "cpu") -> None:
     """Items per generation and the active generation."""
-    try:
+    with refused_as_exit():
         models, _, store = open_gallery(db, registry, device)
         stats = {"items": store.count(), "by_generation": store.generations(), "active": models.active.number}
-    except SERVING_ERRORS as exc:
-        raise _fail(exc) from None
     console.print(json.dumps(stats))
 
 
@@ -134,19 +136,15 @@ def upgrade_cmd(
     device: DeviceOpt = "cpu",
 ) -> None:
     """Register a new generation behind the compatibility gate; it serves queries at once."""
-    try:
+    with refused_as_exit():
         generation = ModelRegistry(registry_path(db, registry)).upgrade(model, validation, device, force)
-    except SERVING_ERRORS as exc:
-        raise _fail(exc) from None
     console.print(json.dumps({"generation": generation.number, "gate": generation.gate}))
 
 
 def rollback_cmd(db: DbOpt = "gallery.db", registry: RegistryOpt = None) -> None:
     """Make the previous generation active again (backfill then re-embeds towards it)."""
-    try:
+    with refused_as_exit():
         generation = ModelRegistry(registry_path(db, registry)).rollback()
-    except SERVING_ERRORS as exc:
-        raise _fail(exc) from None
     console.print(json.dumps({"active": generation.number}))
 
 
@@ -160,7 +158,7 @@ def backfill_cmd(
     device: DeviceOpt = "cpu",
 ) -> None:
     """Re-embed items not at the active generation; safe to kill and restart at any point."""
-    try:
+    with refused_as_exit():
         models, embedder, store = open_gallery(db, registry, device)
         target = models.active.number
 
@@ -169,8 +167,6 @@ def backfill_cmd(
                               "items_per_s": round(progress.items_per_s, 1)}), flush=True)  # fmt: skip
 
         progress = run_backfill(store, embedder, target, image_root, batch_size, worker, workers, on_batch=report)
-    except SERVING_ERRORS as exc:
-        raise _fail(exc) from None
     console.print(json.dumps({"state": progress.state, "done": progress.done, "remaining": progress.remaining}))
 
 
@@ -188,10 +184,8 @@ def serve_cmd(
 
     from advbct.serving.api import ServiceConfig, create_app
 
-    try:
+    with refused_as_exit():
         app = create_app(ServiceConfig(db, registry_path(db, registry), image_root, device))
-    except SERVING_ERRORS as exc:
-        raise _fail(exc) from None
     if backfill:
         app.state.service.start_backfill()
     uvicorn.run(app, host=host, port=port)

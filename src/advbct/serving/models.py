@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from advbct.data.batches import Preprocessing, normalise
-from advbct.data.images import ImageSet, decode_image, load_image_folder
-from advbct.evaluation.metrics import label_retrieval_metrics
-from advbct.evaluation.protocol import embed_images
+from advbct.data.batches import Preprocessing
+from advbct.data.images import ImageSet, load_image_folder
+from advbct.evaluation.protocol import embed_files, embed_images, evaluate_pairs
 from advbct.models.checkpoint import load_checkpoint
 
 
@@ -46,15 +46,15 @@ class Embedder:
     def prep(self) -> Preprocessing:
         return self.meta.prep
 
-    @torch.no_grad()
     def embed_arrays(self, images: np.ndarray) -> np.ndarray:
         """uint8 (N, H, W, 3) at the model's size -> L2-normalised float32 (N, d)."""
-        batch = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(self.device)
-        emb = self.model(normalise(batch, self.prep))
-        return torch.nn.functional.normalize(emb.float(), dim=1).cpu().numpy()
+        batch = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+        return F.normalize(embed_images(self.model, batch, self.prep, self.device), dim=1).numpy()
 
     def embed_files(self, paths: list[Path]) -> np.ndarray:
-        return self.embed_arrays(np.stack([decode_image(p, self.prep.image_size) for p in paths]))
+        """Image files, centre-cropped like the training images -> L2-normalised float32 (N, d)."""
+        emb = embed_files(self.model, self.prep, paths, self.device, whole=False)
+        return F.normalize(emb, dim=1).numpy()
 
 
 @dataclass(frozen=True)
@@ -72,15 +72,12 @@ def compatibility_gate(old: Embedder, new: Embedder, validation: ImageSet) -> di
     """M(o,o), M(n,n), M(n,o) (mAP, percent) on the validation images and whether the upgrade is allowed."""
     if new.dim != old.dim:
         raise GateRefused(f"the candidate embeds to {new.dim} dimensions, the gallery holds {old.dim}")
-    device = new.device
-    emb_old = embed_images(old.model, validation.images, old.prep, device)
-    emb_new = embed_images(new.model, validation.images, new.prep, device)
-    labels = validation.labels
-
-    def test(q: torch.Tensor, g: torch.Tensor) -> float:
-        return label_retrieval_metrics(q, labels, g, labels, exclude_same_index=True)["map"]
-
-    numbers = {"old/old": test(emb_old, emb_old), "new/new": test(emb_new, emb_new), "new/old": test(emb_new, emb_old)}
+    embeddings = {
+        "old": embed_images(old.model, validation.images, old.prep, old.device),
+        "new": embed_images(new.model, validation.images, new.prep, new.device),
+    }
+    tests = evaluate_pairs(embeddings, validation.labels, [("old", "old"), ("new", "new"), ("new", "old")])
+    numbers: dict = {key: value["map"] for key, value in tests.items()}
     numbers["passed"] = numbers["new/old"] > numbers["old/old"] and numbers["new/new"] > numbers["old/old"]
     return numbers
 

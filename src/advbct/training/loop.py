@@ -32,9 +32,9 @@ from advbct.distributed import (
     World,
     convert_batchnorm,
     current_world,
-    gather_no_grad,
+    gather_rows,
     gather_with_grad,
-    process_device,
+    resolve_device,
 )
 from advbct.models.checkpoint import (
     CheckpointError,
@@ -58,12 +58,6 @@ class OldModel:
     model: EmbeddingModel
     meta: ModelMeta
     path: Path
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def check_compatible_setup(cfg: TrainConfig, old: OldModel, stats: ClassStatistics | None, classes: tuple) -> None:
@@ -167,7 +161,7 @@ def train_model(
 
     torch.manual_seed(cfg.seed)
     world = current_world()
-    device = process_device(cfg.device, world)
+    device = resolve_device(cfg.device)
     indices = allocation.old_indices if role == "old" else allocation.new_indices
     head_classes = list(allocation.old_classes) if role == "old" else list(range(train_set.num_classes))
     prep = Preprocessing(cfg.data.image_size)
@@ -329,14 +323,13 @@ class TrainStep(nn.Module):
         num_epochs: int,
         batch_wide: bool,
     ) -> tuple[torch.Tensor, LossOutput]:
-        emb = self.model(images)
-        cls_loss = F.cross_entropy(self.model.classify(emb.float(), head_labels).float(), head_labels)
-        new_emb = emb.float()
+        new_emb = self.model(images).float()
+        cls_loss = F.cross_entropy(self.model.classify(new_emb, head_labels).float(), head_labels)
         if batch_wide:
             # The method sees the global batch; see advbct.distributed for why gradients then come out right.
             world = current_world()
-            new_emb, labels = gather_with_grad(new_emb, world), gather_no_grad(labels, world)
-            old_emb = gather_no_grad(old_emb, world) if old_emb is not None else None
+            new_emb, labels = gather_with_grad(new_emb, world), gather_rows(labels, world)
+            old_emb = gather_rows(old_emb, world) if old_emb is not None else None
         classifier = self.model.head.weight if self.pass_classifier else None
         out = self.method(CompatBatch(new_emb, labels, old_emb, progress, epoch, num_epochs, classifier))
         return cls_loss, out

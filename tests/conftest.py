@@ -10,9 +10,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import settings
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+
+# CI draws the same property-test examples on every run, so whether a commit lands never depends on the luck of the
+# draw; local runs keep exploring new examples. Select with HYPOTHESIS_PROFILE=ci.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
 def shared_data_root() -> Path | None:

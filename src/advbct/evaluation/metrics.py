@@ -40,6 +40,7 @@ def label_retrieval_metrics(
 
     ``exclude_same_index``: query i and gallery item i are the same image (a test set searched against
     itself, possibly embedded by two different models); that item is removed from query i's ranking.
+    Equal similarities (duplicate images) rank in gallery order, so a score never depends on the device's sort.
     """
     if query_emb.shape[1] != gallery_emb.shape[1]:
         raise ValueError(f"query embeddings have dim {query_emb.shape[1]}, gallery embeddings {gallery_emb.shape[1]}")
@@ -57,7 +58,7 @@ def label_retrieval_metrics(
         rows = torch.arange(block.shape[0], device=sims.device)
         if exclude_same_index:
             sims[rows, rows + start] = float("-inf")
-        order = torch.argsort(sims, dim=1, descending=True)
+        order = torch.argsort(sims, dim=1, descending=True, stable=True)
         if exclude_same_index:
             order = order[:, :-1]
         relevance = gallery_labels[order] == query_labels[start : start + chunk_size].unsqueeze(1)

@@ -1,13 +1,13 @@
 """Training-step time of every compatibility method, as a ratio to the independent model's step.
 
 Each method's step is the real one (new forward, classification, old forward where the method needs it,
-compatibility loss, backward, SGD) on random data; the median of ``--repeats`` timed steps after warm-up is
+compatibility loss, backward, SGD) on random data; the median of ``--repeats`` timed samples after warm-up is
 reported, together with two baselines measured in the same run: the plain classification step and the
 classification step plus the old model's forward pass (the cost every method that reads old embeddings
 pays). The "loss overhead" column is the method's step over the latter, which is what the loss itself adds.
 
     python bench/bench_step.py                     # CPU, the quickstart model
-    python bench/bench_step.py --device cuda --preset paper-cifar100 --batch-size 512
+    python bench/bench_step.py --device cuda --preset paper-cifar100 --batch-size 512 [--compile]
 """
 
 from __future__ import annotations
@@ -43,17 +43,21 @@ def make_model(cfg, head_classes: list[int]):
     return build_model(meta)
 
 
-def timed_steps(step, repeats: int, warmup: int, device: torch.device) -> float:
+def timed_steps(step, repeats: int, warmup: int, per_sample: int, device: torch.device) -> float:
+    """Median seconds per step over ``repeats`` samples of ``per_sample`` consecutive steps each. Several steps
+    per sample let a GPU queue ahead as it does in training; one synchronisation per step would time the gaps."""
+    for _ in range(warmup):
+        step()
     times = []
-    for i in range(warmup + repeats):
+    for _ in range(repeats):
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        step()
+        for _ in range(per_sample):
+            step()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
+        times.append((time.perf_counter() - start) / per_sample)
     return statistics.median(times)
 
 
@@ -64,10 +68,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps-per-sample", type=int, default=1, help="consecutive steps per timing sample")
     parser.add_argument("--methods", default=",".join(m for m in list_methods() if m != "independent"))
+    parser.add_argument("--compile", action="store_true", help="torch.compile the new and old networks first")
     args = parser.parse_args()
 
     device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels once
     cfg = train_config("new", args.preset, None, None, None, args.device)
     torch.manual_seed(0)
     old_classes = list(range(0, NUM_CLASSES, 3))
@@ -75,6 +82,9 @@ def main() -> None:
     new = make_model(cfg, list(range(NUM_CLASSES))).to(device)
     if cfg.channels_last:
         old, new = old.to(memory_format=torch.channels_last), new.to(memory_format=torch.channels_last)
+    if args.compile:
+        new.compile()
+        old.compile()
     stats = compute_class_statistics(
         torch.randn(100 * len(old_classes), cfg.model.embedding_dim),
         torch.tensor(old_classes).repeat(100),
@@ -112,16 +122,18 @@ def main() -> None:
 
         return step
 
-    plain = timed_steps(make_step(None, False), args.repeats, args.warmup, device)
-    with_old = timed_steps(make_step(None, True), args.repeats, args.warmup, device)
-    print(f"device {device}, preset {args.preset}, batch {args.batch_size}, median of {args.repeats} steps")
+    plain = timed_steps(make_step(None, False), args.repeats, args.warmup, args.steps_per_sample, device)
+    with_old = timed_steps(make_step(None, True), args.repeats, args.warmup, args.steps_per_sample, device)
+    compiled = ", torch.compile" if args.compile else ""
+    timing = f"median of {args.repeats} x {args.steps_per_sample} steps"
+    print(f"device {device}, preset {args.preset}, batch {args.batch_size}{compiled}, {timing}")
     print(f"{'step':<22}{'ms':>9}{'img/s':>10}{'vs independent':>16}{'loss overhead':>15}")
     print(f"{'independent':<22}{plain * 1e3:9.1f}{args.batch_size / plain:10.0f}{1.0:16.3f}{'':>15}")
     ratio = with_old / plain
     print(f"{'+ old forward':<22}{with_old * 1e3:9.1f}{args.batch_size / with_old:10.0f}{ratio:16.3f}{'':>15}")
     for name in args.methods.split(","):
         needs_old = method_class(name).needs_old_embeddings
-        t = timed_steps(make_step(name, needs_old), args.repeats, args.warmup, device)
+        t = timed_steps(make_step(name, needs_old), args.repeats, args.warmup, args.steps_per_sample, device)
         base = with_old if needs_old else plain
         print(f"{name:<22}{t * 1e3:9.1f}{args.batch_size / t:10.0f}{t / plain:16.3f}{t / base - 1:+15.1%}")
 

@@ -1,49 +1,111 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark in one script, for a lent GPU machine (run from the repository root).
 # Needs .gpu/cifar_subset.npz (bench/subset_archive.py pack) and, where pydantic is missing, wheels in .whl/.
-# Writes its figures and results under $OUT. A CPU dry run of the same path:
-#   DEVICE=cpu EPOCHS=1 MILESTONES=[] BENCH_PRESET=smoke EXTRA_ARGS='-o common.data.max_train_per_class=10
+# Each phase has its own time limit and a failing phase does not stop the next. Logs and small results are packed
+# into $OUT/gpu_results.tgz (checkpoints left out) and the headline figures go to $OUT/summary.txt.
+# A CPU dry run of the same path:
+#   DEVICE=cpu EPOCHS=1 MILESTONES=[] JOBS=2 BENCH_PRESET=smoke BATCH=32 EXTRA_ARGS='-o common.data.max_train_per_class=10
 #   -o common.data.max_test_per_class=5 -o common.model.backbone_kwargs={layers:[1,1,1,1]}' bash bench/gpu_check.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}
+LOGS=/tmp/gpu_logs
+RUNS=/tmp/gpu_runs
 DEVICE=${DEVICE:-cuda}
 EPOCHS=${EPOCHS:-30}
 MILESTONES=${MILESTONES:-[5,10,20]}
-mkdir -p "$OUT"
+JOBS=${JOBS:-4}
+BATCH=${BATCH:-512}
+rm -rf "$LOGS" "$RUNS"
+mkdir -p "$OUT" "$LOGS" "$RUNS"
+
+pack() {
+  (cd /tmp && find gpu_runs -name '*.json' -o -name '*.md' -o -name '*.png' | tar -czf "$OUT/gpu_results.tgz" gpu_logs -T -)
+  cat "$LOGS/summary.txt" > "$OUT/summary.txt" 2>/dev/null
+}
+trap pack EXIT
+note() { echo "$*" | tee -a "$LOGS/summary.txt"; }
+phase() {  # name, time limit in seconds, command...: logs to $LOGS/<name>.txt and notes the wall time
+  local name=$1 limit=$2; shift 2
+  local start=$SECONDS
+  timeout "$limit" "$@" > "$LOGS/$name.txt" 2>&1
+  note "phase $name: exit $?, $((SECONDS - start)) s"
+}
+
 if ! python3 -c "import pydantic" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 ADVBCT_CACHE=/tmp/advbct-cache
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true
-  python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)"; } | tee "$OUT/env.txt"
-python3 bench/subset_archive.py unpack .gpu/cifar_subset.npz /tmp/cifar100 || exit 1
+  python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)"; nproc; } | tee -a "$LOGS/summary.txt"
+phase unpack 120 python3 bench/subset_archive.py unpack .gpu/cifar_subset.npz /tmp/cifar100
 
-python3 bench/bench_step.py --device "$DEVICE" --preset "${BENCH_PRESET:-paper-cifar100}" --batch-size 256 \
-  ${BENCH_METHODS:+--methods "$BENCH_METHODS"} 2>&1 | tee "$OUT/bench_step.txt"
+# 1. Step throughput of every method against the plain classification step, measured in the same process.
+phase bench_step 150 python3 bench/bench_step.py --device "$DEVICE" --preset "${BENCH_PRESET:-paper-cifar100}" \
+  --batch-size "$BATCH" --warmup 5 --repeats 5 --steps-per-sample 10
+cat "$LOGS/bench_step.txt" >> "$LOGS/summary.txt"
 
-run() {  # name, timeout, advbct subcommand and its arguments
-  local name=$1 limit=$2; shift 2
-  local start=$SECONDS
-  timeout "$limit" python3 -m advbct "$@" --preset paper-cifar100 --data /tmp/cifar100 --device "$DEVICE" \
-    --no-progress -o "common.optim.epochs=$EPOCHS" -o "common.optim.milestones=$MILESTONES" ${EXTRA_ARGS:-} 2>&1 \
-    | tee "$OUT/$name.txt"
-  echo "$name: $((SECONDS - start)) s" | tee -a "$OUT/timing.txt"
-}
-run quickstart "${QS_TIMEOUT:-260}" quickstart --out /tmp/runs/class
-cp /tmp/runs/class/results.json "$OUT/quickstart_class.json" 2>/dev/null
-run compare "${CMP_TIMEOUT:-280}" compare --out /tmp/runs/class --methods "${METHODS:-bct,lce,unibct,hot-refresh,l2,advbct}"
-# If the comparison ran out of time, evaluate the methods that did finish (training is skipped for them).
-finished=$(cd /tmp/runs/class && ls -d */model.pt 2>/dev/null | cut -d/ -f1 | grep -vx -e old -e independent | paste -sd,)
-if [ ! -f /tmp/runs/class/results.json ] || ! grep -q '"l2"' /tmp/runs/class/results.json; then
-  [ -n "$finished" ] && run compare_finished 90 compare --out /tmp/runs/class --methods "$finished"
-fi
-cp /tmp/runs/class/results.json "$OUT/compare_class.json" 2>/dev/null
-python3 - <<'PY' | tee -a "$OUT/timing.txt"
-import json, pathlib
-for run in sorted(pathlib.Path("/tmp/runs/class").iterdir()):
-    hist = run / "history.json"
-    if hist.is_file():
-        h = json.loads(hist.read_text())
-        print(f"{run.name}: {len(h)} epochs, median {sorted(e['images_per_s'] for e in h)[len(h) // 2]:.0f} img/s")
+# 2. exact_search on the device returns what it returns on the CPU.
+phase search 60 python3 - <<PY
+import torch
+from advbct.evaluation.search import exact_search
+torch.manual_seed(0)
+q, g = torch.nn.functional.normalize(torch.randn(2000, 256), dim=1), torch.nn.functional.normalize(torch.randn(50000, 256), dim=1)
+cpu = exact_search(q, g, 100)
+dev = exact_search(q.to("$DEVICE"), g.to("$DEVICE"), 100)
+print([t.shape for t in cpu], "device:", dev[0].device)
+same = (cpu[1] == dev[1].cpu()).float().mean().item()
+print(f"ranks equal at {same:.6f} of positions; max score diff {(cpu[0] - dev[0].cpu()).abs().max().item():.2e}")
 PY
+cat "$LOGS/search.txt" >> "$LOGS/summary.txt"
+
+# 3. The CIFAR-100 table, extended-class and extended-data at once, JOBS new models at a time in each.
+nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 5 > "$LOGS/gpu_util.csv" 2>/dev/null &
+monitor=$!
+table_args=(--preset "${TABLE_PRESET:-cifar100}" --data /tmp/cifar100 --device "$DEVICE" --no-progress --jobs "$JOBS"
+  --methods "${METHODS:-l2,bct,lce,unibct,hot-refresh,advbct}" -o "common.optim.epochs=$EPOCHS"
+  -o "common.optim.milestones=$MILESTONES" ${EXTRA_ARGS:-})
+start=$SECONDS
+phase table_class "${TABLE_TIMEOUT:-330}" python3 -m advbct bench --settings extended-class --out "$RUNS/class" \
+  "${table_args[@]}" &
+class_pid=$!
+phase table_data "${TABLE_TIMEOUT:-330}" python3 -m advbct bench --settings extended-data --out "$RUNS/data" \
+  "${table_args[@]}" &
+wait "$class_pid" $!
+note "table, both settings: $((SECONDS - start)) s wall"
+cat "$RUNS/class/results.md" "$RUNS/data/results.md" >> "$LOGS/summary.txt" 2>/dev/null
+
+# 4. AdvBCT's options on the extended-class old model (issue 2): each variant reuses the old and independent runs.
+sweep() {  # name, method, overrides...
+  local name=$1 method=$2; shift 2
+  mkdir -p "$RUNS/sweep/$name"
+  cp -r "$RUNS/class/extended-class/old" "$RUNS/class/extended-class/independent" "$RUNS/sweep/$name/" 2>/dev/null
+  phase "sweep_$name" "${SWEEP_TIMEOUT:-150}" python3 -m advbct compare --preset "${SWEEP_PRESET:-paper-cifar100}" \
+    --data /tmp/cifar100 --device "$DEVICE" --no-progress --methods "$method" --out "$RUNS/sweep/$name" \
+    -o "common.optim.epochs=$EPOCHS" -o "common.optim.milestones=$MILESTONES" ${EXTRA_ARGS:-} "$@"
+}
+if [ -f "$RUNS/class/extended-class/old/stats.pt" ]; then
+  pids=()
+  sweep tau0.5_adv0.1 advbct -o new.compat.options.tau=0.5 -o new.compat.options.adversarial_scale=0.1 & pids+=($!)
+  sweep tau0.2_adv0.1 advbct -o new.compat.options.tau=0.2 -o new.compat.options.adversarial_scale=0.1 & pids+=($!)
+  sweep tau0.2_adv0.3 advbct -o new.compat.options.tau=0.2 -o new.compat.options.adversarial_scale=0.3 & pids+=($!)
+  sweep bound_tau0.2 advbct-bound-only -o new.compat.options.tau=0.2 & pids+=($!)
+  wait "${pids[@]}"
+  python3 - "$RUNS/sweep" <<'PY' | tee -a "$LOGS/summary.txt"
+import json, pathlib, sys
+for path in sorted(pathlib.Path(sys.argv[1]).glob("*/results.json")):
+    for method, r in json.loads(path.read_text()).items():
+        t = r["tests"]
+        print(f"sweep {path.parent.name} ({method}): M(o,o) {t['old/old']['map']:.2f} M(n,n) {t['new/new']['map']:.2f} "
+              f"M(n,o) {t['new/old']['map']:.2f} M(*,*) {t['independent/independent']['map']:.2f} "
+              f"M(*,o) {t['independent/old']['map']:.2f} P_up {r['p_up']:.3f} P_comp {r['p_comp']:.3f} "
+              f"criterion {r['criterion']}")
+PY
+fi
+kill "$monitor" 2>/dev/null
+
+# 5. The same step benchmark with torch.compile, for AdvBCT and the baselines, last as it compiles first.
+phase bench_step_compiled "${COMPILE_TIMEOUT:-120}" python3 bench/bench_step.py --device "$DEVICE" \
+  --preset "${BENCH_PRESET:-paper-cifar100}" --batch-size "$BATCH" --warmup 5 --repeats 5 --steps-per-sample 10 \
+  --methods advbct --compile
+cat "$LOGS/bench_step_compiled.txt" >> "$LOGS/summary.txt"

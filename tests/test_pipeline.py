@@ -1,6 +1,8 @@
 """The upgrade path end to end through the real CLI, on real PNG files, plus its refusals of bad input."""
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 
@@ -17,7 +19,11 @@ TESTS = ("old/old", "new/new", "new/old", "independent/independent", "independen
 
 
 def run_cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "advbct", *args], capture_output=True, text=True, env=env, timeout=600)
+    """The CLI in a subprocess; ``env`` adds variables to this process's environment."""
+    environment = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "advbct", *args], capture_output=True, text=True, env=environment, timeout=600
+    )
 
 
 def check_results(path):
@@ -233,3 +239,38 @@ def test_compare_every_method_on_one_allocation(tiny_folder, tmp_path):
         for m in expected
     }
     assert len(old_ids) == 1  # every method is compatible with the same old checkpoint
+
+
+def test_concurrent_runs_train_the_same_models_as_one_at_a_time(tiny_folder, tmp_path):
+    common = ["--preset", "smoke", "--data", str(tiny_folder), "--no-progress", "--methods", "l2,advbct",
+              "-o", "common.data.dataset=image-folder", "-o", "common.device=cpu"]  # fmt: skip
+    # Both runs give each training one thread (CPU float sums depend on the thread count, not on concurrency).
+    one = run_cli("compare", *common, "--out", str(tmp_path / "one"), "--jobs", "1", env={"OMP_NUM_THREADS": "1"})
+    assert one.returncode == 0, one.stdout + one.stderr
+    # The concurrent run starts from the finished old model, so both compare the same new-model training.
+    shutil.copytree(tmp_path / "one" / "old", tmp_path / "two" / "old")
+    two = run_cli("compare", *common, "--out", str(tmp_path / "two"), "--jobs", "2", env={"OMP_NUM_THREADS": "2"})
+    assert two.returncode == 0, two.stdout + two.stderr
+    assert "(2 at a time)" in two.stdout and "finished: advbct" in two.stdout
+    for name in ("independent", "l2", "advbct"):
+        first = torch.load(tmp_path / "one" / name / "model.pt", weights_only=True)["model"]
+        second = torch.load(tmp_path / "two" / name / "model.pt", weights_only=True)["model"]
+        for key, value in first.items():
+            assert torch.equal(second[key], value), f"{name}: {key}"
+    assert json.loads((tmp_path / "two" / "results.json").read_text()).keys() == {"l2", "advbct"}
+
+
+@pytest.mark.slow
+def test_compiled_training_saves_the_plain_model(tiny_folder, tmp_path):
+    common = ["--preset", "smoke", "--data", str(tiny_folder), "--no-progress", "-o", "data.dataset=image-folder",
+              "-o", "device=cpu", "-o", "optim.epochs=1"]  # fmt: skip
+    plain = run_cli("train-old", "--out", str(tmp_path / "plain"), *common)
+    assert plain.returncode == 0, plain.stdout + plain.stderr
+    compiled = run_cli("train-old", "--out", str(tmp_path / "compiled"), *common, "-o", "compile=true")
+    assert compiled.returncode == 0, compiled.stdout + compiled.stderr
+    first = torch.load(tmp_path / "plain" / "model.pt", weights_only=True)["model"]
+    second = torch.load(tmp_path / "compiled" / "model.pt", weights_only=True)["model"]
+    assert second.keys() == first.keys()  # no "_orig_mod." prefixes: the checkpoint loads without the option
+    # The compiled kernels fuse and reorder float arithmetic, so one epoch lands close to, not on, the plain one.
+    for key, value in first.items():
+        torch.testing.assert_close(second[key].float(), value.float(), rtol=1e-2, atol=1e-3, msg=key)

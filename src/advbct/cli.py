@@ -49,6 +49,9 @@ DataOpt = Annotated[str | None, typer.Option("--data", help="data root (else $AD
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda, cuda:1 ...")]
 ABLATIONS = ("advbct-adv-only", "advbct-bound-only", "advbct-fixed-radius")
 QuietOpt = Annotated[bool, typer.Option("--no-progress", help="hide progress bars")]
+JobsOpt = Annotated[
+    int, typer.Option("--jobs", min=1, help="new models trained at once, each in its own process (fills a GPU)")
+]
 
 
 def _role_tree(preset_or_file: dict[str, Any], role: str) -> dict[str, Any]:
@@ -241,11 +244,12 @@ def compare_cmd(
     data: DataOpt = None,
     device: DeviceOpt = None,
     no_progress: QuietOpt = False,
+    jobs: JobsOpt = 1,
 ) -> None:
     """Train every method on one allocation and one seed set; one table, one results.json."""
     chosen = _method_list(methods, ABLATIONS if ablations else ())
     cfg = _run(quickstart_config, preset, config, overrides, data, device)
-    reports = _run(pipeline.compare, cfg, out, chosen, console, not no_progress)
+    reports = _run(pipeline.compare, cfg, out, chosen, console, not no_progress, jobs)
     title = f"{cfg.new.data.allocation}, {cfg.new.model.backbone}, seed {cfg.new.seed}"
     console.print(comparison_table(reports, title))
     if current_world().is_main:
@@ -267,11 +271,12 @@ def bench_cmd(
     data: DataOpt = None,
     device: DeviceOpt = None,
     no_progress: QuietOpt = False,
+    jobs: JobsOpt = 1,
 ) -> None:
     """The full comparison table: every method on every setting, one seed set; re-running skips finished runs."""
     chosen = _method_list(methods)
     picked = [s.strip() for s in settings.split(",") if s.strip()]
-    _run(run_bench, preset, out, picked, chosen, overrides, data, device, console, not no_progress)
+    _run(run_bench, preset, out, picked, chosen, overrides, data, device, console, not no_progress, jobs)
     console.print(f"results: {out / 'results.json'}, {out / 'results.md'}, plots in {out}")
 
 

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import inspect
 import json
+import multiprocessing
 import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
@@ -202,16 +204,46 @@ def quickstart(cfg: QuickstartConfig, out: Path, console: Console | None = None,
 
 
 def train_methods(
-    cfg: QuickstartConfig, out: Path, methods: list[str], console: Console, show_progress: bool = True
+    cfg: QuickstartConfig,
+    out: Path,
+    methods: list[str],
+    console: Console,
+    show_progress: bool = True,
+    jobs: int = 1,
 ) -> dict[str, Path]:
     """The old model, its statistics, the independent model and every method: ``{name: model.pt}``.
-    Finished runs are skipped."""
+    Finished runs are skipped. With ``jobs`` > 1 the new models train ``jobs`` at a time in separate processes
+    (they depend only on the old model): one small model leaves most of a GPU idle."""
+    if jobs < 1:
+        raise ValueError(f"jobs must be at least 1, got {jobs}")
     out.mkdir(parents=True, exist_ok=True)
     old_path, stats_path = _prepare_old(cfg, out, console, show_progress)
+    names = ["independent", *[m for m in methods if m != "independent"]]
+    if jobs > 1 and not current_world().distributed:
+        trained = _train_concurrently(cfg, out, names, old_path, stats_path, jobs, console)
+        return {"old": old_path, **{name: trained[name] for name in names}}
     paths = {"old": old_path}
-    for method in ["independent", *[m for m in methods if m != "independent"]]:
+    for method in names:
         console.print(f"[bold]new model: {method}[/]")
         paths[method] = _train_method(cfg, out, method, old_path, stats_path, show_progress)
+    return paths
+
+
+def _train_concurrently(
+    cfg: QuickstartConfig, out: Path, names: list[str], old_path: Path, stats_path: Path, jobs: int, console: Console
+) -> dict[str, Path]:
+    """Each run in its own spawned process (CUDA cannot be forked), the machine's cores shared between them;
+    a failed run's exception is raised here once the others finish or fail."""
+    workers = min(jobs, len(names))
+    console.print(f"[bold]new models:[/] {', '.join(names)} ({workers} at a time)")
+    context = multiprocessing.get_context("spawn")
+    paths: dict[str, Path] = {}
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=set_threads, initargs=(workers,)) as pool:
+        futures = {pool.submit(_train_method, cfg, out, name, old_path, stats_path, False): name for name in names}
+        for future in as_completed(futures):
+            name = futures[future]
+            paths[name] = future.result()
+            console.print(f"  finished: {name} ({len(paths)}/{len(names)})")
     return paths
 
 
@@ -233,19 +265,23 @@ def compare(
     methods: list[str],
     console: Console | None = None,
     show_progress: bool = True,
+    jobs: int = 1,
 ) -> dict[str, dict]:
     """Train the old model, the independent model and every method on one allocation and one seed set;
     return one quickstart-format report per method (the test set is embedded once per model)."""
     console = console or Console()
-    paths = train_methods(cfg, out, methods, console, show_progress)
+    paths = train_methods(cfg, out, methods, console, show_progress, jobs)
     console.print("[bold]evaluation[/]")
     embeddings, labels = embed_test_set(paths, device=cfg.new.device)
     return method_reports(embeddings, labels, methods)
 
 
-def set_threads() -> None:
-    """Share the cores this process may run on between the processes torchrun started on this machine (all of
-    them for a single process; PyTorch's own default can be lower in containers)."""
+def set_threads(processes: int | None = None) -> None:
+    """Share this command's cores between ``processes`` processes on this machine (by default those torchrun
+    started). The cores are ``OMP_NUM_THREADS`` where the user set it, else all this process may run on
+    (PyTorch's own default can be lower in containers)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    budget = os.environ.get("OMP_NUM_THREADS", "")
+    cores = int(budget) if budget.isdigit() and int(budget) > 0 else cores
+    local_processes = processes or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     torch.set_num_threads(max(1, (cores or 1) // max(1, local_processes)))

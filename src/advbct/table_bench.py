@@ -69,8 +69,10 @@ def _architecture(model: ModelConfig) -> str:
     return f"{model.backbone} ({kwargs})" if kwargs else model.backbone
 
 
-def run_setting(cfg: QuickstartConfig, out: Path, methods: list[str], console: Console, show_progress: bool) -> dict:
-    paths = train_methods(cfg, out, methods, console, show_progress)
+def run_setting(
+    cfg: QuickstartConfig, out: Path, methods: list[str], console: Console, show_progress: bool, jobs: int = 1
+) -> dict:
+    paths = train_methods(cfg, out, methods, console, show_progress, jobs)
     embeddings, labels = embed_test_set(paths, device=cfg.new.device)
     names = list(paths)
     matrix = evaluate_pairs(embeddings, labels, [(q, g) for q in names for g in names])
@@ -94,8 +96,10 @@ def run_bench(
     device: str | None = None,
     console: Console | None = None,
     show_progress: bool = True,
+    jobs: int = 1,
 ) -> dict:
-    """Train and evaluate every setting into ``out/<setting>/``; write results.json, results.md and plots."""
+    """Train and evaluate every setting into ``out/<setting>/``; write results.json, results.md and plots.
+    ``jobs``: how many new models of a setting train at once (separate processes sharing the device)."""
     console = console or Console()
     unknown = [s for s in settings if s not in SETTINGS]
     if unknown:
@@ -104,7 +108,7 @@ def run_bench(
     results: dict = {"preset": preset, "settings": {}}
     for setting, cfg in configs.items():
         console.rule(f"[bold]{setting}")
-        results["settings"][setting] = run_setting(cfg, out / setting, methods, console, show_progress)
+        results["settings"][setting] = run_setting(cfg, out / setting, methods, console, show_progress, jobs)
     if current_world().is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps(results, indent=2))

@@ -84,8 +84,7 @@ def adversarial_loss(
     """
     n = new_emb.shape[0]
     logits = discriminator(torch.cat([grad_reverse(new_emb.float(), alpha), old_emb.float().detach()]))
-    targets = torch.cat([torch.zeros(n, dtype=torch.long), torch.ones(old_emb.shape[0], dtype=torch.long)])
-    targets = targets.to(logits.device)
+    targets = torch.cat([logits.new_zeros(n, dtype=torch.long), logits.new_ones(old_emb.shape[0], dtype=torch.long)])
     loss = F.cross_entropy(logits[:n], targets[:n]) + F.cross_entropy(logits[n:], targets[n:])
     accuracy = (logits.argmax(1) == targets).float().mean()
     return loss, accuracy

@@ -189,6 +189,12 @@ def train_model(
         old_net = old_net.to(memory_format=torch.channels_last) if old_net is not None else None
     if world.distributed and cfg.sync_batchnorm:
         model = convert_batchnorm(model, device)
+    if cfg.compile:
+        # In place: the parameters and state-dict keys stay those of the plain module, so checkpoints and resume
+        # do not depend on the option.
+        model.compile()
+        if old_net is not None:
+            old_net.compile()
     params = [p for p in [*model.parameters(), *method.parameters()] if p.requires_grad]
     optimizer = torch.optim.SGD(
         params, lr=cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay
@@ -226,6 +232,8 @@ def train_model(
     steps_per_epoch, epochs = len(stream), cfg.optim.epochs
     total_steps = steps_per_epoch * epochs
     use_amp = cfg.amp and device.type == "cuda"
+    # Every batch has one shape, so cuDNN's one-off search for the fastest convolution kernels pays off.
+    torch.backends.cudnn.benchmark = device.type == "cuda"
     # The old model usually shares the new one's normalisation; then its input is the batch already prepared.
     same_prep = old is not None and old.meta.prep == prep
     history: list[dict] = json.loads(blob.get("history", "[]")) if start_epoch or start_step else []

@@ -7,6 +7,7 @@ so backfill workers can split the gallery by id with a plain filter (Milvus filt
 Reads use strong consistency, so what a write returned from is what the next search sees. Every write is
 flushed into a sealed segment: in Milvus Lite a search scans unflushed rows one by one (2,048 of them add about
 40 ms to a 20,000-item search), while a flush of a batch costs tens of milliseconds once.
+pymilvus is imported when a gallery is opened, so the training commands run where only their needs are installed.
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from pymilvus import DataType, MilvusClient
-from pymilvus.exceptions import MilvusException
 
 BUCKETS = 64
 MAX_REF_LENGTH = 2048
@@ -49,6 +48,8 @@ class GalleryStore:
     """One Milvus collection of gallery items."""
 
     def __init__(self, uri: str, dim: int, collection: str = "gallery"):
+        from pymilvus import MilvusClient
+
         self.uri, self.dim, self.collection = uri, dim, collection
         self.client = MilvusClient(uri)
         if self.client.has_collection(collection):
@@ -65,6 +66,8 @@ class GalleryStore:
         return int(vector["params"]["dim"])
 
     def _create(self) -> None:
+        from pymilvus import DataType, MilvusClient
+
         schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field("id", DataType.INT64, is_primary=True)
         schema.add_field("ref", DataType.VARCHAR, max_length=MAX_REF_LENGTH)
@@ -159,6 +162,8 @@ class GalleryStore:
     def search(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
         if k < 1:
             raise StoreError(f"k must be at least 1, got {k}")
+        from pymilvus.exceptions import MilvusException
+
         vectors = normalised(vectors, self.dim)
         try:
             results = self.client.search(

@@ -15,6 +15,7 @@ EPOCHS=${EPOCHS:-30}
 MILESTONES=${MILESTONES:-[5,10,20]}
 JOBS=${JOBS:-4}
 BATCH=${BATCH:-512}
+PHASES=${PHASES:-step search table sweep compile}  # which of the numbered phases below to run
 BUDGET=${BUDGET:-560}  # seconds for the whole script: each phase is cut to what is left, so the packing still runs
 rm -rf "$LOGS" "$RUNS"
 mkdir -p "$OUT" "$LOGS" "$RUNS"
@@ -25,6 +26,7 @@ pack() {
 }
 trap pack EXIT
 note() { echo "$*" | tee -a "$LOGS/summary.txt"; }
+wanted() { [[ " $PHASES " == *" $1 "* ]]; }
 phase() {  # name, time limit in seconds, command...: logs to $LOGS/<name>.txt and notes the wall time
   local name=$1 limit=$2; shift 2
   local start=$SECONDS left=$((BUDGET - SECONDS - 10))
@@ -44,12 +46,12 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 ADVBC
 phase unpack 120 python3 bench/subset_archive.py unpack .gpu/cifar_subset.npz /tmp/cifar100
 
 # 1. Step throughput of every method against the plain classification step, measured in the same process.
-phase bench_step 150 python3 bench/bench_step.py --device "$DEVICE" --preset "${BENCH_PRESET:-paper-cifar100}" \
+wanted step && phase bench_step 150 python3 bench/bench_step.py --device "$DEVICE" --preset "${BENCH_PRESET:-paper-cifar100}" \
   --batch-size "$BATCH" --warmup 5 --repeats 5 --steps-per-sample 10
-cat "$LOGS/bench_step.txt" >> "$LOGS/summary.txt"
+cat "$LOGS/bench_step.txt" >> "$LOGS/summary.txt" 2>/dev/null
 
 # 2. exact_search on the device returns what it returns on the CPU.
-phase search 60 python3 - <<PY
+wanted search && phase search 60 python3 - <<PY
 import torch
 from advbct.evaluation.search import exact_search
 torch.manual_seed(0)
@@ -60,7 +62,7 @@ print([t.shape for t in cpu], "device:", dev[0].device)
 same = (cpu[1] == dev[1].cpu()).float().mean().item()
 print(f"ranks equal at {same:.6f} of positions; max score diff {(cpu[0] - dev[0].cpu()).abs().max().item():.2e}")
 PY
-cat "$LOGS/search.txt" >> "$LOGS/summary.txt"
+cat "$LOGS/search.txt" >> "$LOGS/summary.txt" 2>/dev/null
 
 # 3. The CIFAR-100 table, extended-class and extended-data at once, JOBS new models at a time in each.
 nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 5 > "$LOGS/gpu_util.csv" 2>/dev/null &
@@ -69,10 +71,10 @@ table_args=(--preset "${TABLE_PRESET:-cifar100}" --data /tmp/cifar100 --device "
   --methods "${METHODS:-l2,bct,lce,unibct,hot-refresh,advbct}" -o "common.optim.epochs=$EPOCHS"
   -o "common.optim.milestones=$MILESTONES" ${EXTRA_ARGS:-})
 start=$SECONDS
-phase table_class "${TABLE_TIMEOUT:-330}" python3 -m advbct bench --settings extended-class --out "$RUNS/class" \
+wanted table && phase table_class "${TABLE_TIMEOUT:-330}" python3 -m advbct bench --settings extended-class --out "$RUNS/class" \
   "${table_args[@]}" &
 class_pid=$!
-phase table_data "${TABLE_TIMEOUT:-330}" python3 -m advbct bench --settings extended-data --out "$RUNS/data" \
+wanted table && phase table_data "${TABLE_TIMEOUT:-330}" python3 -m advbct bench --settings extended-data --out "$RUNS/data" \
   "${table_args[@]}" &
 wait "$class_pid" $!
 note "table, both settings: $((SECONDS - start)) s wall"
@@ -87,7 +89,7 @@ sweep() {  # name, method, overrides...
     --data /tmp/cifar100 --device "$DEVICE" --no-progress --methods "$method" --out "$RUNS/sweep/$name" \
     -o "common.optim.epochs=$EPOCHS" -o "common.optim.milestones=$MILESTONES" ${EXTRA_ARGS:-} "$@"
 }
-if [ -f "$RUNS/class/extended-class/old/stats.pt" ]; then
+if wanted sweep && [ -f "$RUNS/class/extended-class/old/stats.pt" ]; then
   pids=()
   sweep tau0.5_adv0.1 advbct -o new.compat.options.tau=0.5 -o new.compat.options.adversarial_scale=0.1 & pids+=($!)
   sweep tau0.2_adv0.1 advbct -o new.compat.options.tau=0.2 -o new.compat.options.adversarial_scale=0.1 & pids+=($!)
@@ -107,8 +109,8 @@ PY
 fi
 kill "$monitor" 2>/dev/null
 
-# 5. The same step benchmark with torch.compile, for AdvBCT and the baselines, last as it compiles first.
-phase bench_step_compiled "${COMPILE_TIMEOUT:-120}" python3 bench/bench_step.py --device "$DEVICE" \
+# 5. The same step benchmark with torch.compile, for AdvBCT, last as it compiles first.
+wanted compile && phase bench_step_compiled "${COMPILE_TIMEOUT:-120}" python3 bench/bench_step.py --device "$DEVICE" \
   --preset "${BENCH_PRESET:-paper-cifar100}" --batch-size "$BATCH" --warmup 5 --repeats 5 --steps-per-sample 10 \
   --methods advbct --compile
-cat "$LOGS/bench_step_compiled.txt" >> "$LOGS/summary.txt"
+cat "$LOGS/bench_step_compiled.txt" >> "$LOGS/summary.txt" 2>/dev/null

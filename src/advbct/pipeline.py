@@ -9,6 +9,7 @@ import inspect
 import json
 import multiprocessing
 import os
+from collections.abc import Mapping
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
@@ -153,13 +154,13 @@ def evaluate(
     pairs = [("old", "old"), ("new", "new"), ("new", "old")]
     if independent_path is not None:
         pairs += [("independent", "independent"), ("independent", "old")]
-    return upgrade_report(evaluate_pairs(embeddings, labels, pairs))
+    return upgrade_report(evaluate_pairs(embeddings, labels, pairs, resolve_device(device)))
 
 
 def evaluate_one(query_path: Path, gallery_path: Path, data_root: str | None = None, device: str = "auto") -> dict:
     """One test on the test split: queries embedded by one model, the gallery by another (or the same)."""
     embeddings, labels = embed_test_set({"query": query_path, "gallery": gallery_path}, data_root, device)
-    return evaluate_pairs(embeddings, labels, [("query", "gallery")])["query/gallery"]
+    return evaluate_pairs(embeddings, labels, [("query", "gallery")], resolve_device(device))["query/gallery"]
 
 
 def _prepare_old(cfg: QuickstartConfig, out: Path, console: Console, show_progress: bool) -> tuple[Path, Path]:
@@ -247,15 +248,22 @@ def _train_concurrently(
     return paths
 
 
-def method_reports(embeddings: dict[str, torch.Tensor], labels: torch.Tensor, methods: list[str]) -> dict[str, dict]:
-    """One quickstart-format report per method from test-set embeddings of old, independent and the methods."""
-    shared_pairs = [("old", "old"), ("independent", "independent"), ("independent", "old")]
-    shared = evaluate_pairs(embeddings, labels, shared_pairs)
+SHARED_PAIRS = (("old", "old"), ("independent", "independent"), ("independent", "old"))
+
+
+def method_pairs(methods: list[str]) -> list[tuple[str, str]]:
+    """The tests the per-method reports read: the shared ones once, then each method's self and cross test."""
+    return [*SHARED_PAIRS, *[pair for method in methods for pair in ((method, method), (method, "old"))]]
+
+
+def method_reports(tests: Mapping[str, dict], methods: list[str]) -> dict[str, dict]:
+    """One quickstart-format report per method from scored tests ``{"query/gallery": metrics}`` that hold at
+    least :func:`method_pairs` (a full table's matrix does)."""
     reports = {}
     for method in methods:
-        own = evaluate_pairs(embeddings, labels, [(method, method), (method, "old")])
-        tests = {**shared, "new/new": own[f"{method}/{method}"], "new/old": own[f"{method}/old"]}
-        reports[method] = upgrade_report({key: tests[key] for key in TEST_ORDER})
+        own = {"new/new": tests[f"{method}/{method}"], "new/old": tests[f"{method}/old"]}
+        named = {**{f"{q}/{g}": tests[f"{q}/{g}"] for q, g in SHARED_PAIRS}, **own}
+        reports[method] = upgrade_report({key: named[key] for key in TEST_ORDER})
     return reports
 
 
@@ -273,7 +281,8 @@ def compare(
     paths = train_methods(cfg, out, methods, console, show_progress, jobs)
     console.print("[bold]evaluation[/]")
     embeddings, labels = embed_test_set(paths, device=cfg.new.device)
-    return method_reports(embeddings, labels, methods)
+    tests = evaluate_pairs(embeddings, labels, method_pairs(methods), resolve_device(cfg.new.device))
+    return method_reports(tests, methods)
 
 
 def set_threads(processes: int | None = None) -> None:

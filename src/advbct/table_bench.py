@@ -16,7 +16,7 @@ from rich.console import Console
 
 from advbct.config import ModelConfig, QuickstartConfig, build_quickstart, deep_merge, preset_tree
 from advbct.data.images import DataError
-from advbct.distributed import current_world
+from advbct.distributed import current_world, resolve_device
 from advbct.evaluation.protocol import evaluate_pairs
 from advbct.pipeline import embed_test_set, method_reports, train_methods
 from advbct.reporting.bench_report import write_markdown, write_plots
@@ -75,9 +75,10 @@ def run_setting(
     paths = train_methods(cfg, out, methods, console, show_progress, jobs)
     embeddings, labels = embed_test_set(paths, device=cfg.new.device)
     names = list(paths)
-    matrix = evaluate_pairs(embeddings, labels, [(q, g) for q in names for g in names])
+    # Every (query model, gallery model) pair is scored once; the per-method reports read the same numbers.
+    matrix = evaluate_pairs(embeddings, labels, [(q, g) for q in names for g in names], resolve_device(cfg.new.device))
     return {
-        "methods": method_reports(embeddings, labels, methods),
+        "methods": method_reports(matrix, methods),
         "matrix": {key: value["map"] for key, value in matrix.items()},
         "models": names,
         "runs": {name: _run_summary(path.parent / "history.json") for name, path in paths.items()},

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from advbct.cli import train_config
 from advbct.compat import CompatBatch, CompatContext, compute_class_statistics, create, list_methods, method_class
-from advbct.data.batches import Preprocessing, normalise, random_crop_flip
+from advbct.data.batches import Preprocessing, apply_crop_flip, crop_flip_params, normalise
 from advbct.models.checkpoint import ModelMeta, build_model
 
 NUM_CLASSES = 100
@@ -96,6 +96,8 @@ def main() -> None:
     images_u8 = torch.randint(0, 256, (args.batch_size, 3, cfg.data.image_size, cfg.data.image_size), dtype=torch.uint8)
     images_u8 = images_u8.to(device)
     labels = torch.randint(0, NUM_CLASSES, (args.batch_size,), device=device)
+    # Crops drawn once on the device, as training draws an epoch's at once: the step itself copies nothing over.
+    crops = tuple(t.to(device) for t in crop_flip_params(args.batch_size, 4, torch.Generator().manual_seed(0)))
     use_amp = device.type == "cuda"
 
     def make_step(method_name: str | None, with_old: bool):
@@ -104,7 +106,7 @@ def main() -> None:
         opt = torch.optim.SGD([p for p in params if p.requires_grad], lr=0.01, momentum=0.9)
 
         def step() -> None:
-            x_u8 = random_crop_flip(images_u8, 4)
+            x_u8 = apply_crop_flip(images_u8, 4, crops)
             x = normalise(x_u8, prep, cfg.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 emb = new(x)

@@ -89,14 +89,16 @@ class LCE(CompatibilityMethod):
         self.register_buffer("centres", stats.centres.clone())
         self.register_buffer("theta", stats.angular_radii.clone())
         self.register_buffer("has_radius", stats.has_radius.clone())
+        # Index positions, not a boolean mask: masking a device tensor makes the host wait for its count.
+        self.register_buffer("radius_classes", torch.nonzero(stats.has_radius).flatten())
 
     def forward(self, batch: CompatBatch) -> LossOutput:
         if batch.new_classifier is None:
             raise ValueError("LCE needs the new model's classifier weights in the batch")
         excess = (angle_between(batch.new_emb, self.centres[batch.labels]) - self.theta[batch.labels]).clamp(min=0)
         boundary = _masked_mean(excess, self.has_radius[batch.labels])
-        old_rows = batch.new_classifier[self.has_radius]
-        align = (1 - F.cosine_similarity(old_rows.float(), self.centres[self.has_radius], dim=1)).mean()
+        old_rows = batch.new_classifier[self.radius_classes]
+        align = (1 - F.cosine_similarity(old_rows.float(), self.centres[self.radius_classes], dim=1)).mean()
         total = self.boundary_weight * boundary + self.align_weight * align
         return LossOutput(total, {"boundary": boundary, "align": align})
 

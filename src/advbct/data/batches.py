@@ -6,6 +6,7 @@ lives on, so the same code is the CPU path and the GPU fast path and no per-samp
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -34,10 +35,20 @@ class Preprocessing:
         return cls(int(tree["image_size"]), tuple(tree["mean"]), tuple(tree["std"]))
 
 
+@functools.lru_cache(maxsize=32)
+def _normalisation_constants(
+    mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, 1 / std) in uint8 units on ``device``, made once: a fresh host-to-GPU copy per batch would make the
+    CPU wait for every queued kernel before it could queue the next step."""
+    mean_t = torch.tensor(mean).view(1, 3, 1, 1).to(device) * 255.0
+    inv_std = 1.0 / (torch.tensor(std).view(1, 3, 1, 1).to(device) * 255.0)
+    return mean_t, inv_std
+
+
 def normalise(images: torch.Tensor, prep: Preprocessing, channels_last: bool = False) -> torch.Tensor:
     """uint8 (N,3,H,W) -> float normalised, on the images' device."""
-    mean = torch.tensor(prep.mean, device=images.device).view(1, 3, 1, 1) * 255.0
-    inv_std = 1.0 / (torch.tensor(prep.std, device=images.device).view(1, 3, 1, 1) * 255.0)
+    mean, inv_std = _normalisation_constants(tuple(prep.mean), tuple(prep.std), images.device)
     out = (images.float() - mean) * inv_std
     return out.contiguous(memory_format=torch.channels_last) if channels_last else out
 
@@ -58,7 +69,7 @@ def apply_crop_flip(
     """Zero-pad by ``padding``, crop each image at its offsets, mirror the flagged ones: one gather per batch."""
     n, _, h, w = images.shape
     device = images.device
-    dy, dx, flip = (t.to(device) for t in params)
+    dy, dx, flip = (t.to(device) for t in params)  # a no-op where the caller drew them on the device
     padded = torch.nn.functional.pad(images, (padding, padding, padding, padding))
     rows = torch.arange(h, device=device).view(1, h, 1) + dy
     cols = torch.arange(w, device=device).view(1, 1, w).expand(n, 1, w)
@@ -115,16 +126,30 @@ class BatchStream:
         sampler.set_epoch(epoch)
         return torch.as_tensor(list(sampler), dtype=torch.long)
 
+    def _epoch_crops(self, epoch: int, steps: range, padding: int) -> tuple[torch.Tensor, ...]:
+        """This rank's crop offsets and flips for ``steps``, stacked (steps, per_rank, 1, 1). One generator per
+        step, so a run resumed mid-epoch draws the same crops as an unbroken one."""
+        per_step = [
+            crop_flip_params(
+                self.batch_size, padding, torch.Generator().manual_seed((self.seed * 100_003 + epoch) * 1_000_003 + s)
+            )
+            for s in steps
+        ]
+        rank, size = self.world.rank, self.world.size
+        return tuple(torch.stack([params[i][rank::size] for params in per_step]) for i in range(3))
+
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = self._epoch_order(epoch)
-        per_rank, rank, size = self.batch_size // self.world.size, self.world.rank, self.world.size
+        """The epoch's batches from ``start_step`` on. The order and every crop are drawn on the CPU and moved to
+        the images' device once per epoch: a copy per step would stall the CPU until the GPU caught up."""
+        steps = range(start_step, len(self))
+        per_rank = self.batch_size // self.world.size
         padding = max(1, self.images.shape[-1] // 8)
-        for step in range(start_step, len(self)):
-            idx = order[step * per_rank : (step + 1) * per_rank].to(self.images.device)
+        device = self.images.device
+        order = self._epoch_order(epoch)[start_step * per_rank : len(self) * per_rank].to(device)
+        crops = tuple(t.to(device) for t in self._epoch_crops(epoch, steps, padding)) if self.augment else ()
+        for i in range(len(steps)):
+            idx = order[i * per_rank : (i + 1) * per_rank]
             images = self.images[idx]
             if self.augment:
-                # One generator per step, so a run resumed mid-epoch draws the same crops as an unbroken one.
-                step_gen = torch.Generator().manual_seed((self.seed * 100_003 + epoch) * 1_000_003 + step)
-                params = crop_flip_params(self.batch_size, padding, step_gen)
-                images = apply_crop_flip(images, padding, tuple(t[rank::size] for t in params))
+                images = apply_crop_flip(images, padding, tuple(t[i] for t in crops))
             yield images, self.labels[idx]

@@ -99,7 +99,8 @@ def test_searches_during_backfill_never_fail_or_miss_an_item(three_models, image
     result = {}
 
     def backfill():
-        result["progress"] = run_backfill(store, new, 2, image_root, batch_size=2, stop=stop)
+        # Pages of 6 items: the gallery is listed page by page while searches run and the count runs beside.
+        result["progress"] = run_backfill(store, new, 2, image_root, batch_size=2, stop=stop, page_size=6)
 
     worker = threading.Thread(target=backfill)
     worker.start()
@@ -110,7 +111,9 @@ def test_searches_during_backfill_never_fail_or_miss_an_item(three_models, image
         generations_seen |= {h.generation for h in hits}
         searches += 1
     worker.join()
-    assert result["progress"].state == "finished" and store.generations() == {2: 40}
+    progress = result["progress"]
+    assert progress.state == "finished" and progress.done == 40 and progress.remaining == 0
+    assert store.generations() == {2: 40}
     assert searches > 3 and generations_seen == {1, 2}, "searches ran over the mixed gallery"
 
 

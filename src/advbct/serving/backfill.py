@@ -65,12 +65,13 @@ def run_backfill(
     pause: threading.Event | None = None,
     progress: BackfillProgress | None = None,
     on_batch: Callable[[BackfillProgress], None] | None = None,
-    page_batches: int = 32,
+    page_size: int | None = None,
 ) -> BackfillProgress:
     """Re-embed this worker's stale items in batches until none is left (or ``stop`` is set).
 
-    Stale items are listed a page (``page_batches`` batches) at a time, because each filtered query scans the
-    collection; a writer thread upserts one batch while the next is decoded and embedded.
+    Stale items are listed a page (``page_size`` items, by default the most the store returns at once) at a time,
+    because each filtered query scans the collection; a writer thread upserts one batch while the next is decoded
+    and embedded.
     """
     if embedder.dim != store.dim:
         raise DataError(f"the model embeds to {embedder.dim} dimensions, the gallery holds {store.dim}")
@@ -80,17 +81,25 @@ def run_backfill(
     stale_filter = f"generation != {target_generation}"
     if buckets is not None:
         stale_filter += f" and bucket in {buckets}"
-    # A filtered count scans the whole collection (seconds for 100,000 items in Milvus Lite), so the starting
-    # count runs beside the work instead of before it; what is left is that count minus what this run wrote.
+    # A filtered count scans the whole collection (seconds for 100,000 items in Milvus Lite). When the first page
+    # holds every stale item its length is the count; otherwise the count runs beside the work. What is left is
+    # that count minus what this run wrote.
     initial: list[int] = []
-    progress.remaining = None
+    page_size = page_size or store.page_limit
+    page = store.stale(target_generation, page_size, buckets)
 
     def count_stale() -> None:
         initial.append(store.count(stale_filter))
         progress.remaining = max(0, initial[0] - progress.done)
 
-    counter = threading.Thread(target=count_stale, daemon=True)
-    counter.start()
+    counter = None
+    if len(page) < page_size:
+        initial.append(len(page))
+        progress.remaining = len(page)
+    else:
+        progress.remaining = None
+        counter = threading.Thread(target=count_stale, daemon=True)
+        counter.start()
     started = time.perf_counter()
     writes: queue.Queue = queue.Queue(maxsize=2)
     written = [0]
@@ -124,7 +133,6 @@ def run_backfill(
     exhausted = False
     try:
         while not (stop is not None and stop.is_set()) and not failure:
-            page = store.stale(target_generation, batch_size * page_batches, buckets)
             if not page:
                 exhausted = True
                 break
@@ -140,10 +148,12 @@ def run_backfill(
                 vectors = embedder.embed_files([resolve_ref(image_root, ref) for ref in refs])
                 writes.put((ids, refs, vectors))
             writes.join()  # the next page must not list items of this one that are still being written
+            page = store.stale(target_generation, page_size, buckets)
     finally:
         writes.put(None)
         writer.join()
-    counter.join()
+    if counter is not None:
+        counter.join()
     store.flush()
     if failure:
         raise failure[0]

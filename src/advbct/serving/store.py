@@ -51,6 +51,10 @@ class GalleryStore:
         from pymilvus import MilvusClient
 
         self.uri, self.dim, self.collection = uri, dim, collection
+        # The most rows one listing query may return: Milvus servers cap offset + limit at 16,384
+        # (maxQueryResultWindow); Milvus Lite has no cap, and each of its filtered queries scans the collection,
+        # so fewer, larger listings cost less.
+        self.page_limit = 16_384 if "://" in uri else 131_072
         self.client = MilvusClient(uri)
         if self.client.has_collection(collection):
             have = self._stored_dim()

@@ -14,11 +14,13 @@ from advbct.compat import (
     list_methods,
 )
 from advbct.compat.advbct import (
+    adversarial_loss,
     adversarial_weight,
     boundary_loss,
     dann_alpha,
     elastic_radii,
     grad_reverse,
+    non_saturating_adversarial_loss,
 )
 
 
@@ -119,3 +121,58 @@ def test_registry_and_requirements():
         create("advbct", CompatContext(embedding_dim=4, num_classes=3))
     with pytest.raises(CompatError, match="bad options"):
         create("advbct", _context(), taux=2.0)
+
+
+def _confident_discriminator():
+    """logits = (0, 2x): P(old | x) = sigmoid(2x). At x_new = -5 it is sure the sample is new."""
+    d = torch.nn.Linear(1, 2, bias=False)
+    d.weight.data = torch.tensor([[0.0], [2.0]])
+    return d
+
+
+def _sigmoid(z):
+    return 1 / (1 + math.exp(-z))
+
+
+def _softplus(z):
+    return math.log1p(math.exp(z))
+
+
+def test_non_saturating_generator_keeps_a_gradient_where_reversal_vanishes():
+    old, alpha = torch.tensor([[3.0]]), 0.5
+    new = torch.tensor([[-5.0]], requires_grad=True)
+    d = _confident_discriminator()
+    loss, accuracy = non_saturating_adversarial_loss(d, new, old, alpha)
+    # D's loss: softplus(2 * -5) + softplus(-2 * 3); the new model's: alpha * softplus(10) (new called old)
+    assert loss.item() == pytest.approx(_softplus(-10) + _softplus(-6) + alpha * _softplus(10), rel=1e-5)
+    assert accuracy.item() == 1.0
+    loss.backward()
+    # d/dx alpha * softplus(-2x) = -2 alpha sigmoid(-2x): about -1 at x = -5, toward the old side
+    assert new.grad.item() == pytest.approx(-2 * alpha * _sigmoid(10), rel=1e-5)
+    # D learns from its own loss only: d/dw [softplus(w x_new) + softplus(-w x_old)] for the old-logit row
+    expected_w = -5 * _sigmoid(-10) - 3 * _sigmoid(-6)
+    assert d.weight.grad[1, 0].item() == pytest.approx(expected_w, rel=1e-4)  # float32 sigmoid(-6)
+
+    reversed_new = torch.tensor([[-5.0]], requires_grad=True)
+    adversarial_loss(_confident_discriminator(), reversed_new, old, alpha)[0].backward()
+    # Reversal: -alpha d/dx softplus(2x) = -2 alpha sigmoid(-10), four orders of magnitude weaker
+    assert reversed_new.grad.item() == pytest.approx(-2 * alpha * _sigmoid(-10), rel=1e-5)
+    assert abs(reversed_new.grad.item()) < 1e-3 * abs(new.grad.item())
+
+
+def test_non_saturating_loss_updates_discriminator_statistics_once():
+    d = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.BatchNorm1d(3), torch.nn.Linear(3, 2))
+    new, old = torch.randn(8, 2, requires_grad=True), torch.randn(8, 2)
+    non_saturating_adversarial_loss(d, new, old, 1.0)
+    assert d[1].num_batches_tracked.item() == 1
+
+
+def test_advbct_generator_loss_option():
+    stats = compute_class_statistics(torch.randn(40, 4), torch.arange(40) % 2, 3, "m")
+    ctx = CompatContext(embedding_dim=4, num_classes=3, statistics=stats)
+    method = create("advbct", ctx, generator_loss="non-saturating")
+    batch = CompatBatch(torch.randn(6, 4, requires_grad=True), torch.arange(6) % 3, torch.randn(6, 4), 0.5, 0, 2, None)
+    out = method(batch)
+    assert {"adv", "disc_acc", "bound"} <= set(out.parts)
+    with pytest.raises(ValueError, match="generator_loss must be one of reversal, non-saturating"):
+        create("advbct", ctx, generator_loss="wasserstein")

@@ -68,10 +68,14 @@ def make_context(dim: int, classes: int) -> CompatContext:
     return CompatContext(dim, classes, stats, head, tuple(old_classes))
 
 
-@pytest.mark.parametrize("name", [m for m in list_methods() if m != "independent"])
-def test_compatibility_losses_never_wait_on_the_device(name):
+METHOD_CASES = [(m, {}) for m in list_methods() if m != "independent"]
+METHOD_CASES.append(("advbct", {"generator_loss": "non-saturating"}))
+
+
+@pytest.mark.parametrize(("name", "options"), METHOD_CASES)
+def test_compatibility_losses_never_wait_on_the_device(name, options):
     dim, classes, n = 8, 6, 12
-    method = create(name, make_context(dim, classes))
+    method = create(name, make_context(dim, classes), **options)
     new_emb = torch.randn(n, dim, requires_grad=True)
     classifier = torch.randn(classes, dim, requires_grad=True)
     old_emb = torch.randn(n, dim) if method_class(name).needs_old_embeddings else None

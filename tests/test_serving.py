@@ -11,7 +11,8 @@ import threading
 import numpy as np
 import pytest
 
-from advbct.serving.backfill import run_backfill
+from advbct.data.images import DataError
+from advbct.serving.backfill import ImageRoot, run_backfill
 from advbct.serving.models import Embedder, GateRefused, ModelRegistry
 from advbct.serving.store import GalleryStore, StoreError
 from conftest import build_gallery
@@ -163,3 +164,21 @@ def test_two_workers_split_the_gallery_by_id_bucket(three_models, image_root, tm
     written = [i for batch in batches for i in batch]
     assert sorted(written) == list(range(40)), "each item re-embedded exactly once across the two workers"
     assert all(len({i % 64 % 2 for i in batch}) == 1 for batch in batches), "a batch stays inside one shard"
+
+
+def test_image_root_refuses_every_way_out_and_agrees_with_a_full_resolve(tmp_path):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "a" / "b").mkdir(parents=True)
+    outside.mkdir()
+    (root / "a" / "b" / "x.png").write_bytes(b"x")
+    (outside / "secret.png").write_bytes(b"s")
+    (root / "a" / "out.png").symlink_to(outside / "secret.png")  # a file link leading out
+    (root / "a" / "outdir").symlink_to(outside)  # a folder link leading out
+    (root / "a" / "in.png").symlink_to(root / "a" / "b" / "x.png")  # a link that stays inside
+    images = ImageRoot(root)
+    for ref in ("a/b/x.png", "a/in.png", "a/b/../b/x.png", "a/b"):
+        assert images.resolve(ref) == (root / ref).resolve(), ref
+    for ref in ("../outside/secret.png", "a/out.png", "a/outdir/secret.png", "/etc/passwd", "a/b/../../.."):
+        with pytest.raises(DataError, match="points outside the image root"):
+            images.resolve(ref)
+    assert images.resolve("a/b/x.png") == images.resolve("a/b/x.png")  # a cached folder answers the same

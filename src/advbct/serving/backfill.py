@@ -44,13 +44,38 @@ def shard_buckets(worker: int, workers: int) -> list[int] | None:
     return None if workers == 1 else [b for b in range(BUCKETS) if b % workers == worker]
 
 
+class ImageRoot:
+    """Item references resolved inside one image root; a reference that points outside it (``..``, an absolute
+    path, a symbolic link leading out) is refused.
+
+    Each folder is resolved once and each file then costs one symlink check: a full ``Path.resolve`` per item
+    walks every path component in Python, and under a backfill's threads that took 18 of 52 seconds.
+    """
+
+    def __init__(self, root: Path):
+        self.given = Path(root)
+        self.root = self.given.resolve()
+        self._folders: dict[Path, Path] = {}
+
+    def resolve(self, ref: str) -> Path:
+        relative = Path(ref)
+        if relative.name in ("", ".", ".."):
+            path = (self.root / relative).resolve()
+        else:
+            folder = self._folders.get(relative.parent)
+            if folder is None:
+                folder = self._folders[relative.parent] = (self.root / relative.parent).resolve()
+            path = folder / relative.name
+            if path.is_symlink():
+                path = path.resolve()
+        if path != self.root and self.root not in path.parents:
+            raise DataError(f"image reference {ref!r} points outside the image root {self.given}")
+        return path
+
+
 def resolve_ref(image_root: Path, ref: str) -> Path:
     """An item's image file: a path inside the image root (anything pointing outside it is refused)."""
-    root = image_root.resolve()
-    path = (root / ref).resolve()
-    if root != path and root not in path.parents:
-        raise DataError(f"image reference {ref!r} points outside the image root {image_root}")
-    return path
+    return ImageRoot(image_root).resolve(ref)
 
 
 def run_backfill(
@@ -76,6 +101,7 @@ def run_backfill(
     if embedder.dim != store.dim:
         raise DataError(f"the model embeds to {embedder.dim} dimensions, the gallery holds {store.dim}")
     buckets = shard_buckets(worker, workers)
+    root = ImageRoot(image_root)
     progress = progress or BackfillProgress(target_generation)
     progress.state = "running"
     stale_filter = f"generation != {target_generation}"
@@ -145,7 +171,7 @@ def run_backfill(
                     break
                 rows = page[offset : offset + batch_size]
                 ids, refs = [int(r["id"]) for r in rows], [r["ref"] for r in rows]
-                vectors = embedder.embed_files([resolve_ref(image_root, ref) for ref in refs])
+                vectors = embedder.embed_files([root.resolve(ref) for ref in refs])
                 writes.put((ids, refs, vectors))
             writes.join()  # the next page must not list items of this one that are still being written
             page = store.stale(target_generation, page_size, buckets)

@@ -82,12 +82,15 @@ def adversarial_loss(
     Both halves go through D in one call: its BatchNorm then normalises old and new with the same batch
     statistics. Separate calls would normalise each domain by its own mean and hide the very shift D must see.
     """
-    n = new_emb.shape[0]
     logits = discriminator(torch.cat([grad_reverse(new_emb.float(), alpha), old_emb.float().detach()]))
-    targets = torch.cat([logits.new_zeros(n, dtype=torch.long), logits.new_ones(old_emb.shape[0], dtype=torch.long)])
+    return _discriminator_loss(logits, new_emb.shape[0])
+
+
+def _discriminator_loss(logits: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """CE(first n rows, new = 0) + CE(the rest, old = 1), and D's accuracy over all rows."""
+    targets = torch.cat([logits.new_zeros(n, dtype=torch.long), logits.new_ones(logits.shape[0] - n, dtype=torch.long)])
     loss = F.cross_entropy(logits[:n], targets[:n]) + F.cross_entropy(logits[n:], targets[n:])
-    accuracy = (logits.argmax(1) == targets).float().mean()
-    return loss, accuracy
+    return loss, (logits.argmax(1) == targets).float().mean()
 
 
 def non_saturating_adversarial_loss(
@@ -102,16 +105,13 @@ def non_saturating_adversarial_loss(
     """
     n = new_emb.shape[0]
     inputs = torch.cat([new_emb.float(), old_emb.float().detach()])
-    logits = discriminator(inputs.detach())
-    targets = torch.cat([logits.new_zeros(n, dtype=torch.long), logits.new_ones(old_emb.shape[0], dtype=torch.long)])
-    d_loss = F.cross_entropy(logits[:n], targets[:n]) + F.cross_entropy(logits[n:], targets[n:])
+    d_loss, accuracy = _discriminator_loss(discriminator(inputs.detach()), n)
     # The same forward with D's parameters detached and its buffers copied: only the new model learns from it,
     # and D's running statistics are updated once per step.
     frozen = {name: p.detach() for name, p in discriminator.named_parameters()}
     frozen |= {name: b.clone() for name, b in discriminator.named_buffers()}
     fooled = torch.func.functional_call(discriminator, frozen, (inputs,))[:n]
-    g_loss = F.cross_entropy(fooled, logits.new_ones(n, dtype=torch.long))
-    accuracy = (logits.argmax(1) == targets).float().mean()
+    g_loss = F.cross_entropy(fooled, fooled.new_ones(n, dtype=torch.long))
     return d_loss + alpha * g_loss, accuracy
 
 

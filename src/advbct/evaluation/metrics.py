@@ -21,7 +21,7 @@ def average_precision_from_relevance(relevance: torch.Tensor) -> tuple[torch.Ten
     # than int32's or float64's on CPUs); the per-row sums are taken in float64.
     count_dtype = torch.float32 if relevance.shape[1] < 2**24 else torch.float64
     hits = relevance.to(count_dtype).cumsum(1)
-    n_rel = hits[:, -1].to(torch.float64) if hits.shape[1] else hits.new_zeros(hits.shape[0], dtype=torch.float64)
+    n_rel = relevance.sum(1, dtype=torch.float64)
     ranks = torch.arange(1, relevance.shape[1] + 1, dtype=count_dtype, device=relevance.device)
     precision_hits = torch.where(relevance, hits / ranks, 0.0)
     ap = precision_hits.sum(1, dtype=torch.float64) / n_rel.clamp(min=1)

@@ -22,7 +22,7 @@ from pydantic import BaseModel
 
 from advbct.data.images import DataError, square_rgb
 from advbct.models.checkpoint import CheckpointError
-from advbct.serving.backfill import BackfillProgress, resolve_ref, run_backfill
+from advbct.serving.backfill import BackfillProgress, ImageRoot, run_backfill
 from advbct.serving.batcher import MicroBatcher
 from advbct.serving.models import Embedder, GateRefused, ModelRegistry
 from advbct.serving.page import PAGE
@@ -184,18 +184,19 @@ def create_app(config: ServiceConfig) -> FastAPI:
 
     @app.post("/items/by-path")
     def add_paths(request: AddByPath) -> dict:
+        images = ImageRoot(config.image_root)
         try:
-            files = [resolve_ref(config.image_root, p) for p in request.paths]
+            files = [images.resolve(p) for p in request.paths]
         except DataError as exc:
             raise HTTPException(400, str(exc)) from None
         arrays = []
         for path in files:
             if not path.is_file():
-                raise HTTPException(404, f"no image file {path.relative_to(config.image_root.resolve())}")
+                raise HTTPException(404, f"no image file {path.relative_to(images.root)}")
             arrays.append(service.decode(path.read_bytes(), path.name))
         start = service.registry.reserve_ids(len(files))
         ids = list(range(start, start + len(files)))
-        refs = [str(p.relative_to(config.image_root.resolve())) for p in files]
+        refs = [str(p.relative_to(images.root)) for p in files]
         service.store.add(ids, refs, service.batcher.embed(np.stack(arrays)), service.registry.active.number)
         return {"ids": ids}
 
@@ -212,7 +213,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
         rows = service.store.get([item_id])
         if not rows:
             raise HTTPException(404, f"unknown id {item_id}")
-        return FileResponse(resolve_ref(config.image_root, rows[0]["ref"]))
+        return FileResponse(ImageRoot(config.image_root).resolve(rows[0]["ref"]))
 
     @app.get("/backfill")
     def backfill_status() -> dict:

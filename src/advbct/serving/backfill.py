@@ -73,11 +73,6 @@ class ImageRoot:
         return path
 
 
-def resolve_ref(image_root: Path, ref: str) -> Path:
-    """An item's image file: a path inside the image root (anything pointing outside it is refused)."""
-    return ImageRoot(image_root).resolve(ref)
-
-
 def run_backfill(
     store: GalleryStore,
     embedder: Embedder,

@@ -1,4 +1,4 @@
-"""Serving benchmark on Milvus Lite: a 100,000-item gallery of 256-d vectors.
+"""Serving benchmark: a 100,000-item gallery of 256-d vectors in Milvus Lite, or on a Milvus server.
 
 Prints (median / percentiles over many calls, measured in one run):
 - search latency p50 / p99 for one query image's vector, top-10;
@@ -12,6 +12,8 @@ backfill re-embeds all of them from real PNG files (4,000 distinct images, each 
 generation-2 model.
 
     python bench/bench_serving.py [--items 100000 --dim 256]
+    python bench/bench_serving.py --db http://host:19530       # a running Milvus server
+    python bench/bench_serving.py --start-server                # the `milvus` package's standalone server, here
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import statistics
 import sys
 import tempfile
 import time
+import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -43,14 +47,37 @@ def tiny_model(folder: Path, out: Path, seed: int, dim: int) -> Path:
     return train_old(train_config("old", "smoke", None, overrides, str(folder), None), out, show_progress=False)
 
 
+@contextmanager
+def gallery_uri(args: argparse.Namespace, work: Path):
+    """The database the benchmark runs on: the given URI, a standalone server started here, or a Lite file."""
+    if not args.start_server:
+        yield args.db or str(work / "gallery.db")
+        return
+    from milvus import MilvusServer
+
+    server = MilvusServer(data_dir=str(work / "milvus-server"))
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{server.listen_port}"
+    finally:
+        server.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--items", type=int, default=100_000)
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--searches", type=int, default=300)
+    parser.add_argument("--db", help="a Milvus server URI (default: a Milvus Lite file in the work folder)")
+    parser.add_argument("--start-server", action="store_true", help="start the `milvus` package's server and use it")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="advbct-bench-serving-"))
+    with gallery_uri(args, work) as uri:
+        run(args, work, uri)
+
+
+def run(args: argparse.Namespace, work: Path, uri: str) -> None:
     root = write_image_folder(work / "images", classes=10, train_per_class=400, test_per_class=20)
     files = sorted((root / "train").rglob("*.png"))
     old_path = tiny_model(root, work / "old", 0, args.dim)
@@ -58,7 +85,9 @@ def main() -> None:
 
     registry = ModelRegistry(work / "models.json")
     registry.register_first(old_path)
-    store = GalleryStore(str(work / "gallery.db"), args.dim)
+    # A collection of its own, so a benchmark on a shared server never touches another gallery.
+    store = GalleryStore(uri, args.dim, collection=f"bench_{uuid.uuid4().hex}")
+    print(f"database: {uri}")
     rng = np.random.default_rng(0)
     start = time.perf_counter()
     for offset in range(0, args.items, 10_000):
@@ -108,6 +137,7 @@ def main() -> None:
     print(f"backfill ({progress.done} items: decode, embed, check, upsert): {backfill_rate:.0f} items/s")
     print(f"backfill / raw embedding throughput: {backfill_rate / raw_rate:.2f} (target >= 0.8)")
     print(f"threads: {torch.get_num_threads()}; work folder {work}")
+    store.client.drop_collection(store.collection)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,9 @@ import json
 import os
 import subprocess
 import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -92,13 +95,64 @@ def image_root(tmp_path):
     return write_image_folder(tmp_path / "images", classes=4, train_per_class=10, test_per_class=4, seed=3)
 
 
-def build_gallery(three_models, image_root, db, registry):
+@pytest.fixture(scope="session")
+def milvus_server_uri(tmp_path_factory) -> Iterator[str]:
+    """A real Milvus server: the one at ADVBCT_MILVUS_URI where set, else the standalone server of the ``milvus``
+    package (etcd, storage and all in one process), started once for the session in a temporary folder."""
+    if os.environ.get("ADVBCT_MILVUS_URI"):
+        yield os.environ["ADVBCT_MILVUS_URI"]
+        return
+    try:
+        from milvus import MilvusServer
+    except ImportError:
+        pytest.skip("no Milvus server: set ADVBCT_MILVUS_URI, or pip install milvus (a standalone server)")
+    server = MilvusServer(data_dir=str(tmp_path_factory.mktemp("milvus-server")))
+    server.start()  # returns once the server's health check answers
+    try:
+        yield f"http://127.0.0.1:{server.listen_port}"
+    finally:
+        server.stop()
+
+
+@dataclass(frozen=True)
+class GalleryDb:
+    """Where a test's gallery lives: a Milvus Lite file, or a collection of its own on a Milvus server."""
+
+    uri: str
+    collection: str = "gallery"
+
+    @property
+    def args(self) -> list[str]:
+        return ["--db", self.uri, "--collection", self.collection]
+
+    def open(self, dim: int):
+        from advbct.serving.store import GalleryStore
+
+        return GalleryStore(self.uri, dim, self.collection)
+
+
+@pytest.fixture(params=["lite", "server"])
+def gallery_db(request, tmp_path) -> Iterator[GalleryDb]:
+    """Each serving test runs on Milvus Lite and on a real Milvus server through the same code."""
+    if request.param == "lite":
+        yield GalleryDb(str(tmp_path / "gallery.db"))
+        return
+    from pymilvus import MilvusClient
+
+    db = GalleryDb(request.getfixturevalue("milvus_server_uri"), f"test_{uuid.uuid4().hex}")
+    yield db
+    client = MilvusClient(db.uri)
+    client.drop_collection(db.collection)
+    client.close()
+
+
+def build_gallery(three_models, image_root, db: GalleryDb, registry):
     """The training images indexed at generation 1 (the "old" model), then the "new" model registered as
     generation 2 through the gate's operator override (two unrelated tiny models fail the gate, as they should)."""
-    add = run_advbct("index", "add", str(image_root / "train"), "--db", str(db), "--image-root", str(image_root),
+    add = run_advbct("index", "add", str(image_root / "train"), *db.args, "--image-root", str(image_root),
                      "--model", str(three_models["old"]), "--registry", str(registry))  # fmt: skip
     assert add.returncode == 0, add.stderr
     forced = run_advbct("upgrade", "--model", str(three_models["new"]), "--validation", str(image_root / "test"),
-                        "--db", str(db), "--registry", str(registry), "--force")  # fmt: skip
+                        "--db", db.uri, "--registry", str(registry), "--force")  # fmt: skip
     assert forced.returncode == 0, forced.stderr
     assert json.loads(forced.stdout)["gate"]["forced"] is True

@@ -21,7 +21,7 @@ from PIL import Image
 from advbct.cli import train_config
 from advbct.pipeline import train_old
 from advbct.serving.api import ServiceConfig, create_app
-from conftest import build_gallery
+from conftest import GalleryDb, build_gallery
 
 
 def _free_port() -> int:
@@ -32,9 +32,9 @@ def _free_port() -> int:
 
 @pytest.fixture
 def service(three_models, image_root, tmp_path):
-    db, registry = tmp_path / "gallery.db", tmp_path / "models.json"
+    db, registry = GalleryDb(str(tmp_path / "gallery.db")), tmp_path / "models.json"
     build_gallery(three_models, image_root, db, registry)  # generation 1 indexed, generation 2 registered (forced)
-    config = ServiceConfig(str(db), registry, image_root, max_upload_bytes=60_000, backfill_batch=4)
+    config = ServiceConfig(db.uri, registry, image_root, max_upload_bytes=60_000, backfill_batch=4)
     app = create_app(config)
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))

@@ -1,5 +1,6 @@
-"""The gallery on a real Milvus Lite database: storage rules, the compatibility gate, a backfill killed with
-SIGKILL and restarted, searches during a backfill, and rollback with part of the gallery re-embedded."""
+"""The gallery on a real Milvus Lite database and on a real Milvus server (the ``gallery_db`` fixture runs each test
+on both): storage rules, the compatibility gate, a backfill killed with SIGKILL and restarted, searches during a
+backfill, rollback with part of the gallery re-embedded, and workers splitting the gallery by id shard."""
 
 import json
 import os
@@ -22,8 +23,8 @@ def train_files(root):
     return sorted((root / "train").rglob("*.png"))
 
 
-def test_store_rules(tmp_path):
-    store = GalleryStore(str(tmp_path / "g.db"), dim=4)
+def test_store_rules(gallery_db):
+    store = gallery_db.open(dim=4)
     vectors = np.eye(4, dtype=np.float32) * 3
     store.add([1, 2, 3, 4], ["a", "b", "c", "d"], vectors, generation=1)
     with pytest.raises(StoreError, match=r"ids already in the gallery: \[2\]"):
@@ -41,7 +42,9 @@ def test_store_rules(tmp_path):
     assert store.count() == 3 and store.generations() == {1: 3}
     store.close()
     with pytest.raises(StoreError, match="holds 4-d vectors, not 8-d"):
-        GalleryStore(str(tmp_path / "g.db"), dim=8)
+        gallery_db.open(dim=8)
+    with pytest.raises(StoreError, match="collection name 'my-gallery'"):
+        GalleryStore(gallery_db.uri, 4, collection="my-gallery")
 
 
 def test_gate_refuses_an_incompatible_model_and_changes_nothing(three_models, image_root, tmp_path):
@@ -58,10 +61,10 @@ def _expected_vectors(model, image_root, files):
     return {str(f.relative_to(image_root)): v for f, v in zip(files, Embedder(model).embed_files(files), strict=True)}
 
 
-def test_backfill_killed_mid_way_resumes_with_nothing_lost_or_doubled(three_models, image_root, tmp_path):
-    db, registry = tmp_path / "gallery.db", tmp_path / "models.json"
-    build_gallery(three_models, image_root, db, registry)
-    command = [sys.executable, "-m", "advbct", "backfill", "--db", str(db), "--registry", str(registry),
+def test_backfill_killed_mid_way_resumes_with_nothing_lost_or_doubled(three_models, image_root, tmp_path, gallery_db):
+    registry = tmp_path / "models.json"
+    build_gallery(three_models, image_root, gallery_db, registry)
+    command = [sys.executable, "-m", "advbct", "backfill", *gallery_db.args, "--registry", str(registry),
                "--image-root", str(image_root), "--batch-size", "3"]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, start_new_session=True)
     done = 0
@@ -80,7 +83,7 @@ def test_backfill_killed_mid_way_resumes_with_nothing_lost_or_doubled(three_mode
 
     files = train_files(image_root)
     expected = _expected_vectors(three_models["new"], image_root, files)
-    store = GalleryStore(str(db), dim=next(iter(expected.values())).shape[0])
+    store = gallery_db.open(dim=next(iter(expected.values())).shape[0])
     assert store.count() == len(files) == 40
     rows = store.get(list(range(40)), with_vectors=True)
     assert sorted(int(r["id"]) for r in rows) == list(range(40)), "every item exactly once"
@@ -89,12 +92,12 @@ def test_backfill_killed_mid_way_resumes_with_nothing_lost_or_doubled(three_mode
         np.testing.assert_allclose(np.asarray(row["vector"]), expected[row["ref"]], atol=1e-5)
 
 
-def test_searches_during_backfill_never_fail_or_miss_an_item(three_models, image_root, tmp_path):
-    db, registry = tmp_path / "gallery.db", tmp_path / "models.json"
-    build_gallery(three_models, image_root, db, registry)
+def test_searches_during_backfill_never_fail_or_miss_an_item(three_models, image_root, tmp_path, gallery_db):
+    registry = tmp_path / "models.json"
+    build_gallery(three_models, image_root, gallery_db, registry)
     models = ModelRegistry(registry)
     new = Embedder(models.active.path)
-    store = GalleryStore(str(db), new.dim)
+    store = gallery_db.open(new.dim)
     query = new.embed_files(train_files(image_root)[:1])
     stop = threading.Event()
     result = {}
@@ -118,11 +121,11 @@ def test_searches_during_backfill_never_fail_or_miss_an_item(three_models, image
     assert searches > 3 and generations_seen == {1, 2}, "searches ran over the mixed gallery"
 
 
-def test_rollback_with_part_of_the_gallery_re_embedded(three_models, image_root, tmp_path):
-    db, registry = tmp_path / "gallery.db", tmp_path / "models.json"
-    build_gallery(three_models, image_root, db, registry)
+def test_rollback_with_part_of_the_gallery_re_embedded(three_models, image_root, tmp_path, gallery_db):
+    registry = tmp_path / "models.json"
+    build_gallery(three_models, image_root, gallery_db, registry)
     models = ModelRegistry(registry)
-    store = GalleryStore(str(db), Embedder(models.active.path).dim)
+    store = gallery_db.open(Embedder(models.active.path).dim)
     stop = threading.Event()
     run_backfill(store, Embedder(models.active.path), 2, image_root, batch_size=5, stop=stop,
                  on_batch=lambda p: stop.set() if p.done >= 10 else None)  # fmt: skip
@@ -139,11 +142,11 @@ def test_rollback_with_part_of_the_gallery_re_embedded(three_models, image_root,
         models.rollback()
 
 
-def test_two_workers_split_the_gallery_by_id_bucket(three_models, image_root, tmp_path):
-    db, registry = tmp_path / "gallery.db", tmp_path / "models.json"
-    build_gallery(three_models, image_root, db, registry)
+def test_two_workers_split_the_gallery_by_id_bucket(three_models, image_root, tmp_path, gallery_db):
+    registry = tmp_path / "models.json"
+    build_gallery(three_models, image_root, gallery_db, registry)
     new = Embedder(ModelRegistry(registry).active.path)
-    store = GalleryStore(str(db), new.dim)
+    store = gallery_db.open(new.dim)
     batches: list[list[int]] = []
     original_replace = store.replace
 
@@ -164,6 +167,28 @@ def test_two_workers_split_the_gallery_by_id_bucket(three_models, image_root, tm
     written = [i for batch in batches for i in batch]
     assert sorted(written) == list(range(40)), "each item re-embedded exactly once across the two workers"
     assert all(len({i % 64 % 2 for i in batch}) == 1 for batch in batches), "a batch stays inside one shard"
+
+
+@pytest.mark.parametrize("gallery_db", ["server"], indirect=True)
+def test_worker_processes_split_a_server_gallery(three_models, image_root, tmp_path, gallery_db):
+    """Two `advbct backfill` processes on the two shards of one gallery at once. This needs a Milvus server: a
+    Milvus Lite file can be opened by one process only, so there workers can only be threads."""
+    registry = tmp_path / "models.json"
+    build_gallery(three_models, image_root, gallery_db, registry)
+    command = [sys.executable, "-m", "advbct", "backfill", *gallery_db.args, "--registry", str(registry),
+               "--image-root", str(image_root), "--batch-size", "3", "--workers", "2"]  # fmt: skip
+    processes = [subprocess.Popen([*command, "--worker", str(w)], stdout=subprocess.PIPE, text=True) for w in (0, 1)]
+    outputs = [process.communicate(timeout=300)[0] for process in processes]
+    assert [process.returncode for process in processes] == [0, 0]
+    finals = [json.loads(next(line for line in out.splitlines() if line.startswith('{"state"'))) for out in outputs]
+    assert [f["state"] for f in finals] == ["finished", "finished"]
+    assert sum(f["done"] for f in finals) == 40 and min(f["done"] for f in finals) > 0, "each item written once"
+
+    expected = _expected_vectors(three_models["new"], image_root, train_files(image_root))
+    store = gallery_db.open(dim=next(iter(expected.values())).shape[0])
+    assert store.generations() == {2: 40}
+    for row in store.get(list(range(40)), with_vectors=True):
+        np.testing.assert_allclose(np.asarray(row["vector"]), expected[row["ref"]], atol=1e-5)
 
 
 def test_image_root_refuses_every_way_out_and_agrees_with_a_full_resolve(tmp_path):

@@ -35,6 +35,7 @@ class ServiceConfig:
     registry: Path
     image_root: Path
     device: str = "cpu"
+    collection: str = "gallery"
     max_upload_bytes: int = 20 * 2**20
     max_pixels: int = 40_000_000
     backfill_batch: int = 256
@@ -60,7 +61,7 @@ class Service:
             raise DataError(f"no model registered in {config.registry}; add items with --model first")
         self.lock = threading.Lock()
         self._activate()
-        self.store = GalleryStore(config.db, self.embedder.dim)
+        self.store = GalleryStore(config.db, self.embedder.dim, config.collection)
         self.backfill_thread: threading.Thread | None = None
         self.stop, self.pause = threading.Event(), threading.Event()
         self.progress = BackfillProgress(self.registry.active.number)

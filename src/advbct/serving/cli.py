@@ -26,6 +26,9 @@ errors = Console(stderr=True, soft_wrap=True)
 DbOpt = Annotated[str, typer.Option("--db", help="Milvus Lite file or Milvus URI (http://host:19530)")]
 RegistryOpt = Annotated[Path | None, typer.Option("--registry", help="model registry JSON (default: <db>.models.json)")]
 RootOpt = Annotated[Path, typer.Option("--image-root", help="folder that item references are relative to")]
+CollectionOpt = Annotated[
+    str, typer.Option("--collection", help="the gallery's collection (several galleries can share one Milvus server)")
+]
 DeviceOpt = Annotated[str, typer.Option("--device")]
 
 
@@ -50,13 +53,15 @@ def refused_as_exit() -> Iterator[None]:
         raise typer.Exit(2) from None
 
 
-def open_gallery(db: str, registry: Path | None, device: str) -> tuple[ModelRegistry, Embedder, GalleryStore]:
+def open_gallery(
+    db: str, registry: Path | None, device: str, collection: str
+) -> tuple[ModelRegistry, Embedder, GalleryStore]:
     models = ModelRegistry(registry_path(db, registry))
     active = models.active
     if active is None:
         raise DataError("no model is registered yet: run `advbct index add --model CHECKPOINT ...` first")
     embedder = Embedder(active.path, device)
-    return models, embedder, GalleryStore(db, embedder.dim)
+    return models, embedder, GalleryStore(db, embedder.dim, collection)
 
 
 def _image_files(folder: Path) -> list[Path]:
@@ -67,6 +72,7 @@ def _image_files(folder: Path) -> list[Path]:
 def add_cmd(
     images: Annotated[Path, typer.Argument(help="an image file or a folder of them, inside the image root")],
     db: DbOpt = "gallery.db",
+    collection: CollectionOpt = "gallery",
     image_root: RootOpt = Path("."),
     model: Annotated[Path | None, typer.Option("--model", help="first generation's checkpoint (new gallery)")] = None,
     registry: RegistryOpt = None,
@@ -82,7 +88,7 @@ def add_cmd(
             models.register_first(model, device)
         active = models.active
         embedder = Embedder(active.path, device)
-        store = GalleryStore(db, embedder.dim)
+        store = GalleryStore(db, embedder.dim, collection)
         files = [images] if images.is_file() else _image_files(images)
         if not files:
             raise DataError(f"no image files at {images}")
@@ -107,22 +113,28 @@ def _reference(path: Path, image_root: Path) -> str:
 def search_cmd(
     image: Annotated[Path, typer.Argument(help="query image file")],
     db: DbOpt = "gallery.db",
+    collection: CollectionOpt = "gallery",
     registry: RegistryOpt = None,
     k: Annotated[int, typer.Option("-k")] = 10,
     device: DeviceOpt = "cpu",
 ) -> None:
     """Top-k gallery items for a query image, embedded by the active model."""
     with refused_as_exit():
-        _, embedder, store = open_gallery(db, registry, device)
+        _, embedder, store = open_gallery(db, registry, device, collection)
         hits = store.search(embedder.embed_files([image]), k)[0]
     console.print(json.dumps([h.__dict__ for h in hits], indent=1))
 
 
 @index_app.command("stats")
-def stats_cmd(db: DbOpt = "gallery.db", registry: RegistryOpt = None, device: DeviceOpt = "cpu") -> None:
+def stats_cmd(
+    db: DbOpt = "gallery.db",
+    collection: CollectionOpt = "gallery",
+    registry: RegistryOpt = None,
+    device: DeviceOpt = "cpu",
+) -> None:
     """Items per generation and the active generation."""
     with refused_as_exit():
-        models, _, store = open_gallery(db, registry, device)
+        models, _, store = open_gallery(db, registry, device, collection)
         stats = {"items": store.count(), "by_generation": store.generations(), "active": models.active.number}
     console.print(json.dumps(stats))
 
@@ -150,6 +162,7 @@ def rollback_cmd(db: DbOpt = "gallery.db", registry: RegistryOpt = None) -> None
 
 def backfill_cmd(
     db: DbOpt = "gallery.db",
+    collection: CollectionOpt = "gallery",
     image_root: RootOpt = Path("."),
     registry: RegistryOpt = None,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 256,
@@ -159,7 +172,7 @@ def backfill_cmd(
 ) -> None:
     """Re-embed items not at the active generation; safe to kill and restart at any point."""
     with refused_as_exit():
-        models, embedder, store = open_gallery(db, registry, device)
+        models, embedder, store = open_gallery(db, registry, device, collection)
         target = models.active.number
 
         def report(progress: BackfillProgress) -> None:
@@ -172,6 +185,7 @@ def backfill_cmd(
 
 def serve_cmd(
     db: DbOpt = "gallery.db",
+    collection: CollectionOpt = "gallery",
     image_root: RootOpt = Path("."),
     registry: RegistryOpt = None,
     host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
@@ -185,7 +199,7 @@ def serve_cmd(
     from advbct.serving.api import ServiceConfig, create_app
 
     with refused_as_exit():
-        app = create_app(ServiceConfig(db, registry_path(db, registry), image_root, device))
+        app = create_app(ServiceConfig(db, registry_path(db, registry), image_root, device, collection))
     if backfill:
         app.state.service.start_backfill()
     uvicorn.run(app, host=host, port=port)

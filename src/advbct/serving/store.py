@@ -12,6 +12,7 @@ pymilvus is imported when a gallery is opened, so the training commands run wher
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import numpy as np
 
 BUCKETS = 64
 MAX_REF_LENGTH = 2048
+COLLECTION_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")
 
 
 class StoreError(ValueError):
@@ -50,6 +52,10 @@ class GalleryStore:
     def __init__(self, uri: str, dim: int, collection: str = "gallery"):
         from pymilvus import MilvusClient
 
+        if not COLLECTION_NAME.fullmatch(collection):
+            raise StoreError(
+                f"collection name {collection!r}: use letters, digits and underscores, not starting with a digit"
+            )
         self.uri, self.dim, self.collection = uri, dim, collection
         # The most rows one listing query may return: Milvus servers cap offset + limit at 16,384
         # (maxQueryResultWindow); Milvus Lite has no cap, and each of its filtered queries scans the collection,

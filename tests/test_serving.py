@@ -1,6 +1,7 @@
-"""The gallery on a real Milvus Lite database and on a real Milvus server (the ``gallery_db`` fixture runs each test
-on both): storage rules, the compatibility gate, a backfill killed with SIGKILL and restarted, searches during a
-backfill, rollback with part of the gallery re-embedded, and workers splitting the gallery by id shard."""
+"""The gallery on a real Milvus Lite database, and where the ``gallery_db`` fixture is used also on a real Milvus
+server (those runs are marked slow): storage rules, the compatibility gate, a backfill killed with SIGKILL and
+restarted, searches during a backfill, rollback with part of the gallery re-embedded, and workers splitting the
+gallery by id shard (as processes on the server)."""
 
 import json
 import os
@@ -121,8 +122,8 @@ def test_searches_during_backfill_never_fail_or_miss_an_item(three_models, image
     assert searches > 3 and generations_seen == {1, 2}, "searches ran over the mixed gallery"
 
 
-def test_rollback_with_part_of_the_gallery_re_embedded(three_models, image_root, tmp_path, gallery_db):
-    registry = tmp_path / "models.json"
+def test_rollback_with_part_of_the_gallery_re_embedded(three_models, image_root, tmp_path):
+    gallery_db, registry = GalleryDb(str(tmp_path / "gallery.db")), tmp_path / "models.json"
     build_gallery(three_models, image_root, gallery_db, registry)
     models = ModelRegistry(registry)
     store = gallery_db.open(Embedder(models.active.path).dim)
@@ -142,8 +143,8 @@ def test_rollback_with_part_of_the_gallery_re_embedded(three_models, image_root,
         models.rollback()
 
 
-def test_two_workers_split_the_gallery_by_id_bucket(three_models, image_root, tmp_path, gallery_db):
-    registry = tmp_path / "models.json"
+def test_two_workers_split_the_gallery_by_id_bucket(three_models, image_root, tmp_path):
+    gallery_db, registry = GalleryDb(str(tmp_path / "gallery.db")), tmp_path / "models.json"
     build_gallery(three_models, image_root, gallery_db, registry)
     new = Embedder(ModelRegistry(registry).active.path)
     store = gallery_db.open(new.dim)
@@ -192,7 +193,7 @@ def test_items_already_at_the_target_are_neither_rewritten_nor_counted(three_mod
         np.testing.assert_allclose(np.asarray(row["vector"]), marker[0], atol=1e-6)
 
 
-@pytest.mark.parametrize("gallery_db", ["server"], indirect=True)
+@pytest.mark.parametrize("gallery_db", [pytest.param("server", marks=pytest.mark.slow)], indirect=True)
 def test_worker_processes_split_a_server_gallery(three_models, image_root, tmp_path, gallery_db):
     """Two `advbct backfill` processes on the two shards of one gallery at once. This needs a Milvus server: a
     Milvus Lite file can be opened by one process only, so there workers can only be threads."""

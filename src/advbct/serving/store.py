@@ -4,9 +4,11 @@ by URI (``http://host:19530``), through the same client code.
 Each item is (id, image reference, L2-normalised vector, generation that embedded it, time of embedding,
 bucket). Search is inner product on normalised vectors, i.e. cosine similarity. ``bucket`` = id mod 64 is stored
 so backfill workers can split the gallery by id with a plain filter (Milvus filters have no modulo).
-Reads use strong consistency, so what a write returned from is what the next search sees. Every write is
-flushed into a sealed segment: in Milvus Lite a search scans unflushed rows one by one (2,048 of them add about
-40 ms to a 20,000-item search), while a flush of a batch costs tens of milliseconds once.
+Reads use strong consistency, so what a write returned from is what the next search sees. In Milvus Lite every
+write is flushed into a sealed segment: a Lite search scans unflushed rows one by one (2,048 of them add about
+40 ms to a 20,000-item search), while a flush of a batch costs tens of milliseconds once. A server indexes its
+growing segments itself and seals them on its own schedule; there a flush per write only makes small segments
+and waits for them to persist, so writes to a server are never flushed by hand.
 pymilvus is imported when a gallery is opened, so the training commands run where only their needs are installed.
 """
 
@@ -61,6 +63,7 @@ class GalleryStore:
         # (maxQueryResultWindow); Milvus Lite has no cap, and each of its filtered queries scans the collection,
         # so fewer, larger listings cost less.
         self.page_limit = 16_384 if "://" in uri else 131_072
+        self.flushes_writes = "://" not in uri
         self.client = MilvusClient(uri)
         if self.client.has_collection(collection):
             have = self._stored_dim()
@@ -124,7 +127,7 @@ class GalleryStore:
         if taken:
             raise StoreError(f"ids already in the gallery: {sorted(taken)[:10]}")
         self.client.insert(self.collection, self._rows(ids, refs, vectors, generation))
-        self.client.flush(self.collection)
+        self.flush()
 
     def replace(
         self, ids: Sequence[int], refs: Sequence[str], vectors: np.ndarray, generation: int, flush: bool = True
@@ -137,14 +140,15 @@ class GalleryStore:
             self.flush()
 
     def flush(self) -> None:
-        self.client.flush(self.collection)
+        if self.flushes_writes:
+            self.client.flush(self.collection)
 
     def delete(self, ids: Sequence[int]) -> None:
         missing = set(int(i) for i in ids) - self.existing(ids)
         if missing:
             raise StoreError(f"unknown ids: {sorted(missing)[:10]}")
         self.client.delete(self.collection, ids=[int(i) for i in ids])
-        self.client.flush(self.collection)
+        self.flush()
 
     def get(self, ids: Sequence[int], with_vectors: bool = False) -> list[dict]:
         fields = ["id", "ref", "generation", "embedded_at", *(["vector"] if with_vectors else [])]

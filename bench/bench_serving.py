@@ -38,7 +38,7 @@ from advbct.pipeline import train_old  # noqa: E402
 from advbct.serving.backfill import run_backfill  # noqa: E402
 from advbct.serving.models import Embedder, ModelRegistry  # noqa: E402
 from advbct.serving.store import GalleryStore  # noqa: E402
-from conftest import write_image_folder  # noqa: E402
+from conftest import start_milvus_server, write_image_folder  # noqa: E402
 
 
 def tiny_model(folder: Path, out: Path, seed: int, dim: int) -> Path:
@@ -53,10 +53,7 @@ def gallery_uri(args: argparse.Namespace, work: Path):
     if not args.start_server:
         yield args.db or str(work / "gallery.db")
         return
-    from milvus import MilvusServer
-
-    server = MilvusServer(data_dir=str(work / "milvus-server"))
-    server.start()
+    server = start_milvus_server(work / "milvus-server")
     try:
         yield f"http://127.0.0.1:{server.listen_port}"
     finally:

@@ -103,20 +103,32 @@ def milvus_server_uri(tmp_path_factory) -> Iterator[str]:
         yield os.environ["ADVBCT_MILVUS_URI"]
         return
     try:
-        from milvus import MilvusServer
+        import milvus  # noqa: F401
     except ImportError:
         pytest.skip("no Milvus server: set ADVBCT_MILVUS_URI, or pip install milvus (a standalone server)")
     folder = tmp_path_factory.mktemp("milvus-server")
-    server = MilvusServer(data_dir=str(folder))
     try:
-        server.start()  # returns once the server's health check answers
+        server = start_milvus_server(folder)
     except (RuntimeError, TimeoutError, OSError) as exc:
-        server.stop()
         pytest.skip(f"the milvus package's server did not start here ({exc}); its logs are in {folder / 'logs'}")
     try:
         yield f"http://127.0.0.1:{server.listen_port}"
     finally:
         server.stop()
+
+
+def start_milvus_server(folder: Path):
+    """The ``milvus`` package's standalone server, its data and logs in ``folder``, started and healthy (stopped
+    again if it does not come up). Also used by bench/bench_serving.py --start-server."""
+    from milvus import MilvusServer
+
+    server = MilvusServer(data_dir=str(folder))
+    try:
+        server.start()  # returns once the server's health check answers
+    except BaseException:
+        server.stop()
+        raise
+    return server
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from advbct.data.images import IMAGE_SUFFIXES, DataError
 from advbct.models.checkpoint import CheckpointError
 from advbct.serving.backfill import BackfillProgress, run_backfill
 from advbct.serving.models import Embedder, GateRefused, ModelRegistry
-from advbct.serving.store import GalleryStore, StoreError
+from advbct.serving.store import GalleryStore, StoreError, is_server_uri
 
 index_app = typer.Typer(add_completion=False, no_args_is_help=True, help="The gallery in Milvus.")
 console = Console()
@@ -35,7 +35,7 @@ DeviceOpt = Annotated[str, typer.Option("--device")]
 def registry_path(db: str, registry: Path | None) -> Path:
     if registry is not None:
         return registry
-    if "://" in db:
+    if is_server_uri(db):
         raise DataError("a Milvus server URI needs --registry PATH for the model registry file")
     return Path(db + ".models.json")
 

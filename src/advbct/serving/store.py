@@ -26,6 +26,11 @@ MAX_REF_LENGTH = 2048
 COLLECTION_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")
 
 
+def is_server_uri(db: str) -> bool:
+    """A Milvus server or cluster (``http://host:19530``) rather than a Milvus Lite file."""
+    return "://" in db
+
+
 class StoreError(ValueError):
     """A request the gallery refuses (unknown or duplicate id, wrong dimension); nothing was changed."""
 
@@ -62,8 +67,9 @@ class GalleryStore:
         # The most rows one listing query may return: Milvus servers cap offset + limit at 16,384
         # (maxQueryResultWindow); Milvus Lite has no cap, and each of its filtered queries scans the collection,
         # so fewer, larger listings cost less.
-        self.page_limit = 16_384 if "://" in uri else 131_072
-        self.flushes_writes = "://" not in uri
+        server = is_server_uri(uri)
+        self.page_limit = 16_384 if server else 131_072
+        self.flushes_writes = not server
         self.client = MilvusClient(uri)
         if self.client.has_collection(collection):
             have = self._stored_dim()

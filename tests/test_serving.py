@@ -170,19 +170,23 @@ def test_two_workers_split_the_gallery_by_id_bucket(three_models, image_root, tm
     assert all(len({i % 64 % 2 for i in batch}) == 1 for batch in batches), "a batch stays inside one shard"
 
 
-def test_items_already_at_the_target_are_neither_rewritten_nor_counted(three_models, image_root, tmp_path):
+@pytest.mark.parametrize("writers", [1, 4])
+def test_items_already_at_the_target_are_neither_rewritten_nor_counted(three_models, image_root, tmp_path, writers):
     """Items that reach the target generation after the backfill listed them (a stale listing, another writer)
-    are skipped at write time, so `done` counts each item once and their vectors stay as they are."""
+    are skipped at write time, so `done` counts each item once and their vectors stay as they are; also with the
+    several writer threads a server gets."""
     db, registry = GalleryDb(str(tmp_path / "gallery.db")), tmp_path / "models.json"
     build_gallery(three_models, image_root, db, registry)
     new = Embedder(ModelRegistry(registry).active.path)
     store = db.open(new.dim)
+    store.concurrent_writes = writers
     marker = np.eye(new.dim, dtype=np.float32)[:1]
     behind_its_back: list[int] = []
 
     def rewrite_three_later_items(progress):
+        # The last three of the listing: their batch is not checked yet, even with four writers ahead of it.
         if not behind_its_back:
-            behind_its_back.extend(int(r["id"]) for r in store.stale(2, 3))
+            behind_its_back.extend(int(r["id"]) for r in store.stale(2, 1000)[-3:])
             store.replace(behind_its_back, ["elsewhere"] * 3, np.repeat(marker, 3, axis=0), generation=2)
 
     progress = run_backfill(store, new, 2, image_root, batch_size=4, on_batch=rewrite_three_later_items)

@@ -90,8 +90,8 @@ def run_backfill(
     """Re-embed this worker's stale items in batches until none is left (or ``stop`` is set).
 
     Stale items are listed a page (``page_size`` items, by default the most the store returns at once) at a time,
-    because each filtered query scans the collection; a writer thread upserts one batch while the next is decoded
-    and embedded.
+    because each filtered query scans the collection; writer threads check and upsert earlier batches while the
+    next is decoded and embedded (several on a server, whose strongly consistent check waits for a time tick).
     """
     if embedder.dim != store.dim:
         raise DataError(f"the model embeds to {embedder.dim} dimensions, the gallery holds {store.dim}")
@@ -122,9 +122,11 @@ def run_backfill(
         counter = threading.Thread(target=count_stale, daemon=True)
         counter.start()
     started = time.perf_counter()
-    writes: queue.Queue = queue.Queue(maxsize=2)
+    writers = store.concurrent_writes
+    writes: queue.Queue = queue.Queue(maxsize=writers + 1)
     written = [0]
     failure: list[BaseException] = []
+    counting = threading.Lock()
 
     def write() -> None:
         while (item := writes.get()) is not None:
@@ -138,24 +140,27 @@ def run_backfill(
                     i for i, item_id in enumerate(ids) if item_id in current and current[item_id] != target_generation
                 ]
                 if keep:
-                    written[0] += 1
-                    flush = written[0] % FLUSH_EVERY == 0
+                    with counting:
+                        written[0] += 1
+                        flush = written[0] % FLUSH_EVERY == 0
                     store.replace([ids[i] for i in keep], [refs[i] for i in keep], vectors[keep], target_generation,
                                   flush=flush)  # fmt: skip
             except BaseException as exc:  # handed to the main loop, which stops and re-raises
                 failure.append(exc)
                 writes.task_done()
                 continue
-            progress.done += len(keep)
-            if initial:
-                progress.remaining = max(0, initial[0] - progress.done)
-            progress.items_per_s = progress.done / max(time.perf_counter() - started, 1e-9)
-            if on_batch is not None:
-                on_batch(progress)
+            with counting:
+                progress.done += len(keep)
+                if initial:
+                    progress.remaining = max(0, initial[0] - progress.done)
+                progress.items_per_s = progress.done / max(time.perf_counter() - started, 1e-9)
+                if on_batch is not None:
+                    on_batch(progress)
             writes.task_done()
 
-    writer = threading.Thread(target=write, daemon=True)
-    writer.start()
+    threads = [threading.Thread(target=write, daemon=True) for _ in range(writers)]
+    for thread in threads:
+        thread.start()
     exhausted = False
     try:
         while not (stop is not None and stop.is_set()) and not failure:
@@ -176,8 +181,10 @@ def run_backfill(
             writes.join()  # the next page must not list items of this one that are still being written
             page = store.stale(target_generation, page_size, buckets)
     finally:
-        writes.put(None)
-        writer.join()
+        for _ in threads:
+            writes.put(None)
+        for thread in threads:
+            thread.join()
     if counter is not None:
         counter.join()
     store.flush()

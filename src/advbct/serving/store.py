@@ -70,6 +70,10 @@ class GalleryStore:
         server = is_server_uri(uri)
         self.page_limit = 16_384 if server else 131_072
         self.flushes_writes = not server
+        # Writers a bulk job may run at once. A server answers a strongly consistent read at its next time tick
+        # (about 200 ms), so a backfill's check-then-upsert per batch is pipelined over several threads there;
+        # Milvus Lite answers at once and shares this process's cores, where more writers only compete.
+        self.concurrent_writes = 4 if server else 1
         self.client = MilvusClient(uri)
         if self.client.has_collection(collection):
             have = self._stored_dim()

@@ -54,7 +54,7 @@ from conftest import start_milvus_server, write_image_folder  # noqa: E402
 MODEL_PRESETS = {"smoke": "smoke", "paper": "paper-cifar100"}
 
 
-def tiny_model(folder: Path, out: Path, seed: int, dim: int, model: str = "smoke") -> Path:
+def briefly_trained_model(folder: Path, out: Path, seed: int, dim: int, model: str = "smoke") -> Path:
     """A checkpoint of the chosen architecture after one short epoch (throughput does not depend on accuracy)."""
     overrides = ["data.dataset=image-folder", "device=cpu", f"seed={seed}", "optim.epochs=1", "optim.milestones=[]",
                  "data.max_train_per_class=40", f"model.embedding_dim={dim}"]  # fmt: skip
@@ -80,13 +80,15 @@ def gallery_uri(args: argparse.Namespace, work: Path):
         yield args.db or str(work / "gallery.db")
         return
     server_cpus, own_cpus = cpu_split(args.server_cpus)
-    if server_cpus is not None:
+    if server_cpus is None:
+        server = start_milvus_server(work / "milvus-server")
+    else:
         # The server inherits the CPUs of the thread that starts it; everything this process starts afterwards (the
         # embedder's threads included) inherits the rest.
         os.sched_setaffinity(0, server_cpus)
-    server = start_milvus_server(work / "milvus-server")
-    os.sched_setaffinity(0, own_cpus)
-    torch.set_num_threads(len(own_cpus))
+        server = start_milvus_server(work / "milvus-server")
+        os.sched_setaffinity(0, own_cpus)
+        torch.set_num_threads(len(own_cpus))
     try:
         yield f"http://127.0.0.1:{server.listen_port}"
     finally:
@@ -122,8 +124,8 @@ def main() -> None:
 def run(args: argparse.Namespace, work: Path, uri: str) -> None:
     root = write_image_folder(work / "images", classes=10, train_per_class=400, test_per_class=20)
     files = sorted((root / "train").rglob("*.png"))
-    old_path = tiny_model(root, work / "old", 0, args.dim, args.model)
-    new_path = tiny_model(root, work / "new", 1, args.dim, args.model)
+    old_path = briefly_trained_model(root, work / "old", 0, args.dim, args.model)
+    new_path = briefly_trained_model(root, work / "new", 1, args.dim, args.model)
 
     registry = ModelRegistry(work / "models.json")
     registry.register_first(old_path)

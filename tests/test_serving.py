@@ -17,7 +17,7 @@ from advbct.data.images import DataError
 from advbct.serving.backfill import ImageRoot, run_backfill
 from advbct.serving.models import Embedder, GateRefused, ModelRegistry
 from advbct.serving.store import GalleryStore, StoreError
-from conftest import GalleryDb, build_gallery
+from conftest import build_gallery
 
 
 def train_files(root):
@@ -122,8 +122,9 @@ def test_searches_during_backfill_never_fail_or_miss_an_item(three_models, image
     assert searches > 3 and generations_seen == {1, 2}, "searches ran over the mixed gallery"
 
 
-def test_rollback_with_part_of_the_gallery_re_embedded(three_models, image_root, tmp_path):
-    gallery_db, registry = GalleryDb(str(tmp_path / "gallery.db")), tmp_path / "models.json"
+@pytest.mark.parametrize("gallery_db", ["lite"], indirect=True)  # the same logic as on a server
+def test_rollback_with_part_of_the_gallery_re_embedded(three_models, image_root, tmp_path, gallery_db):
+    registry = tmp_path / "models.json"
     build_gallery(three_models, image_root, gallery_db, registry)
     models = ModelRegistry(registry)
     store = gallery_db.open(Embedder(models.active.path).dim)
@@ -143,8 +144,9 @@ def test_rollback_with_part_of_the_gallery_re_embedded(three_models, image_root,
         models.rollback()
 
 
-def test_two_workers_split_the_gallery_by_id_bucket(three_models, image_root, tmp_path):
-    gallery_db, registry = GalleryDb(str(tmp_path / "gallery.db")), tmp_path / "models.json"
+@pytest.mark.parametrize("gallery_db", ["lite"], indirect=True)  # the same logic as on a server
+def test_two_workers_split_the_gallery_by_id_bucket(three_models, image_root, tmp_path, gallery_db):
+    registry = tmp_path / "models.json"
     build_gallery(three_models, image_root, gallery_db, registry)
     new = Embedder(ModelRegistry(registry).active.path)
     store = gallery_db.open(new.dim)
@@ -171,14 +173,17 @@ def test_two_workers_split_the_gallery_by_id_bucket(three_models, image_root, tm
 
 
 @pytest.mark.parametrize("writers", [1, 4])
-def test_items_already_at_the_target_are_neither_rewritten_nor_counted(three_models, image_root, tmp_path, writers):
+@pytest.mark.parametrize("gallery_db", ["lite"], indirect=True)
+def test_items_already_at_the_target_are_neither_rewritten_nor_counted(
+    three_models, image_root, tmp_path, gallery_db, writers
+):
     """Items that reach the target generation after the backfill listed them (a stale listing, another writer)
     are skipped at write time, so `done` counts each item once and their vectors stay as they are; also with the
     several writer threads a server gets."""
-    db, registry = GalleryDb(str(tmp_path / "gallery.db")), tmp_path / "models.json"
-    build_gallery(three_models, image_root, db, registry)
+    registry = tmp_path / "models.json"
+    build_gallery(three_models, image_root, gallery_db, registry)
     new = Embedder(ModelRegistry(registry).active.path)
-    store = db.open(new.dim)
+    store = gallery_db.open(new.dim)
     store.concurrent_writes = writers
     marker = np.eye(new.dim, dtype=np.float32)[:1]
     behind_its_back: list[int] = []

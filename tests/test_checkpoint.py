@@ -52,6 +52,17 @@ def test_small_input_stem_keeps_resolution():
     assert feats.shape[-1] == 4  # 32 / 8 with strides 1 (stem), 1, 2, 2, 2
 
 
+def test_stride_two_stem_halves_the_resolution_once_and_survives_a_round_trip(tmp_path):
+    meta = make_meta(architecture=SMALL.model_copy(update={"small_input_stride": 2}))
+    model = build_model(meta)
+    assert model.backbone.conv1.stride == (2, 2)
+    assert isinstance(model.backbone.maxpool, torch.nn.Identity)
+    assert model.backbone.forward_features(torch.randn(1, 3, 32, 32)).shape[-1] == 2  # 32 / 16: strides 2, 1, 2, 2, 2
+    save_checkpoint(tmp_path / "m.pt", model, meta)
+    loaded, _ = load_checkpoint(tmp_path / "m.pt")
+    assert loaded.backbone.conv1.stride == (2, 2)
+
+
 def test_refuses_foreign_and_corrupt_files(tmp_path):
     torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.pt")
     with pytest.raises(CheckpointError, match="not an advbct checkpoint"):

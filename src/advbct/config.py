@@ -51,6 +51,9 @@ class ModelConfig(_Section):
     backbone_kwargs: dict[str, Any] = Field(default_factory=dict)
     small_input: bool = True
     small_input_pool: bool = False
+    small_input_stride: Literal[1, 2] = Field(
+        1, description="stride of the small-input stem conv; 2 halves the resolution there instead of by max-pool"
+    )
     embedding_dim: int = Field(256, ge=2)
     head: HeadKind = "softmax"
     head_scale: float = Field(30.0, gt=0.0)

@@ -63,6 +63,7 @@ def build_model(meta: ModelMeta, load_pretrained: bool = True) -> EmbeddingModel
         head_margin=arch.head_margin,
         small_input=arch.small_input,
         small_input_pool=arch.small_input_pool,
+        small_input_stride=arch.small_input_stride,
         backbone_kwargs=arch.backbone_kwargs,
         pretrained=arch.pretrained and load_pretrained,
         weights=arch.weights if load_pretrained else None,

@@ -21,6 +21,7 @@ from advbct.compat.advbct import (
     elastic_radii,
     grad_reverse,
     non_saturating_adversarial_loss,
+    separate_batch_adversarial_loss,
 )
 
 
@@ -174,5 +175,46 @@ def test_advbct_generator_loss_option():
     batch = CompatBatch(torch.randn(6, 4, requires_grad=True), torch.arange(6) % 3, torch.randn(6, 4), 0.5, 0, 2, None)
     out = method(batch)
     assert {"adv", "disc_acc", "bound"} <= set(out.parts)
-    with pytest.raises(ValueError, match="generator_loss must be one of reversal, non-saturating"):
+    with pytest.raises(ValueError, match="generator_loss must be one of reversal, reversal-separate, non-saturating"):
         create("advbct", ctx, generator_loss="wasserstein")
+
+
+def _batch_norm_discriminator():
+    """BatchNorm1d(1, affine=False) -> logits (0, x): D's call on a batch sees that batch standardised."""
+    return torch.nn.Sequential(torch.nn.BatchNorm1d(1, affine=False, eps=1e-12), torch.nn.Linear(1, 2, bias=False))
+
+
+def test_separate_batches_hide_a_shift_that_the_joint_batch_shows():
+    old = torch.tensor([[1.0], [3.0]])
+    new = torch.tensor([[-3.0], [-1.0]])
+    d = _batch_norm_discriminator()
+    d[1].weight.data = torch.tensor([[0.0], [1.0]])
+    # Joint batch {-3, -1, 1, 3}: mean 0, std sqrt(5); logits of 'old' are x / sqrt(5), so D separates the two.
+    joint, joint_acc = adversarial_loss(d, new, old, 1.0)
+    s5 = math.sqrt(5)
+    expected = (_softplus(-3 / s5) + _softplus(-1 / s5)) / 2 + (_softplus(-1 / s5) + _softplus(-3 / s5)) / 2
+    assert joint.item() == pytest.approx(expected, rel=1e-5)
+    assert joint_acc.item() == 1.0
+    # Separate calls standardise each pair to (-1, 1): D sees the same two inputs on both sides, whatever the shift.
+    separate, separate_acc = separate_batch_adversarial_loss(d, new, old, 1.0)
+    assert separate.item() == pytest.approx(_softplus(-1) + _softplus(1), rel=1e-5)
+    assert separate_acc.item() == 0.5
+    shifted, _ = separate_batch_adversarial_loss(d, new + 100.0, old, 1.0)
+    assert shifted.item() == pytest.approx(separate.item(), rel=1e-6)
+
+
+def test_separate_batch_loss_reverses_the_new_embeddings_gradient():
+    d = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.BatchNorm1d(3), torch.nn.Linear(3, 2))
+    new, old = torch.randn(6, 2, requires_grad=True), torch.randn(6, 2)
+    separate_batch_adversarial_loss(d, new, old, 0.25)[0].backward()
+    reversed_grad = new.grad.clone()
+    new.grad = None
+    d.zero_grad()
+    # The same loss with no reversal: D's own gradient with respect to its new-side inputs.
+    logits = torch.cat([d(new), d(old)])
+    targets = torch.cat([torch.zeros(6, dtype=torch.long), torch.ones(6, dtype=torch.long)])
+    (
+        torch.nn.functional.cross_entropy(logits[:6], targets[:6])
+        + torch.nn.functional.cross_entropy(logits[6:], targets[6:])
+    ).backward()
+    assert torch.allclose(reversed_grad, -0.25 * new.grad, atol=1e-7)

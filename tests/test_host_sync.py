@@ -69,7 +69,7 @@ def make_context(dim: int, classes: int) -> CompatContext:
 
 
 METHOD_CASES = [(m, {}) for m in list_methods() if m != "independent"]
-METHOD_CASES.append(("advbct", {"generator_loss": "non-saturating"}))
+METHOD_CASES += [("advbct", {"generator_loss": loss}) for loss in ("non-saturating", "reversal-separate")]
 
 
 @pytest.mark.parametrize(("name", "options"), METHOD_CASES)

@@ -6,6 +6,7 @@ import torch
 from advbct import pipeline
 from advbct.cli import train_config
 from advbct.config import OptimConfig
+from advbct.models.embedding import EmbeddingModel
 from advbct.training import learning_rate
 from advbct.training import loop as loop_module
 
@@ -62,3 +63,67 @@ def test_a_run_folder_made_with_another_config_is_refused(tiny_folder, tmp_path)
     with pytest.raises(loop_module.CheckpointError, match=r"different config \(sections optim differ\)"):
         pipeline.train_old(other, tmp_path / "old", show_progress=False)
     assert first.read_bytes() == before
+
+
+def _old_and_new_config(tiny_folder, tmp_path, *new_overrides):
+    base = ["data.dataset=image-folder", "device=cpu", "optim.epochs=1"]
+    old_cfg = train_config("old", "smoke", None, base, str(tiny_folder), None)
+    old_path = pipeline.train_old(old_cfg, tmp_path / "old", show_progress=False)
+    new_cfg = train_config(
+        "new", "smoke", None, [*base, "compat.method=independent", *new_overrides], str(tiny_folder), None
+    )
+    return pipeline.load_old(old_path), new_cfg
+
+
+def test_a_new_model_started_from_the_old_one_embeds_exactly_like_it(tiny_folder, tmp_path):
+    old, new_cfg = _old_and_new_config(tiny_folder, tmp_path, "init_from_old=true")
+    num_classes = len(old.meta.class_names)
+    model = EmbeddingModel(
+        new_cfg.model.backbone,
+        new_cfg.model.embedding_dim,
+        num_classes,
+        small_input=True,
+        backbone_kwargs=new_cfg.model.backbone_kwargs,
+    )
+    loop_module.start_from_old(model, new_cfg.model, old)
+    x = torch.randn(4, 3, 32, 32)
+    model.eval()
+    assert torch.equal(model(x), old.model(x))
+    rows = torch.tensor(old.meta.head_classes)
+    assert len(rows) < num_classes  # extended-class: the new head is wider
+    assert torch.equal(model.head.weight[rows], old.model.head.weight)
+
+
+def test_init_from_old_reaches_the_trained_model_and_refuses_other_shapes(tiny_folder, tmp_path):
+    frozen = ["init_from_old=true", "optim.lr=1e-30", "optim.momentum=0", "optim.weight_decay=0", "seed=7"]
+    old, new_cfg = _old_and_new_config(tiny_folder, tmp_path, *frozen)
+    new_path = pipeline.train_new(new_cfg, tmp_path / "new", old.path, show_progress=False)
+    new_state, old_state = torch.load(new_path, weights_only=True)["model"], old.model.state_dict()
+    conv = "backbone.conv1.weight"
+    assert torch.equal(new_state[conv], old_state[conv])  # a step of 1e-30 leaves every weight where it started
+
+    wider = train_config(
+        "new",
+        "smoke",
+        None,
+        [
+            "data.dataset=image-folder",
+            "device=cpu",
+            "compat.method=independent",
+            "init_from_old=true",
+            "model.embedding_dim=48",
+        ],
+        str(tiny_folder),
+        None,
+    )
+    with pytest.raises(loop_module.CheckpointError, match=r"embeds to dim 32"):
+        pipeline.train_new(wider, tmp_path / "wider", old.path, show_progress=False)
+    stride = wider.model_copy(update={"model": new_cfg.model.model_copy(update={"small_input_stride": 2})})
+    with pytest.raises(loop_module.CheckpointError, match=r"differs from this model in model\.small_input_stride"):
+        pipeline.train_new(stride, tmp_path / "stride", old.path, show_progress=False)
+    assert not (tmp_path / "stride").exists()
+    old_run = train_config(
+        "old", "smoke", None, ["data.dataset=image-folder", "device=cpu", "init_from_old=true"], str(tiny_folder), None
+    )
+    with pytest.raises(loop_module.CheckpointError, match="init_from_old needs a new-model run"):
+        pipeline.train_old(old_run, tmp_path / "old2", show_progress=False)

@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from advbct.compat import ClassStatistics, CompatBatch, CompatContext, create, method_class
 from advbct.compat.base import LossOutput
-from advbct.config import TrainConfig
+from advbct.config import ModelConfig, TrainConfig
 from advbct.data.allocation import Allocation
 from advbct.data.batches import BatchStream, Preprocessing, normalise
 from advbct.data.images import ImageSet
@@ -79,6 +79,41 @@ def check_compatible_setup(cfg: TrainConfig, old: OldModel, stats: ClassStatisti
             f"statistics were computed from model {stats.old_model_id}, not from the old checkpoint {old.path} "
             f"({old.meta.model_id}); run `advbct stats` on it"
         )
+
+
+# The architecture fields that decide the shapes of the weights an old checkpoint hands to a new model.
+WEIGHT_SHAPING_FIELDS = (
+    "backbone",
+    "backbone_kwargs",
+    "small_input",
+    "small_input_pool",
+    "small_input_stride",
+    "embedding_dim",
+)
+
+
+def start_from_old(model: EmbeddingModel, arch: ModelConfig, old: OldModel) -> None:
+    """Copy the old network (backbone, projection, embedding batch norm) into the new model, and the old classes'
+    classifier rows into its wider head when both heads are of one kind.
+
+    A new model fine-tuned from the deployed one starts out exactly compatible with the old gallery instead of
+    in an unrelated embedding space. The paper starts old and new alike from ImageNet weights, a shared start
+    that from-scratch training on a CPU does not have.
+    """
+    old_arch = old.meta.architecture
+    differing = [f"model.{name}" for name in WEIGHT_SHAPING_FIELDS if getattr(arch, name) != getattr(old_arch, name)]
+    if differing:
+        raise CheckpointError(
+            f"init_from_old: the old checkpoint {old.path} differs from this model in {', '.join(differing)}, "
+            "so its weights cannot start this network"
+        )
+    state = {key: value for key, value in old.model.state_dict().items() if not key.startswith("head.")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and all(key.startswith("head.") for key in missing), (missing, unexpected)
+    if arch.head == old_arch.head:
+        rows = torch.as_tensor(old.meta.head_classes, dtype=torch.long, device=model.head.weight.device)
+        with torch.no_grad():
+            model.head.weight[rows] = old.model.head.weight.to(model.head.weight)
 
 
 def _comparable(tree: dict) -> dict:
@@ -180,6 +215,10 @@ def train_model(
     )
 
     model = build_model(meta).to(device)
+    if cfg.init_from_old:
+        if role != "new" or old is None:
+            raise CheckpointError("init_from_old needs a new-model run with an old checkpoint (--old)")
+        start_from_old(model, cfg.model, old)
     method = _build_method(cfg, role, train_set.num_classes, old, stats).to(device)
     needs_old = role == "new" and method_class(cfg.compat.method).needs_old_embeddings
     batch_wide = world.distributed and role == "new" and method_class(cfg.compat.method).batch_wide

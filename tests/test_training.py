@@ -118,7 +118,7 @@ def test_init_from_old_reaches_the_trained_model_and_refuses_other_shapes(tiny_f
     )
     with pytest.raises(loop_module.CheckpointError, match=r"embeds to dim 32"):
         pipeline.train_new(wider, tmp_path / "wider", old.path, show_progress=False)
-    stride = wider.model_copy(update={"model": new_cfg.model.model_copy(update={"small_input_stride": 2})})
+    stride = new_cfg.model_copy(update={"model": new_cfg.model.model_copy(update={"small_input_stride": 2})})
     with pytest.raises(loop_module.CheckpointError, match=r"differs from this model in model\.small_input_stride"):
         pipeline.train_new(stride, tmp_path / "stride", old.path, show_progress=False)
     assert not (tmp_path / "stride").exists()

@@ -191,6 +191,8 @@ def train_model(
         return final_path
     if role == "new" and old is None and cfg.compat.method != "independent":
         raise CheckpointError(f"method {cfg.compat.method!r} needs an old checkpoint (--old)")
+    if cfg.init_from_old and (role != "new" or old is None):
+        raise CheckpointError("init_from_old needs a new-model run with an old checkpoint (--old)")
     if old is not None:
         check_compatible_setup(cfg, old, stats, train_set.classes)
 
@@ -216,8 +218,6 @@ def train_model(
 
     model = build_model(meta).to(device)
     if cfg.init_from_old:
-        if role != "new" or old is None:
-            raise CheckpointError("init_from_old needs a new-model run with an old checkpoint (--old)")
         start_from_old(model, cfg.model, old)
     method = _build_method(cfg, role, train_set.num_classes, old, stats).to(device)
     needs_old = role == "new" and method_class(cfg.compat.method).needs_old_embeddings

@@ -60,6 +60,17 @@ class OldModel:
     path: Path
 
 
+# The architecture fields that decide the shapes of the weights an old checkpoint hands to a new model.
+WEIGHT_SHAPING_FIELDS = (
+    "backbone",
+    "backbone_kwargs",
+    "small_input",
+    "small_input_pool",
+    "small_input_stride",
+    "embedding_dim",
+)
+
+
 def check_compatible_setup(cfg: TrainConfig, old: OldModel, stats: ClassStatistics | None, classes: tuple) -> None:
     """Refuse a new-model run whose old checkpoint or statistics cannot match it, before any work is done."""
     if old.meta.embedding_dim != cfg.model.embedding_dim:
@@ -74,6 +85,16 @@ def check_compatible_setup(cfg: TrainConfig, old: OldModel, stats: ClassStatisti
             f"old checkpoint {old.path} expects {old.meta.prep.image_size}px images, this run uses "
             f"{cfg.data.image_size}px"
         )
+    if cfg.init_from_old:
+        old_arch = old.meta.architecture
+        differing = [
+            f"model.{name}" for name in WEIGHT_SHAPING_FIELDS if getattr(cfg.model, name) != getattr(old_arch, name)
+        ]
+        if differing:
+            raise CheckpointError(
+                f"init_from_old: the old checkpoint {old.path} differs from this model in {', '.join(differing)}, "
+                "so its weights cannot start this network"
+            )
     if stats is not None and stats.old_model_id != old.meta.model_id:
         raise CheckpointError(
             f"statistics were computed from model {stats.old_model_id}, not from the old checkpoint {old.path} "
@@ -81,36 +102,19 @@ def check_compatible_setup(cfg: TrainConfig, old: OldModel, stats: ClassStatisti
         )
 
 
-# The architecture fields that decide the shapes of the weights an old checkpoint hands to a new model.
-WEIGHT_SHAPING_FIELDS = (
-    "backbone",
-    "backbone_kwargs",
-    "small_input",
-    "small_input_pool",
-    "small_input_stride",
-    "embedding_dim",
-)
-
-
 def start_from_old(model: EmbeddingModel, arch: ModelConfig, old: OldModel) -> None:
     """Copy the old network (backbone, projection, embedding batch norm) into the new model, and the old classes'
-    classifier rows into its wider head when both heads are of one kind.
+    classifier rows into its wider head when both heads are of one kind. ``check_compatible_setup`` has already
+    refused an old checkpoint whose architecture differs.
 
     A new model fine-tuned from the deployed one starts out exactly compatible with the old gallery instead of
     in an unrelated embedding space. The paper starts old and new alike from ImageNet weights, a shared start
     that from-scratch training on a CPU does not have.
     """
-    old_arch = old.meta.architecture
-    differing = [f"model.{name}" for name in WEIGHT_SHAPING_FIELDS if getattr(arch, name) != getattr(old_arch, name)]
-    if differing:
-        raise CheckpointError(
-            f"init_from_old: the old checkpoint {old.path} differs from this model in {', '.join(differing)}, "
-            "so its weights cannot start this network"
-        )
     state = {key: value for key, value in old.model.state_dict().items() if not key.startswith("head.")}
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected and all(key.startswith("head.") for key in missing), (missing, unexpected)
-    if arch.head == old_arch.head:
+    if arch.head == old.meta.architecture.head:
         rows = torch.as_tensor(old.meta.head_classes, dtype=torch.long, device=model.head.weight.device)
         with torch.no_grad():
             model.head.weight[rows] = old.model.head.weight.to(model.head.weight)

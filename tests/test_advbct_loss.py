@@ -20,6 +20,7 @@ from advbct.compat.advbct import (
     dann_alpha,
     elastic_radii,
     grad_reverse,
+    mean_radius,
     non_saturating_adversarial_loss,
     separate_batch_adversarial_loss,
 )
@@ -38,6 +39,13 @@ def test_elastic_radius_stays_between_r_max_and_tau():
     r = elastic_radii(r_max, torch.randn(100) * 5, tau=1.0)
     lo, hi = torch.minimum(r_max, torch.ones(100)), torch.maximum(r_max, torch.ones(100))
     assert torch.all((r >= lo - 1e-6) & (r <= hi + 1e-6))
+
+
+def test_mean_radius_leaves_out_classes_without_radius():
+    radii = torch.tensor([0.75, 1.2, 9.0])
+    has_radius = torch.tensor([True, True, False])
+    assert mean_radius(radii, has_radius).item() == pytest.approx((0.75 + 1.2) / 2)
+    assert mean_radius(radii, torch.zeros(3, dtype=torch.bool)).item() == 0.0
 
 
 def test_boundary_loss_counts_only_violating_samples_of_classes_with_radius():

@@ -110,6 +110,6 @@ def test_ablations_switch_parts_off():
     ctx = CompatContext(embedding_dim=2, num_classes=3, statistics=two_class_stats())
     b = batch([unit(60), unit(10)], [0, 0], old=[unit(5), unit(15)])
     assert set(create("advbct-adv-only", ctx)(b).parts) == {"adv", "disc_acc"}
-    assert set(create("advbct-bound-only", ctx)(b).parts) == {"bound", "violating"}
+    assert set(create("advbct-bound-only", ctx)(b).parts) == {"bound", "violating", "radius"}
     fixed = create("advbct-fixed-radius", ctx)
     assert torch.equal(fixed.radii(), fixed.r_max)

@@ -93,6 +93,7 @@ def test_step_commands_and_refusals(tiny_folder, tmp_path):
         assert run_cli("train-old", "--out", str(folder), *common, *extra).returncode == 0
         result = run_cli("stats", "--old", str(folder / "model.pt"), "--data", str(tiny_folder))
         assert result.returncode == 0, result.stdout + result.stderr
+        assert "r_max over" in result.stdout and "above tau = 1" in result.stdout
 
     old_dir = tmp_path / "old"
     train_old_with_stats(old_dir)

@@ -9,6 +9,7 @@ from advbct.compat.statistics import (
     compute_class_statistics,
     iqr_max_radius,
     load_statistics,
+    radius_summary,
     save_statistics,
 )
 
@@ -71,3 +72,23 @@ def test_statistics_file_is_keyed_to_its_checkpoint(tmp_path):
         load_statistics(path, "another-model")
     with pytest.raises(StatisticsError, match="not found"):
         load_statistics(tmp_path / "missing.pt")
+
+
+def test_radius_summary_by_hand():
+    # Unit vectors: class 0 at (1, 0) and (0, 1) -> centre (0.5, 0.5), both at distance sqrt(0.5) = 0.7071;
+    # class 1 at (1, 0) and (-1, 0) -> centre (0, 0), both at distance 1; class 2 has one sample (no radius).
+    emb = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [-1.0, 0.0], [0.0, 1.0]])
+    stats = compute_class_statistics(emb, torch.tensor([0, 0, 1, 1, 2]), 3, "m")
+    summary = radius_summary(stats, tau=0.8)
+    assert summary.classes == 2
+    assert summary.minimum == pytest.approx(0.5**0.5)
+    assert summary.median == pytest.approx((0.5**0.5 + 1) / 2)
+    assert summary.maximum == pytest.approx(1.0)
+    assert summary.above_tau == 1
+    assert "1 above tau = 0.8" in summary.describe()
+
+
+def test_radius_summary_refuses_statistics_without_radii():
+    stats = compute_class_statistics(torch.tensor([[1.0, 0.0]]), torch.tensor([0]), 2, "m")
+    with pytest.raises(StatisticsError, match="no class has a radius"):
+        radius_summary(stats, tau=1.0)

@@ -15,7 +15,8 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
 from advbct import pipeline
-from advbct.compat import CompatError, StatisticsError, list_methods
+from advbct.compat import CompatError, StatisticsError, list_methods, radius_summary
+from advbct.compat.advbct import PAPER_TAU
 from advbct.config import (
     ConfigError,
     QuickstartConfig,
@@ -134,8 +135,9 @@ def stats_cmd(
 ) -> None:
     """Old-class centres and radii (1.5 IQR rule), saved keyed to the old checkpoint."""
     stats, path = _run(pipeline.compute_statistics, old, out, data, allocation, device)
-    usable = int(stats.has_radius.sum())
-    console.print(f"statistics for {usable} old classes -> {path}")
+    summary = radius_summary(stats, PAPER_TAU)
+    console.print(f"statistics for {summary.classes} old classes -> {path}")
+    console.print(summary.describe() + " (AdvBCT's default tau; set it with compat.options.tau)")
 
 
 @app.command("train-new")

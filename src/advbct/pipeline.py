@@ -16,7 +16,15 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from advbct.compat import ClassStatistics, compute_class_statistics, load_statistics, method_class, save_statistics
+from advbct.compat import (
+    ClassStatistics,
+    compute_class_statistics,
+    load_statistics,
+    method_class,
+    radius_summary,
+    save_statistics,
+)
+from advbct.compat.advbct import PAPER_TAU
 from advbct.config import DataConfig, QuickstartConfig, TrainConfig
 from advbct.data.allocation import Allocation, load_allocation, load_or_make_allocation
 from advbct.data.images import DataError, ImageSet
@@ -169,7 +177,8 @@ def _prepare_old(cfg: QuickstartConfig, out: Path, console: Console, show_progre
     stats_path = out / "old" / "stats.pt"
     if not stats_path.is_file():
         console.print("[bold]old-class statistics[/]")
-        compute_statistics(old_path, stats_path, device=cfg.old.device)
+        stats, _ = compute_statistics(old_path, stats_path, device=cfg.old.device)
+        console.print(radius_summary(stats, float(cfg.new.compat.options.get("tau", PAPER_TAU))).describe())
     return old_path, stats_path
 
 

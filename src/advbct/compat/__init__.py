@@ -19,9 +19,11 @@ from advbct.compat.base import (
 )
 from advbct.compat.statistics import (
     ClassStatistics,
+    RadiusSummary,
     StatisticsError,
     compute_class_statistics,
     load_statistics,
+    radius_summary,
     save_statistics,
 )
 
@@ -32,12 +34,14 @@ __all__ = [
     "CompatError",
     "CompatibilityMethod",
     "LossOutput",
+    "RadiusSummary",
     "StatisticsError",
     "compute_class_statistics",
     "create",
     "list_methods",
     "load_statistics",
     "method_class",
+    "radius_summary",
     "register_method",
     "save_statistics",
 ]

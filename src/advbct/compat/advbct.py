@@ -18,6 +18,8 @@ from torch import nn
 
 from advbct.compat.base import CompatBatch, CompatContext, CompatibilityMethod, LossOutput, register_method
 
+PAPER_TAU = 1.0  # the elastic boundary's threshold in the paper's configuration
+
 
 class _GradReverse(torch.autograd.Function):
     @staticmethod
@@ -65,6 +67,13 @@ def boundary_loss(
     count = violating.sum()
     loss = torch.where(violating, excess, torch.zeros_like(excess)).sum() / count.clamp(min=1)
     return loss, count.float() / max(1, labels.numel())
+
+
+def mean_radius(radii: torch.Tensor, has_radius: torch.Tensor) -> torch.Tensor:
+    """Mean boundary radius over the classes that have one: logged so a run shows whether the elastic radius
+    tightens (toward tau) or relaxes (toward r_max). Computed without boolean indexing, so no host sync on CUDA."""
+    usable = has_radius.to(radii.dtype)
+    return (radii * usable).sum() / usable.sum().clamp(min=1)
 
 
 class Discriminator(nn.Sequential):
@@ -144,7 +153,7 @@ class AdvBCT(CompatibilityMethod):
     def __init__(
         self,
         context: CompatContext,
-        tau: float = 1.0,
+        tau: float = PAPER_TAU,
         discriminator_hidden: int = 100,
         boundary: bool = True,
         adversarial: bool = True,
@@ -180,8 +189,10 @@ class AdvBCT(CompatibilityMethod):
         parts: dict[str, torch.Tensor] = {}
         total = zero
         if self.use_boundary:
-            bound, violating = boundary_loss(batch.new_emb, batch.labels, self.centres, self.radii(), self.has_radius)
+            radii = self.radii()
+            bound, violating = boundary_loss(batch.new_emb, batch.labels, self.centres, radii, self.has_radius)
             parts["bound"], parts["violating"] = bound, violating.detach()
+            parts["radius"] = mean_radius(radii.detach(), self.has_radius)
             total = total + bound
         if self.use_adversarial:
             if batch.old_emb is None:

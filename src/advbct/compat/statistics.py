@@ -44,6 +44,44 @@ class ClassStatistics:
         return int(self.centres.shape[1])
 
 
+@dataclass(frozen=True)
+class RadiusSummary:
+    """How r_max spreads over the classes that have a radius, and how many lie above AdvBCT's tau.
+
+    Where r_max > tau the elastic radius can only shrink from r_max toward tau; where r_max < tau it can only
+    grow. A weak old model's classes are loose (r_max near or above 1 on the unit sphere), so with the paper's
+    tau = 1.0 the boundary is fixed near r_max: this summary is how a user sees that before training.
+    """
+
+    classes: int
+    minimum: float
+    median: float
+    maximum: float
+    above_tau: int
+    tau: float
+
+    def describe(self) -> str:
+        return (
+            f"r_max over {self.classes} classes: min {self.minimum:.3f}, median {self.median:.3f}, "
+            f"max {self.maximum:.3f}; {self.above_tau} above tau = {self.tau:g}, where AdvBCT's elastic radius "
+            "lies between tau and r_max"
+        )
+
+
+def radius_summary(stats: ClassStatistics, tau: float) -> RadiusSummary:
+    radii = stats.radii[stats.has_radius].double()
+    if radii.numel() == 0:
+        raise StatisticsError("no class has a radius (every old class has fewer than 2 samples)")
+    return RadiusSummary(
+        classes=int(radii.numel()),
+        minimum=float(radii.min()),
+        median=float(torch.quantile(radii, 0.5)),
+        maximum=float(radii.max()),
+        above_tau=int((radii > tau).sum()),
+        tau=tau,
+    )
+
+
 def _per_class_quantile(
     sorted_values: torch.Tensor, starts: torch.Tensor, counts: torch.Tensor, q: float
 ) -> torch.Tensor:

@@ -69,7 +69,7 @@ def make_context(dim: int, classes: int) -> CompatContext:
 
 
 METHOD_CASES = [(m, {}) for m in list_methods() if m != "independent"]
-METHOD_CASES += [("advbct", {"generator_loss": loss}) for loss in ("non-saturating", "reversal-separate")]
+METHOD_CASES += [("advbct", {"generator_loss": loss}) for loss in ("non-saturating", "reversal")]
 
 
 @pytest.mark.parametrize(("name", "options"), METHOD_CASES)

@@ -7,10 +7,18 @@ from advbct.config import ConfigError, TrainConfig, apply_overrides, list_preset
 
 
 def test_presets_load_and_validate():
-    assert {"quickstart", "smoke", "paper-cifar100"} <= set(list_presets())
+    assert {"quickstart", "smoke", "paper-cifar100", "cpu-large"} <= set(list_presets())
     for name in list_presets():
         cfg = quickstart_config(name, None, None, None, None)
         assert cfg.old.data == cfg.new.data
+
+
+def test_cpu_large_is_the_quickstart_network_on_all_training_images():
+    quick, large = (quickstart_config(name, None, None, None, None) for name in ("quickstart", "cpu-large"))
+    assert large.old.model == quick.old.model and large.new.model == quick.new.model
+    assert large.new.data.allocation == "extended-data" and large.new.data.max_train_per_class is None
+    assert (large.old.optim.epochs, large.new.optim.epochs) == (30, 15)
+    assert (large.old.seed, large.new.seed) == (quick.old.seed, quick.new.seed)
 
 
 def test_dotted_overrides_parse_yaml_values():

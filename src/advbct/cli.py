@@ -25,6 +25,7 @@ from advbct.config import (
     build,
     build_quickstart,
     deep_merge,
+    list_presets,
     location_overrides,
     preset_tree,
     read_yaml,
@@ -43,7 +44,7 @@ console = Console()
 errors = Console(stderr=True, soft_wrap=True)  # one unwrapped line per error, whatever the terminal width
 USER_ERRORS = (ConfigError, DataError, CheckpointError, StatisticsError, CompatError, FileNotFoundError)
 
-PresetOpt = Annotated[str, typer.Option("--preset", help="built-in preset: quickstart, smoke, paper-cifar100")]
+PresetOpt = Annotated[str, typer.Option("--preset", help=f"built-in preset: {', '.join(list_presets())}")]
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config merged over the preset")]
 OverrideOpt = Annotated[list[str] | None, typer.Option("--set", "-o", help="dotted override, e.g. optim.lr=0.05")]
 DataOpt = Annotated[str | None, typer.Option("--data", help="data root (else $ADVBCT_DATA, ../shared/data)")]

@@ -106,9 +106,9 @@ def separate_batch_adversarial_loss(
 
     D's BatchNorm then standardises each domain by its own batch statistics, so D cannot win on per-dimension
     means and scales alone; it must find differences in how the dimensions vary together, and the reversed
-    gradient pushes that joint structure towards the old one. D wins less easily this way (accuracy 0.59-0.78
-    after the first epoch of the large CPU run, against 1.0 with one joint call), so its reversed gradient does
-    not fade; on that run it is the variant that met the compatibility criterion.
+    gradient pushes that joint structure towards the old one. D wins less easily this way (accuracy 0.78 in the
+    first epoch of the large CPU run and 0.56-0.68 after it, against 1.0 with one joint call), so its reversed
+    gradient does not fade; on that run it is the variant that met the compatibility criterion.
     """
     logits = torch.cat([discriminator(grad_reverse(new_emb.float(), alpha)), discriminator(old_emb.float().detach())])
     return _discriminator_loss(logits, new_emb.shape[0])

@@ -71,8 +71,8 @@ def boundary_loss(
 
 
 def mean_radius(radii: torch.Tensor, has_radius: torch.Tensor) -> torch.Tensor:
-    """Mean boundary radius over the classes that have one: logged so a run shows whether the elastic radius
-    tightens (toward tau) or relaxes (toward r_max). Computed without boolean indexing, so no host sync on CUDA."""
+    """Mean boundary radius over the classes that have one: logged so a run shows where the elastic radius moves
+    between r_max and tau as its weights learn. Computed without boolean indexing, so no host sync on CUDA."""
     usable = has_radius.to(radii.dtype)
     return (radii * usable).sum() / usable.sum().clamp(min=1)
 

@@ -69,6 +69,7 @@ class RadiusSummary:
 
 
 def radius_summary(stats: ClassStatistics, tau: float) -> RadiusSummary:
+    """The summary over the classes that have a radius; statistics without any are refused."""
     radii = stats.radii[stats.has_radius].double()
     if radii.numel() == 0:
         raise StatisticsError("no class has a radius (every old class has fewer than 2 samples)")

@@ -19,6 +19,8 @@ def test_cpu_large_is_the_quickstart_network_on_all_training_images():
     assert large.new.data.allocation == "extended-data" and large.new.data.max_train_per_class is None
     assert (large.old.optim.epochs, large.new.optim.epochs) == (30, 15)
     assert (large.old.seed, large.new.seed) == (quick.old.seed, quick.new.seed)
+    assert large.new.compat.method == "advbct" and large.new.compat.options == {"tau": 0.5}
+    assert quick.new.compat.options == {}
 
 
 def test_dotted_overrides_parse_yaml_values():

@@ -5,6 +5,8 @@ compatibility loss, backward, SGD) on random data; the median of ``--repeats`` t
 reported, together with two baselines measured in the same run: the plain classification step and the
 classification step plus the old model's forward pass (the cost every method that reads old embeddings
 pays). The "loss overhead" column is the method's step over the latter, which is what the loss itself adds.
+The timed samples are taken in interleaved rounds (every step once per round), so drift in the machine's
+speed during the run falls on every row alike instead of on whichever rows ran last.
 
     python bench/bench_step.py                     # CPU, the quickstart model
     python bench/bench_step.py --device cuda --preset paper-cifar100 --batch-size 512 [--compile]
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -43,22 +46,31 @@ def make_model(cfg, head_classes: list[int]):
     return build_model(meta)
 
 
-def timed_steps(step, repeats: int, warmup: int, per_sample: int, device: torch.device) -> float:
-    """Median seconds per step over ``repeats`` samples of ``per_sample`` consecutive steps each. Several steps
-    per sample let a GPU queue ahead as it does in training; one synchronisation per step would time the gaps."""
-    for _ in range(warmup):
+def time_sample(step, per_sample: int, device: torch.device) -> float:
+    """Seconds per step over ``per_sample`` consecutive steps. Several steps per sample let a GPU queue ahead as
+    it does in training; one synchronisation per step would time the gaps."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(per_sample):
         step()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(per_sample):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / per_sample
+
+
+def interleaved_medians(
+    steps: dict[str, Callable[[], None]], repeats: int, warmup: int, per_sample: int, device: torch.device
+) -> dict[str, float]:
+    """Median seconds per step of each named step, timed in ``repeats`` rounds that visit every step in turn."""
+    for step in steps.values():
+        for _ in range(warmup):
             step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) / per_sample)
-    return statistics.median(times)
+    samples: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            samples[name].append(time_sample(step, per_sample, device))
+    return {name: statistics.median(times) for name, times in samples.items()}
 
 
 def main() -> None:
@@ -124,19 +136,22 @@ def main() -> None:
 
         return step
 
-    plain = timed_steps(make_step(None, False), args.repeats, args.warmup, args.steps_per_sample, device)
-    with_old = timed_steps(make_step(None, True), args.repeats, args.warmup, args.steps_per_sample, device)
+    names = args.methods.split(",")
+    needs_old = {name: method_class(name).needs_old_embeddings for name in names}
+    steps = {"independent": make_step(None, False), "+ old forward": make_step(None, True)}
+    steps.update({name: make_step(name, needs_old[name]) for name in names})
+    medians = interleaved_medians(steps, args.repeats, args.warmup, args.steps_per_sample, device)
+    plain, with_old = medians["independent"], medians["+ old forward"]
     compiled = ", torch.compile" if args.compile else ""
-    timing = f"median of {args.repeats} x {args.steps_per_sample} steps"
+    timing = f"median of {args.repeats} interleaved rounds x {args.steps_per_sample} steps"
     print(f"device {device}, preset {args.preset}, batch {args.batch_size}{compiled}, {timing}")
     print(f"{'step':<22}{'ms':>9}{'img/s':>10}{'vs independent':>16}{'loss overhead':>15}")
     print(f"{'independent':<22}{plain * 1e3:9.1f}{args.batch_size / plain:10.0f}{1.0:16.3f}{'':>15}")
     ratio = with_old / plain
     print(f"{'+ old forward':<22}{with_old * 1e3:9.1f}{args.batch_size / with_old:10.0f}{ratio:16.3f}{'':>15}")
-    for name in args.methods.split(","):
-        needs_old = method_class(name).needs_old_embeddings
-        t = timed_steps(make_step(name, needs_old), args.repeats, args.warmup, args.steps_per_sample, device)
-        base = with_old if needs_old else plain
+    for name in names:
+        t = medians[name]
+        base = with_old if needs_old[name] else plain
         print(f"{name:<22}{t * 1e3:9.1f}{args.batch_size / t:10.0f}{t / plain:16.3f}{t / base - 1:+15.1%}")
 
 

@@ -98,6 +98,11 @@ class TrainConfig(_Section):
     checkpoint_every: int = Field(0, ge=0, description="also save last.pt every N steps (0: once per epoch)")
     sync_batchnorm: bool = Field(True, description="under torchrun, batch norm statistics over all ranks")
     compile: bool = Field(False, description="torch.compile the new and old networks' forward (first steps slower)")
+    cuda_graph: bool = Field(
+        False,
+        description="replay each training step from a CUDA graph (one launch instead of hundreds of kernels per "
+        "step; recaptured when the epoch or learning rate changes); single-GPU runs only, not with compile",
+    )
     init_from_old: bool = Field(
         False,
         description="start a new model from the old checkpoint's weights (fine-tuning the deployed model) instead "

@@ -24,7 +24,7 @@ PAPER_TAU = 1.0  # the elastic boundary's threshold in the paper's configuration
 
 class _GradReverse(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, coeff: float) -> torch.Tensor:
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, coeff: float | torch.Tensor) -> torch.Tensor:
         ctx.coeff = coeff
         return x.view_as(x)
 
@@ -33,14 +33,17 @@ class _GradReverse(torch.autograd.Function):
         return -ctx.coeff * grad, None
 
 
-def grad_reverse(x: torch.Tensor, coeff: float) -> torch.Tensor:
-    """Identity forward; the gradient is multiplied by ``-coeff`` on the way back."""
+def grad_reverse(x: torch.Tensor, coeff: float | torch.Tensor) -> torch.Tensor:
+    """Identity forward; the gradient is multiplied by ``-coeff`` on the way back. ``coeff`` may be a 0-d tensor on
+    the device, so a step captured in a CUDA graph follows a schedule that changes between replays."""
     return _GradReverse.apply(x, coeff)
 
 
-def dann_alpha(progress: float) -> float:
-    """alpha(p) = 2 / (1 + exp(-10 p)) - 1: 0 at the start, approaching 1 at the end of training."""
-    return 2.0 / (1.0 + math.exp(-10.0 * progress)) - 1.0
+def dann_alpha(progress: float | torch.Tensor) -> float | torch.Tensor:
+    """alpha(p) = 2 / (1 + exp(-10 p)) - 1: 0 at the start, approaching 1 at the end of training. A tensor
+    progress gives a tensor alpha computed on its device (the CUDA-graph training path)."""
+    exp = torch.exp if isinstance(progress, torch.Tensor) else math.exp
+    return 2.0 / (1.0 + exp(-10.0 * progress)) - 1.0
 
 
 def adversarial_weight(epoch: int, num_epochs: int) -> float:
@@ -85,7 +88,7 @@ class Discriminator(nn.Sequential):
 
 
 def adversarial_loss(
-    discriminator: nn.Module, new_emb: torch.Tensor, old_emb: torch.Tensor, alpha: float
+    discriminator: nn.Module, new_emb: torch.Tensor, old_emb: torch.Tensor, alpha: float | torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """CE(D(GRL(new)), 0) + CE(D(old), 1) with both halves in one call of D (``generator_loss="reversal"``).
 
@@ -99,7 +102,7 @@ def adversarial_loss(
 
 
 def separate_batch_adversarial_loss(
-    discriminator: nn.Module, new_emb: torch.Tensor, old_emb: torch.Tensor, alpha: float
+    discriminator: nn.Module, new_emb: torch.Tensor, old_emb: torch.Tensor, alpha: float | torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """CE(D(GRL(new)), 0) + CE(D(old), 1) with old and new in two calls of D: the default
     (``generator_loss="reversal-separate"``), as method.md writes the loss and as the paper's public code does.
@@ -122,7 +125,7 @@ def _discriminator_loss(logits: torch.Tensor, n: int) -> tuple[torch.Tensor, tor
 
 
 def non_saturating_adversarial_loss(
-    discriminator: nn.Module, new_emb: torch.Tensor, old_emb: torch.Tensor, alpha: float
+    discriminator: nn.Module, new_emb: torch.Tensor, old_emb: torch.Tensor, alpha: float | torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """D's loss CE(D(new), 0) + CE(D(old), 1) on detached inputs, plus alpha * CE(D(new), 1) for the new model
     through a frozen copy of D: the GAN generator's non-saturating loss instead of gradient reversal.

@@ -9,6 +9,7 @@ and read back every ``log_every`` steps, so a GPU step never waits for the host.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import time
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ from advbct.models.checkpoint import (
     save_checkpoint,
 )
 from advbct.models.embedding import EmbeddingModel
+from advbct.training.cuda_graph import CudaGraphStep, check_cuda_graph_setup
 from advbct.training.schedule import learning_rate
 
 Role = Literal["old", "new"]
@@ -121,9 +123,12 @@ def start_from_old(model: EmbeddingModel, arch: ModelConfig, old: OldModel) -> N
 
 
 def _comparable(tree: dict) -> dict:
-    """A run's config without what may legitimately differ between machines (data location, device)."""
+    """A run's config without what may legitimately differ between machines (data location, device) or between
+    the sessions of one run (``cuda_graph`` changes how a step is launched, not what it computes; runs saved before
+    the option existed lack it)."""
     tree = json.loads(json.dumps(tree))
     tree.pop("device", None)
+    tree.pop("cuda_graph", None)
     tree.pop("checkpoint_every", None)
     tree.get("data", {}).pop("root", None)
     return tree
@@ -157,9 +162,11 @@ class _Meter:
         self.count = 0
 
     def add(self, parts: dict[str, torch.Tensor]) -> None:
+        # Every sum is a new tensor, never the part itself: a CUDA graph's outputs are overwritten in place by
+        # the next replay.
         for name, value in parts.items():
             value = value.detach().float()
-            self.sums[name] = self.sums[name] + value if name in self.sums else value
+            self.sums[name] = self.sums[name] + value if name in self.sums else value.clone()
         self.count += 1
 
     def read(self, world: World | None = None) -> dict[str, float]:
@@ -232,6 +239,8 @@ def train_model(
         old_net = old_net.to(memory_format=torch.channels_last) if old_net is not None else None
     if world.distributed and cfg.sync_batchnorm:
         model = convert_batchnorm(model, device)
+    if cfg.cuda_graph:
+        check_cuda_graph_setup(device, world.distributed, cfg.compile)
     if cfg.compile:
         # In place: the parameters and state-dict keys stay those of the plain module, so checkpoints and resume
         # do not depend on the option.
@@ -275,11 +284,38 @@ def train_model(
     steps_per_epoch, epochs = len(stream), cfg.optim.epochs
     total_steps = steps_per_epoch * epochs
     use_amp = cfg.amp and device.type == "cuda"
+    # A captured graph must not keep autocast's weight casts from capture time: its cache is off then.
+    autocast = functools.partial(
+        torch.autocast, device.type, dtype=torch.bfloat16, enabled=use_amp, cache_enabled=not cfg.cuda_graph
+    )
+    # The learning-rate warm-up changes the rate every step; those steps run eagerly rather than recapturing.
+    warmup_steps = cfg.optim.warmup_epochs * steps_per_epoch
+    graphed = CudaGraphStep() if cfg.cuda_graph else None
     # Every batch has one shape, so cuDNN's one-off search for the fastest convolution kernels pays off.
     torch.backends.cudnn.benchmark = device.type == "cuda"
     # The old model usually shares the new one's normalisation; then its input is the batch already prepared.
     same_prep = old is not None and old.meta.prep == prep
     history: list[dict] = json.loads(blob.get("history", "[]")) if start_epoch or start_step else []
+
+    def train_step(
+        images_u8: torch.Tensor, labels: torch.Tensor, progress: float | torch.Tensor, epoch: int
+    ) -> dict[str, torch.Tensor]:
+        """One optimisation step on a batch; returns the loss parts. Reads nothing from the host that changes
+        within an epoch except its arguments, so it can be captured in a CUDA graph (``cuda_graph``)."""
+        images = normalise(images_u8, prep, cfg.channels_last)
+        old_emb = None
+        if old_net is not None:
+            with torch.no_grad(), autocast():
+                old_images = images if same_prep else normalise(images_u8, old.meta.prep, cfg.channels_last)
+                old_emb = old_net(old_images).float()
+        with autocast():
+            cls_loss, out = step_module(images, labels, label_map[labels], old_emb, progress, epoch, epochs, batch_wide)
+        loss = cls_loss + out.total
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        # Detached, so the step's autograd graph is freed here rather than kept alive until the next step.
+        return {name: value.detach() for name, value in {"loss": loss, "cls": cls_loss, **out.parts}.items()}
 
     def save_state(epoch: int, step: int) -> None:
         """last.pt resumes at (epoch, step); rank 0 writes it, every rank waits until it is complete."""
@@ -299,28 +335,19 @@ def train_model(
             meter, epoch_meter = _Meter(), _Meter()
             started, seen = time.perf_counter(), 0
             first_step = start_step if epoch == start_epoch else 0
+            epoch_step = functools.partial(train_step, epoch=epoch)
             for step, (images_u8, labels) in enumerate(stream.epoch(epoch, first_step), start=first_step):
                 global_step = epoch * steps_per_epoch + step
+                lr = learning_rate(cfg.optim, global_step, steps_per_epoch)
                 for group in optimizer.param_groups:
-                    group["lr"] = learning_rate(cfg.optim, global_step, steps_per_epoch)
+                    group["lr"] = lr
                 images_u8 = images_u8.to(device, non_blocking=True)
                 labels = labels.to(device, non_blocking=True)
-                images = normalise(images_u8, prep, cfg.channels_last)
-                old_emb = None
-                if old_net is not None:
-                    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                        old_images = images if same_prep else normalise(images_u8, old.meta.prep, cfg.channels_last)
-                        old_emb = old_net(old_images).float()
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                    progress_fraction = global_step / max(1, total_steps - 1)
-                    cls_loss, out = step_module(
-                        images, labels, label_map[labels], old_emb, progress_fraction, epoch, epochs, batch_wide
-                    )
-                loss = cls_loss + out.total
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                parts = {"loss": loss, "cls": cls_loss, **out.parts}
+                progress_fraction = global_step / max(1, total_steps - 1)
+                if graphed is None or global_step < warmup_steps:
+                    parts = epoch_step(images_u8, labels, progress_fraction)
+                else:
+                    parts = graphed(epoch_step, images_u8, labels, progress_fraction, key=(epoch, lr))
                 meter.add(parts)
                 epoch_meter.add(parts)
                 seen += labels.shape[0] * world.size
@@ -369,7 +396,7 @@ class TrainStep(nn.Module):
         labels: torch.Tensor,
         head_labels: torch.Tensor,
         old_emb: torch.Tensor | None,
-        progress: float,
+        progress: float | torch.Tensor,
         epoch: int,
         num_epochs: int,
         batch_wide: bool,

@@ -3,9 +3,10 @@
 # Needs .gpu/cifar_subset.npz (bench/subset_archive.py pack) and, where pydantic is missing, wheels in .whl/.
 # Each phase has its own time limit and a failing phase does not stop the next. Logs and small results are packed
 # into $OUT/gpu_results.tgz (checkpoints left out) and the headline figures go to $OUT/summary.txt.
-# A CPU dry run of the same path:
+# A CPU dry run of the same path (the CUDA-graph phase runs its eager half only):
 #   DEVICE=cpu EPOCHS=1 MILESTONES=[] JOBS=2 BENCH_PRESET=smoke BATCH=32 EXTRA_ARGS='-o common.data.max_train_per_class=10
-#   -o common.data.max_test_per_class=5 -o common.model.backbone_kwargs={layers:[1,1,1,1]}' bash bench/gpu_check.sh
+#   -o common.data.max_test_per_class=5 -o common.model.backbone_kwargs={layers:[1,1,1,1]}' PHASES="step graph_train table"
+#   GRAPH_TRAIN_ARGS='--modes eager --epochs 2 --rounds 1 -o data.max_train_per_class=10' bash bench/gpu_check.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}
 LOGS=/tmp/gpu_logs
@@ -17,7 +18,7 @@ JOBS=${JOBS:-4}
 BATCH=${BATCH:-512}
 # Which of the numbered phases below run; the AdvBCT sweep (sweep) is left out by default, as the table alone
 # took the 8-minute budget on an H100 in stop 10.
-PHASES=${PHASES:-step search table compile}
+PHASES=${PHASES:-step graph_train search table compile}
 BUDGET=${BUDGET:-560}  # seconds for the whole script: each phase is cut to what is left, so the packing still runs
 rm -rf "$LOGS" "$RUNS"
 mkdir -p "$OUT" "$LOGS" "$RUNS"
@@ -45,12 +46,20 @@ fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 ADVBCT_CACHE=/tmp/advbct-cache
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true
   python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)"; nproc; } | tee -a "$LOGS/summary.txt"
-phase unpack 120 python3 bench/subset_archive.py unpack .gpu/cifar_subset.npz /tmp/cifar100
+# A second call on the same warm machine finds the images already unpacked.
+[ -d /tmp/cifar100/test ] || phase unpack 120 python3 bench/subset_archive.py unpack .gpu/cifar_subset.npz /tmp/cifar100
 
 # 1. Step throughput of every method against the plain classification step, measured in the same process.
 wanted step && phase bench_step 150 python3 bench/bench_step.py --device "$DEVICE" --preset "${BENCH_PRESET:-paper-cifar100}" \
   --batch-size "$BATCH" --warmup 5 --repeats 5 --steps-per-sample 10
 cat "$LOGS/bench_step.txt" >> "$LOGS/summary.txt" 2>/dev/null
+
+# 1b. The CUDA-graph training path: its GPU test, then real AdvBCT training eager against graphed, alternating.
+wanted graph_train && phase gpu_tests 90 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graph.py
+tail -3 "$LOGS/gpu_tests.txt" >> "$LOGS/summary.txt" 2>/dev/null
+wanted graph_train && phase train_graph 150 python3 bench/bench_train_graph.py --data /tmp/cifar100 \
+  --preset "${BENCH_PRESET:-paper-cifar100}" --device "$DEVICE" ${GRAPH_TRAIN_ARGS:-}
+cat "$LOGS/train_graph.txt" >> "$LOGS/summary.txt" 2>/dev/null
 
 # 2. exact_search on the device returns what it returns on the CPU.
 wanted search && phase search 60 python3 - <<PY
@@ -79,7 +88,7 @@ class_pid=$!
 wanted table && phase table_data "${TABLE_TIMEOUT:-400}" python3 -m advbct bench --settings extended-data --out "$RUNS/data" \
   "${table_args[@]}" &
 wait "$class_pid" $!
-note "table, both settings: $((SECONDS - start)) s wall"
+wanted table && note "table, both settings: $((SECONDS - start)) s wall"
 cat "$RUNS/class/results.md" "$RUNS/data/results.md" >> "$LOGS/summary.txt" 2>/dev/null
 
 # 4. AdvBCT's options on the extended-class old model (issue 2): each variant reuses the old and independent runs.

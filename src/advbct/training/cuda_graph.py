@@ -44,7 +44,6 @@ class CudaGraphStep:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.key: Hashable = None
         self.outputs: dict[str, torch.Tensor] = {}
-        self.captures = 0
 
     def __call__(
         self, step: Step, images: torch.Tensor, labels: torch.Tensor, progress: float, key: Hashable
@@ -75,6 +74,5 @@ class CudaGraphStep:
             with torch.cuda.graph(graph):
                 self.outputs = step(*self.inputs)
             self.graph, self.key = graph, key
-            self.captures += 1
         self.graph.replay()
         return self.outputs

@@ -57,7 +57,7 @@ cat "$LOGS/bench_step.txt" >> "$LOGS/summary.txt" 2>/dev/null
 # 1b. The CUDA-graph training path: its GPU test, then real AdvBCT training eager against graphed, alternating.
 wanted graph_train && phase gpu_tests 90 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graph.py
 tail -3 "$LOGS/gpu_tests.txt" >> "$LOGS/summary.txt" 2>/dev/null
-wanted graph_train && phase train_graph 150 python3 bench/bench_train_graph.py --data /tmp/cifar100 \
+wanted graph_train && phase train_graph 240 python3 bench/bench_train_graph.py --data /tmp/cifar100 \
   --preset "${BENCH_PRESET:-paper-cifar100}" --device "$DEVICE" ${GRAPH_TRAIN_ARGS:-}
 cat "$LOGS/train_graph.txt" >> "$LOGS/summary.txt" 2>/dev/null
 

@@ -55,6 +55,10 @@ class ModelConfig(_Section):
         1, description="stride of the small-input stem conv; 2 halves the resolution there instead of by max-pool"
     )
     embedding_dim: int = Field(256, ge=2)
+    whitened_stem: bool = Field(
+        False,
+        description="set the stem conv from the training images' patch whitening and freeze it (fast short runs)",
+    )
     head: HeadKind = "softmax"
     head_scale: float = Field(30.0, gt=0.0)
     head_margin: float = Field(0.3, ge=0.0)
@@ -73,6 +77,7 @@ class OptimConfig(_Section):
     milestones: list[int] = Field(default_factory=lambda: [5, 10, 20])
     gamma: float = Field(0.1, gt=0.0)
     warmup_epochs: int = Field(0, ge=0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="of the classification loss")
 
 
 class CompatConfig(_Section):

@@ -67,6 +67,7 @@ def build_model(meta: ModelMeta, load_pretrained: bool = True) -> EmbeddingModel
         backbone_kwargs=arch.backbone_kwargs,
         pretrained=arch.pretrained and load_pretrained,
         weights=arch.weights if load_pretrained else None,
+        whitened_stem=arch.whitened_stem,
     )
 
 

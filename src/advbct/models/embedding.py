@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from advbct.models.heads import make_head
+from advbct.models.whitening import set_whitened_stem
 
 
 def _small_input_stem(backbone: nn.Module, name: str, keep_pool: bool, stride: int) -> None:
@@ -61,6 +62,7 @@ class EmbeddingModel(nn.Module):
         backbone_kwargs: dict[str, Any] | None = None,
         pretrained: bool = False,
         weights: str | None = None,
+        whitened_stem: bool = False,
     ):
         super().__init__()
         self.backbone = timm.create_model(backbone, pretrained=pretrained, num_classes=0, **dict(backbone_kwargs or {}))
@@ -68,10 +70,25 @@ class EmbeddingModel(nn.Module):
             load_backbone_weights(self.backbone, weights)
         if small_input:
             _small_input_stem(self.backbone, backbone, small_input_pool, small_input_stride)
+        self.whitened_stem = whitened_stem
+        if whitened_stem:
+            self._stem_conv(backbone).weight.requires_grad_(False)
         self.proj = nn.Linear(self.backbone.num_features, embedding_dim, bias=False)
         self.bn = nn.BatchNorm1d(embedding_dim)
         self.head = make_head(head, embedding_dim, num_classes, head_scale, head_margin)
         self.embedding_dim = embedding_dim
+
+    def _stem_conv(self, name: str = "") -> nn.Conv2d:
+        conv = getattr(self.backbone, "conv1", None)
+        if not isinstance(conv, nn.Conv2d):
+            raise ValueError(f"a whitened stem needs a backbone whose stem is one conv (conv1); {name!r} has none")
+        return conv
+
+    def whiten_stem(self, images: torch.Tensor) -> None:
+        """Set the frozen stem's filters from normalised training ``images`` (see ``advbct.models.whitening``)."""
+        if not self.whitened_stem:
+            raise ValueError("whiten_stem on a model built without whitened_stem")
+        set_whitened_stem(self._stem_conv(), images)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """The (unnormalised) embedding; retrieval L2-normalises it."""

@@ -19,6 +19,7 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from pydantic import ValidationError
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -134,18 +135,39 @@ def _comparable(tree: dict) -> dict:
     return tree
 
 
+def _with_defaults(tree: dict) -> dict:
+    """A saved config with the options added since it was written filled in at their defaults (which keep the
+    old behaviour), so a folder from an earlier version is not refused for lacking them."""
+    try:
+        return TrainConfig.model_validate(tree).model_dump(mode="json")
+    except ValidationError:
+        return tree
+
+
 def check_same_run(run_dir: Path, cfg: TrainConfig) -> None:
     """Refuse to resume or reuse a run folder that was made with another configuration."""
     saved_path = run_dir / "config.json"
     if not saved_path.is_file():
         return
-    saved, current = _comparable(json.loads(saved_path.read_text())), _comparable(cfg.model_dump(mode="json"))
+    saved = _comparable(_with_defaults(json.loads(saved_path.read_text())))
+    current = _comparable(cfg.model_dump(mode="json"))
     if saved != current:
         differing = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
         raise CheckpointError(
             f"run folder {run_dir} was made with a different config (sections {', '.join(differing)} differ); "
             "use another --out, or delete the folder to start again"
         )
+
+
+WHITENING_SAMPLE = 2000
+
+
+def _whitening_sample(images_u8: torch.Tensor, prep: Preprocessing, seed: int) -> torch.Tensor:
+    """A seeded sample of at most WHITENING_SAMPLE training images, normalised, to set a whitened stem from:
+    the patch covariance of 2,000 images is already stable, and every process of a run draws the same ones."""
+    count = min(WHITENING_SAMPLE, images_u8.shape[0])
+    chosen = torch.randperm(images_u8.shape[0], generator=torch.Generator().manual_seed(seed))[:count]
+    return normalise(images_u8[chosen], prep)
 
 
 def _head_label_map(head_classes: list[int], num_classes: int) -> torch.Tensor:
@@ -230,6 +252,8 @@ def train_model(
     model = build_model(meta).to(device)
     if cfg.init_from_old:
         start_from_old(model, cfg.model, old)
+    elif cfg.model.whitened_stem and not (resume and last_path.is_file()):
+        model.whiten_stem(_whitening_sample(train_set.images[indices], prep, cfg.seed).to(device))
     method = _build_method(cfg, role, train_set.num_classes, old, stats).to(device)
     needs_old = role == "new" and method_class(cfg.compat.method).needs_old_embeddings
     batch_wide = world.distributed and role == "new" and method_class(cfg.compat.method).batch_wide
@@ -261,7 +285,7 @@ def train_model(
         optimizer.load_state_dict(blob["optimizer"])
         start_epoch, start_step = int(blob["epoch"]), int(blob.get("step", 0))
 
-    step_module = TrainStep(model, method, pass_classifier=role == "new")
+    step_module = TrainStep(model, method, role == "new", cfg.optim.label_smoothing)
     if world.distributed:
         step_module = DistributedDataParallel(step_module, device_ids=[device.index] if device.type == "cuda" else None)
     label_map = _head_label_map(head_classes, train_set.num_classes).to(device)
@@ -386,9 +410,10 @@ class TrainStep(nn.Module):
     """The model and the compatibility method as one module, so DistributedDataParallel sees every trainable
     parameter of a step (backbone, heads, discriminator, radius weights) in one forward call."""
 
-    def __init__(self, model: EmbeddingModel, method: nn.Module, pass_classifier: bool):
+    def __init__(self, model: EmbeddingModel, method: nn.Module, pass_classifier: bool, label_smoothing: float = 0.0):
         super().__init__()
         self.model, self.method, self.pass_classifier = model, method, pass_classifier
+        self.label_smoothing = label_smoothing
 
     def forward(
         self,
@@ -402,7 +427,8 @@ class TrainStep(nn.Module):
         batch_wide: bool,
     ) -> tuple[torch.Tensor, LossOutput]:
         new_emb = self.model(images).float()
-        cls_loss = F.cross_entropy(self.model.classify(new_emb, head_labels).float(), head_labels)
+        logits = self.model.classify(new_emb, head_labels).float()
+        cls_loss = F.cross_entropy(logits, head_labels, label_smoothing=self.label_smoothing)
         if batch_wide:
             # The method sees the global batch; see advbct.distributed for why gradients then come out right.
             world = current_world()

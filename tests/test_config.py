@@ -13,14 +13,18 @@ def test_presets_load_and_validate():
         assert cfg.old.data == cfg.new.data
 
 
-def test_cpu_large_is_the_quickstart_network_on_all_training_images():
+def test_cpu_large_is_the_quickstart_with_more_epochs():
     quick, large = (quickstart_config(name, None, None, None, None) for name in ("quickstart", "cpu-large"))
-    assert large.old.model == quick.old.model and large.new.model == quick.new.model
+    for role in ("old", "new"):
+        q, g = getattr(quick, role), getattr(large, role)
+        assert g.model == q.model and g.data == q.data and g.compat == q.compat and g.seed == q.seed
+        schedule = {"epochs", "milestones"}
+        assert g.optim.model_dump(exclude=schedule) == q.optim.model_dump(exclude=schedule)
     assert large.new.data.allocation == "extended-data" and large.new.data.max_train_per_class is None
-    assert (large.old.optim.epochs, large.new.optim.epochs) == (30, 15)
-    assert (large.old.seed, large.new.seed) == (quick.old.seed, quick.new.seed)
-    assert large.new.compat.method == "advbct" and large.new.compat.options == {"tau": 0.5}
-    assert quick.new.compat.options == {}
+    assert large.new.model.whitened_stem and large.new.optim.label_smoothing == 0.2
+    assert (large.old.optim.epochs, large.new.optim.epochs) == (16, 15)
+    assert (quick.old.optim.epochs, quick.new.optim.epochs) == (10, 5)
+    assert large.new.compat.method == "advbct" and large.new.compat.options == {}
 
 
 def test_dotted_overrides_parse_yaml_values():

@@ -72,23 +72,21 @@ class EmbeddingModel(nn.Module):
             _small_input_stem(self.backbone, backbone, small_input_pool, small_input_stride)
         self.whitened_stem = whitened_stem
         if whitened_stem:
-            self._stem_conv(backbone).weight.requires_grad_(False)
+            if not isinstance(getattr(self.backbone, "conv1", None), nn.Conv2d):
+                raise ValueError(
+                    f"a whitened stem needs a backbone whose stem is one conv (conv1); {backbone!r} has none"
+                )
+            self.backbone.conv1.weight.requires_grad_(False)
         self.proj = nn.Linear(self.backbone.num_features, embedding_dim, bias=False)
         self.bn = nn.BatchNorm1d(embedding_dim)
         self.head = make_head(head, embedding_dim, num_classes, head_scale, head_margin)
         self.embedding_dim = embedding_dim
 
-    def _stem_conv(self, name: str = "") -> nn.Conv2d:
-        conv = getattr(self.backbone, "conv1", None)
-        if not isinstance(conv, nn.Conv2d):
-            raise ValueError(f"a whitened stem needs a backbone whose stem is one conv (conv1); {name!r} has none")
-        return conv
-
     def whiten_stem(self, images: torch.Tensor) -> None:
         """Set the frozen stem's filters from normalised training ``images`` (see ``advbct.models.whitening``)."""
         if not self.whitened_stem:
             raise ValueError("whiten_stem on a model built without whitened_stem")
-        set_whitened_stem(self._stem_conv(), images)
+        set_whitened_stem(self.backbone.conv1, images)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """The (unnormalised) embedding; retrieval L2-normalises it."""

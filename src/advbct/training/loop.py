@@ -125,8 +125,7 @@ def start_from_old(model: EmbeddingModel, arch: ModelConfig, old: OldModel) -> N
 
 def _comparable(tree: dict) -> dict:
     """A run's config without what may legitimately differ between machines (data location, device) or between
-    the sessions of one run (``cuda_graph`` changes how a step is launched, not what it computes; runs saved before
-    the option existed lack it)."""
+    the sessions of one run (``cuda_graph`` changes how a step is launched, not what it computes)."""
     tree = json.loads(json.dumps(tree))
     tree.pop("device", None)
     tree.pop("cuda_graph", None)

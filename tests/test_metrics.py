@@ -6,17 +6,20 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from advbct.evaluation import average_precision_from_relevance, label_retrieval_metrics
+from advbct.evaluation import average_precision_from_positions, label_retrieval_metrics
+from advbct.evaluation.metrics import relevant_positions, relevant_positions_by_sort
 
 
 def test_average_precision_by_hand():
     # relevant at ranks 1 and 3 of 4: AP = (1/1 + 2/3) / 2; R = 2: AP@R = (1/1) / 2
-    ap, ap_r = average_precision_from_relevance(torch.tensor([[1, 0, 1, 0]], dtype=torch.bool))
+    inf = float("inf")
+    ap, ap_r = average_precision_from_positions(torch.tensor([[1.0, 3.0]]), torch.tensor([2]))
     assert ap.item() == pytest.approx((1 + 2 / 3) / 2)
     assert ap_r.item() == pytest.approx(0.5)
-    ap, ap_r = average_precision_from_relevance(torch.tensor([[0, 1, 1]], dtype=torch.bool))
-    assert ap.item() == pytest.approx((1 / 2 + 2 / 3) / 2)
-    assert ap_r.item() == pytest.approx((1 / 2) / 2)
+    # a second row with one relevant item fewer is padded with inf: ranks 2 and 3 / rank 4 alone
+    ap, ap_r = average_precision_from_positions(torch.tensor([[2.0, 3.0], [4.0, inf]]), torch.tensor([2, 1]))
+    assert ap.tolist() == pytest.approx([(1 / 2 + 2 / 3) / 2, 1 / 4])
+    assert ap_r.tolist() == pytest.approx([(1 / 2) / 2, 0.0])
 
 
 def test_metrics_on_hand_made_embeddings():
@@ -103,6 +106,51 @@ def test_matches_reference_on_random_data(n, dim, classes, seed, exclude, chunk)
     assert out["map"] == pytest.approx(expected[0], abs=1e-4)
     assert out["map_at_r"] == pytest.approx(expected[1], abs=1e-4)
     assert out["top1"] == pytest.approx(expected[2], abs=1e-4)
+
+
+@pytest.mark.parametrize("exclude", [False, True])
+def test_many_exact_ties_match_the_stable_reference(exclude):
+    # One-hot gallery vectors repeat, so each query's score for gallery item j is exactly one of its own four
+    # coordinates: relevant and irrelevant items tie over and over, and gallery order must break every tie.
+    rng = np.random.default_rng(3)
+    gallery = np.eye(4, dtype=np.float32)[rng.integers(0, 4, size=30)]
+    labels = rng.integers(0, 3, size=30)
+    queries = rng.normal(size=(30, 4)).astype(np.float32)
+    expected = reference_metrics(queries, labels, gallery, labels, exclude)
+    args = (torch.from_numpy(queries), torch.from_numpy(labels), torch.from_numpy(gallery), torch.from_numpy(labels))
+    out = label_retrieval_metrics(*args, exclude_same_index=exclude, chunk_size=7)
+    assert out["map"] == pytest.approx(expected[0], abs=1e-9)
+    assert out["map_at_r"] == pytest.approx(expected[1], abs=1e-9)
+    assert out["top1"] == pytest.approx(expected[2], abs=1e-9)
+
+
+def test_counting_and_sorting_agree_with_and_without_ties():
+    torch.manual_seed(0)
+    sims = torch.randn(16, 200)
+    counted = torch.ones(16, 200, dtype=torch.bool)
+    counted[torch.arange(16), torch.arange(16)] = False
+    relevant = (torch.rand(16, 200) < 0.1) & counted
+    relevant[3] = False  # a row without relevant items
+    fast = relevant_positions(sims, relevant, counted)
+    assert torch.equal(fast, relevant_positions_by_sort(sims, relevant, counted))
+    assert torch.isinf(fast[3]).all()
+    # Irrelevant items that score exactly what relevant ones do, before and after them in gallery order: the
+    # stable sort's positions, not the counting's, whatever row they fall in.
+    for row in (5, 9):
+        hits = relevant[row].nonzero().squeeze(1)
+        misses = (~relevant[row] & counted[row]).nonzero().squeeze(1)
+        sims[row, misses[0]] = sims[row, hits[-1]]
+        sims[row, misses[-1]] = sims[row, hits[0]]
+    tied = relevant_positions(sims, relevant, counted)
+    assert torch.equal(tied, relevant_positions_by_sort(sims, relevant, counted))
+    assert not torch.equal(tied[5], fast[5])
+
+
+def test_non_finite_embeddings_are_refused():
+    emb = torch.randn(3, 4)
+    emb[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="gallery embeddings contain NaN"):
+        label_retrieval_metrics(torch.randn(2, 4), torch.zeros(2), emb, torch.zeros(3))
 
 
 def test_dimension_mismatch_is_refused():

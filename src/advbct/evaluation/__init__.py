@@ -2,13 +2,13 @@
 
 from advbct.evaluation.compatibility import compatibility_scores, empirical_criterion
 from advbct.evaluation.gldv2 import gldv2_map
-from advbct.evaluation.metrics import average_precision_from_relevance, label_retrieval_metrics
+from advbct.evaluation.metrics import average_precision_from_positions, label_retrieval_metrics
 from advbct.evaluation.protocol import embed_images, evaluate_pairs, upgrade_report
 from advbct.evaluation.revisited import revisited_map
 from advbct.evaluation.search import exact_search
 
 __all__ = [
-    "average_precision_from_relevance",
+    "average_precision_from_positions",
     "compatibility_scores",
     "embed_images",
     "empirical_criterion",

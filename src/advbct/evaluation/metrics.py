@@ -1,33 +1,22 @@
 """Class-label retrieval metrics: mAP over the full ranking, mAP@R, top-k retrieval accuracy.
 
-Queries are scored in chunks: one (chunk x gallery) similarity block is ranked at a time, so memory stays
-bounded by ``chunk_size * gallery_size`` whatever the number of queries. A query with no relevant gallery item
-is left out of every average, as in the standard protocols.
+Queries are scored in chunks: one (chunk x gallery) similarity block at a time, so memory stays bounded by
+``chunk_size * gallery_size`` whatever the number of queries. A query with no relevant gallery item is left out of
+every average, as in the standard protocols.
+
+Every one of these metrics depends only on where the relevant items land in the ranking, and the k-th relevant
+item (best first) lands at k + (the number of irrelevant items scored above it). So no index-carrying argsort of
+the gallery is needed: the irrelevant scores are sorted as plain values and each relevant score is placed among
+them by binary search. An irrelevant item that exactly ties a relevant one is ordered by gallery position in a
+full stable sort; the rare row holding such a tie is ranked by that sort instead, so the results are the same
+either way.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-
-
-def average_precision_from_relevance(relevance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """AP over the full ranking and AP@R, for rows of a best-first 0/1 relevance matrix (B, G).
-
-    AP = sum_k P(k) rel(k) / n_rel; AP@R = sum_{k <= R} P(k) rel(k) / R with R = n_rel.
-    Rows without any relevant item give 0 for both (callers leave them out).
-    """
-    # Hit counts are whole numbers, exact in float32 below 2**24 items (and its cumsum is several times faster
-    # than int32's or float64's on CPUs); the per-row sums are taken in float64.
-    count_dtype = torch.float32 if relevance.shape[1] < 2**24 else torch.float64
-    hits = relevance.to(count_dtype).cumsum(1)
-    n_rel = relevance.sum(1, dtype=torch.float64)
-    ranks = torch.arange(1, relevance.shape[1] + 1, dtype=count_dtype, device=relevance.device)
-    precision_hits = torch.where(relevance, hits / ranks, 0.0)
-    ap = precision_hits.sum(1, dtype=torch.float64) / n_rel.clamp(min=1)
-    within_r = ranks.unsqueeze(0) <= n_rel.unsqueeze(1)
-    ap_at_r = torch.where(within_r, precision_hits, 0.0).sum(1, dtype=torch.float64) / n_rel.clamp(min=1)
-    return ap, ap_at_r
 
 
 def label_retrieval_metrics(
@@ -49,6 +38,9 @@ def label_retrieval_metrics(
         raise ValueError(f"query embeddings have dim {query_emb.shape[1]}, gallery embeddings {gallery_emb.shape[1]}")
     if exclude_same_index and query_emb.shape[0] != gallery_emb.shape[0]:
         raise ValueError("exclude_same_index needs queries and gallery to be the same images")
+    for side, emb in (("query", query_emb), ("gallery", gallery_emb)):
+        if not bool(torch.isfinite(emb).all()):
+            raise ValueError(f"{side} embeddings contain NaN or inf (a diverged model?); nothing can be ranked")
     q = F.normalize(query_emb.float(), dim=1)
     g = F.normalize(gallery_emb.float(), dim=1)
     gallery_labels = gallery_labels.to(g.device)
@@ -58,20 +50,84 @@ def label_retrieval_metrics(
     for start in range(0, q.shape[0], chunk_size):
         block = q[start : start + chunk_size]
         sims = block @ g.T
-        rows = torch.arange(block.shape[0], device=sims.device)
+        relevant = gallery_labels.unsqueeze(0) == query_labels[start : start + chunk_size].unsqueeze(1)
+        counted = torch.ones_like(relevant)
         if exclude_same_index:
-            sims[rows, rows + start] = float("-inf")
-        order = torch.argsort(sims, dim=1, descending=True, stable=True)
-        if exclude_same_index:
-            order = order[:, :-1]
-        relevance = gallery_labels[order] == query_labels[start : start + chunk_size].unsqueeze(1)
-        has_relevant = relevance.any(1)
-        ap, ap_at_r = average_precision_from_relevance(relevance)
+            rows = torch.arange(block.shape[0], device=sims.device)
+            relevant[rows, rows + start] = False
+            counted[rows, rows + start] = False
+        positions = relevant_positions(sims, relevant, counted)
+        n_rel = relevant.sum(1)
+        has_relevant = n_rel > 0
+        ap, ap_at_r = average_precision_from_positions(positions, n_rel)
         sums["map"] += ap[has_relevant].sum().item()
         sums["map_at_r"] += ap_at_r[has_relevant].sum().item()
         for k in ks:
-            sums[f"top{k}"] += relevance[:, :k].any(1)[has_relevant].sum().item()
+            sums[f"top{k}"] += (positions[:, 0] <= k)[has_relevant].sum().item()
         scored += int(has_relevant.sum())
     if scored == 0:
         raise ValueError("no query has a relevant gallery item; nothing to score")
     return {name: 100.0 * value / scored for name, value in sums.items()}
+
+
+def relevant_positions(sims: torch.Tensor, relevant: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
+    """1-based ranking positions (B, K) of each row's relevant items, best first, padded with ``inf`` beyond the
+    row's number of relevant items (K is the largest).
+
+    ``counted`` marks the items that take part in the ranking at all (False: the query's own image, which must not
+    be marked relevant either). Relevant items tied with each other may come in either order: the positions they
+    fill are the same. A row where an irrelevant item exactly ties a relevant one (a few rows in ten thousand for
+    CIFAR-100) is ranked again by a full stable sort, which puts the earlier gallery item first.
+    """
+    b, g = sims.shape
+    k_max = max(1, int(relevant.sum(1).max()) if b else 0)
+    irrelevant = counted & ~relevant
+    # Each row's irrelevant scores in ascending order (the rest as -inf, below every real score), and its
+    # relevant scores best first (padded with -inf). A binary search per relevant score then counts the
+    # irrelevant items above it.
+    irrelevant_sorted = _sort_rows(torch.where(irrelevant, sims, float("-inf")))
+    best_first = torch.topk(torch.where(relevant, sims, float("-inf")), k_max, dim=1).values.contiguous()
+    at_most = torch.searchsorted(irrelevant_sorted, best_first, right=True)
+    k = torch.arange(1, k_max + 1, device=sims.device)
+    real = k.unsqueeze(0) <= relevant.sum(1, keepdim=True)
+    positions = torch.where(real, (k + g - at_most).to(torch.float64), float("inf"))
+    tied = (real & (torch.searchsorted(irrelevant_sorted, best_first) != at_most)).any(1)
+    if bool(tied.any()):
+        rows = tied.nonzero().squeeze(1)
+        exact = relevant_positions_by_sort(sims[rows], relevant[rows], counted[rows])
+        positions[rows] = F.pad(exact, (0, k_max - exact.shape[1]), value=float("inf"))
+    return positions
+
+
+def _sort_rows(x: torch.Tensor) -> torch.Tensor:
+    """Each row sorted ascending. On the CPU numpy's vectorised sort is several times faster than torch's."""
+    if x.device.type == "cpu":
+        return torch.from_numpy(np.sort(x.numpy(), axis=1))
+    return torch.sort(x, dim=1).values
+
+
+def relevant_positions_by_sort(sims: torch.Tensor, relevant: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
+    """``relevant_positions`` by a full stable sort: exact ties rank in gallery order. For the rows with ties."""
+    sims = torch.where(counted, sims, float("-inf"))
+    order = torch.argsort(sims, dim=1, descending=True, stable=True)
+    ranked = torch.gather(relevant, 1, order)
+    k_max = max(1, int(relevant.sum(1).max()))
+    place = torch.arange(1, sims.shape[1] + 1, dtype=torch.float64, device=sims.device).expand_as(sims)
+    # The relevant items' places, best first, then inf: sorting with the irrelevant places set to inf.
+    places = torch.where(ranked, place, float("inf"))
+    return torch.sort(places, dim=1).values[:, :k_max]
+
+
+def average_precision_from_positions(positions: torch.Tensor, n_rel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """AP and AP@R from the 1-based positions (B, K) of each row's relevant items, best first (``inf`` padding).
+
+    The k-th relevant item at position p contributes the precision k / p; AP averages over all n_rel of them,
+    AP@R over those within the first R = n_rel places (divided by R all the same). Rows with n_rel = 0 give 0.
+    """
+    k = torch.arange(1, positions.shape[1] + 1, dtype=torch.float64, device=positions.device)
+    precision = k / positions.to(torch.float64)  # inf padding gives 0
+    denominator = n_rel.to(torch.float64).clamp(min=1)
+    ap = precision.sum(1) / denominator
+    within_r = positions <= n_rel.unsqueeze(1)
+    ap_at_r = torch.where(within_r, precision, 0.0).sum(1) / denominator
+    return ap, ap_at_r

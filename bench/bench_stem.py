@@ -1,9 +1,10 @@
 """Classification training-step throughput of the small-input stems, as a ratio to the pooled stem.
 
-The three ways a 32x32 image enters a ResNet here: a stride-1 3x3 conv with no pool (the paper's CIFAR
-setting: every later layer runs at full resolution), the same conv followed by the max-pool, and a stride-2
-conv with no pool. The last two hand a 16x16 map to the first block, but the pooled stem still runs its
-conv, batch norm and ReLU at 32x32. Rounds interleave the stems, so drift in the machine's speed (30% within
+The four ways a 32x32 image enters a ResNet here: a stride-1 3x3 conv with no pool (the paper's CIFAR
+setting: every later layer runs at full resolution), the same conv followed by the max-pool, a stride-2 conv
+with no pool, and a stride-2 conv followed by the max-pool (the quickstart's: an 8x8 map reaches the first
+block). The middle two hand a 16x16 map to the first block, but the pooled stem still runs its conv, batch norm
+and ReLU at 32x32. Rounds interleave the stems, so drift in the machine's speed (30% within
 a minute on the shared 2-core machine) falls on all of them alike; each figure is the median over rounds.
 
     python bench/bench_stem.py                       # CPU, the quickstart network
@@ -13,18 +14,18 @@ a minute on the shared 2-core machine) falls on all of them alike; each figure i
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
 import torch.nn.functional as F
 
 from advbct.cli import train_config
-from bench_step import NUM_CLASSES, make_model, timed_steps
+from bench_step import NUM_CLASSES, interleaved_medians, make_model
 
 STEMS = {
     "stride 1, no pool": {"small_input_stride": 1, "small_input_pool": False},
     "stride 1 + max-pool": {"small_input_stride": 1, "small_input_pool": True},
     "stride 2, no pool": {"small_input_stride": 2, "small_input_pool": False},
+    "stride 2 + max-pool": {"small_input_stride": 2, "small_input_pool": True},
 }
 BASELINE = "stride 1 + max-pool"
 
@@ -34,8 +35,9 @@ def main() -> None:
     parser.add_argument("--preset", default="quickstart")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per stem and round (median taken)")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per stem before the first round")
+    parser.add_argument("--steps", type=int, default=3, help="consecutive steps per timing sample")
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -64,11 +66,7 @@ def main() -> None:
         return step
 
     steps = {name: make_step(stem) for name, stem in STEMS.items()}
-    seconds: dict[str, list[float]] = {name: [] for name in STEMS}
-    for _ in range(args.rounds):
-        for name, step in steps.items():
-            seconds[name].append(timed_steps(step, args.steps, 1, 1, device))
-    median = {name: statistics.median(values) for name, values in seconds.items()}
+    median = interleaved_medians(steps, args.rounds, args.warmup, args.steps, device)
 
     print(f"device {device}, preset {args.preset}, batch {args.batch_size}, median of {args.rounds} interleaved rounds")
     print(f"{'stem':<22}{'ms':>9}{'img/s':>10}{'speed vs ' + BASELINE:>30}")

@@ -12,14 +12,13 @@ checked to give the same positions before anything is timed.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 from advbct.evaluation import label_retrieval_metrics
 from advbct.evaluation.metrics import relevant_positions, relevant_positions_by_sort
+from bench_step import interleaved_medians
 
 
 def main() -> None:
@@ -52,25 +51,20 @@ def main() -> None:
     def whole_metrics() -> None:
         label_retrieval_metrics(queries, labels, gallery, labels, exclude_same_index=True, chunk_size=args.chunk)
 
-    timings: dict[str, list[float]] = {"argsort (stable)": [], "counting": [], "label_retrieval_metrics": []}
     steps = {
         "argsort (stable)": lambda: rank_all(relevant_positions_by_sort),
         "counting": lambda: rank_all(relevant_positions),
         "label_retrieval_metrics": whole_metrics,
     }
-    for _ in range(args.repeats):  # interleaved rounds, so drift in the machine's speed falls on every row alike
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            timings[name].append(time.perf_counter() - start)
-    baseline = statistics.median(timings["argsort (stable)"])
+    # Interleaved rounds, so drift in the machine's speed falls on every row alike.
+    medians = interleaved_medians(steps, args.repeats, 0, 1, torch.device("cpu"))
+    baseline = medians["argsort (stable)"]
     print(
         f"{args.queries} queries x {args.queries} gallery, {args.classes} classes, dim {args.dim}, "
         f"chunks of {args.chunk}, {torch.get_num_threads()} threads, median of {args.repeats}"
     )
     print(f"{'ranking':28s} {'seconds':>8s} {'vs argsort':>11s}")
-    for name, values in timings.items():
-        median = statistics.median(values)
+    for name, median in medians.items():
         print(f"{name:28s} {median:8.2f} {baseline / median:10.2f}x")
 
 

@@ -80,7 +80,8 @@ def relevant_positions(sims: torch.Tensor, relevant: torch.Tensor, counted: torc
     CIFAR-100) is ranked again by a full stable sort, which puts the earlier gallery item first.
     """
     b, g = sims.shape
-    k_max = max(1, int(relevant.sum(1).max()) if b else 0)
+    n_rel = relevant.sum(1, keepdim=True)
+    k_max = max(1, int(n_rel.max()) if b else 0)
     irrelevant = counted & ~relevant
     # Each row's irrelevant scores in ascending order (the rest as -inf, below every real score), and its
     # relevant scores best first (padded with -inf). A binary search per relevant score then counts the
@@ -89,7 +90,7 @@ def relevant_positions(sims: torch.Tensor, relevant: torch.Tensor, counted: torc
     best_first = torch.topk(torch.where(relevant, sims, float("-inf")), k_max, dim=1).values.contiguous()
     at_most = torch.searchsorted(irrelevant_sorted, best_first, right=True)
     k = torch.arange(1, k_max + 1, device=sims.device)
-    real = k.unsqueeze(0) <= relevant.sum(1, keepdim=True)
+    real = k.unsqueeze(0) <= n_rel
     positions = torch.where(real, (k + g - at_most).to(torch.float64), float("inf"))
     tied = (real & (torch.searchsorted(irrelevant_sorted, best_first) != at_most)).any(1)
     if bool(tied.any()):

@@ -127,11 +127,19 @@ def evaluate_pairs(
 
 
 def upgrade_report(tests: Mapping[str, Mapping[str, float]], metric: str = "map") -> dict:
-    """The quickstart's summary: the test matrix plus P_up / P_comp / P_1 and the empirical criterion."""
+    """The quickstart's summary: the test matrix plus P_up / P_comp / P_1 and the empirical criterion.
+
+    ``cross_vs_independent`` is M(n,o) / M(*,o): how far the cross test stands above an incompatible model's,
+    which sits near chance. A criterion met against a weak old model can still leave the cross test close to
+    chance; this ratio shows it.
+    """
     old, new, cross = tests["old/old"][metric], tests["new/new"][metric], tests["new/old"][metric]
     report: dict = {"tests": {k: dict(v) for k, v in tests.items()}}
     if "independent/independent" in tests:
         report.update(compatibility_scores([old], [tests["independent/independent"][metric]], [new], [cross]))
+    if tests.get("independent/old", {}).get(metric, 0.0) > 0.0:
+        report["cross_vs_independent"] = cross / tests["independent/old"][metric]
     report["criterion"] = empirical_criterion(cross, old)
-    report["upgrade_ok"] = report["criterion"] and new > old
+    report["self_criterion"] = new > old
+    report["upgrade_ok"] = report["criterion"] and report["self_criterion"]
     return report

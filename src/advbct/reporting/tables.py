@@ -29,8 +29,14 @@ def print_report(report: dict, console: Console) -> None:
     console.print(report_table(report))
     if "p_up" in report:
         console.print(f"P_up {report['p_up']:.2f}   P_comp {report['p_comp']:.2f}   P_1 {report['p_1']:.2f}")
-    verdict = "[green]yes[/]" if report["criterion"] else "[red]no[/]"
-    console.print(f"empirical criterion M(n,o) > M(o,o): {verdict}")
+    console.print(f"empirical criterion M(n,o) > M(o,o): {_verdict(report['criterion'])}")
+    console.print(f"self test M(n,n) > M(o,o): {_verdict(report['self_criterion'])}")
+    if "cross_vs_independent" in report:
+        console.print(f"cross test / independent cross test M(n,o) / M(*,o): {report['cross_vs_independent']:.2f}x")
+
+
+def _verdict(holds: bool) -> str:
+    return "[green]yes[/]" if holds else "[red]no[/]"
 
 
 def comparison_table(reports: dict[str, dict], title: str) -> Table:

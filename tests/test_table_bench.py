@@ -53,7 +53,10 @@ def test_bench_smoke_writes_the_table_json_and_plots(tiny_folder, tmp_path):
     rows = [line for line in markdown.splitlines() if line.startswith("| advbct |")]
     assert len(rows) == 3
     advbct = results["settings"]["extended-class"]["methods"]["advbct"]
-    assert f"| {advbct['tests']['new/new']['map']:.2f} | {advbct['tests']['new/old']['map']:.2f} |" in rows[0]
+    maps = {key: advbct["tests"][key]["map"] for key in ("new/new", "new/old", "independent/old")}
+    ratio = maps["new/old"] / maps["independent/old"]
+    assert advbct["cross_vs_independent"] == pytest.approx(ratio)
+    assert f"| {maps['new/new']:.2f} | {maps['new/old']:.2f} | {ratio:.2f} |" in rows[0]
 
     for name in ("p_scores.png", *(f"heatmap_{s}.png" for s in SETTINGS)):
         with Image.open(out / name) as image:

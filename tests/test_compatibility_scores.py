@@ -54,7 +54,8 @@ def _tests(old: float, new: float, cross: float, independent: float, independent
 
 
 def test_upgrade_report_checks_and_cross_ratio():
-    # The stop-20 run of 15 AdvBCT epochs: both criteria hold, the cross test 12.37 / 1.24 = 9.976x chance's.
+    # Stop 20's 15-epoch AdvBCT run, rounded: both criteria hold; the cross test is 12.37 / 1.24 = 9.976x the
+    # independent model's.
     report = upgrade_report(_tests(11.61, 18.08, 12.37, 14.79, 1.24))
     assert report["criterion"] and report["self_criterion"] and report["upgrade_ok"]
     assert report["cross_vs_independent"] == pytest.approx(9.976, abs=5e-4)

@@ -12,6 +12,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from advbct.reporting.tables import P_COMP_CAVEAT
+
 
 def _fmt(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
@@ -46,6 +48,8 @@ def markdown_table(results: dict) -> str:
         for name in ("old", "independent"):
             run = block["runs"][name]
             lines.append(f"| *{name}* | | | | | | | | {_fmt(run['seconds'], 1)} | {_fmt(run['images_per_s'], 0)} |")
+        if ind <= old:
+            lines += ["", P_COMP_CAVEAT.replace("*", "\\*") + "."]
         lines.append("")
     return "\n".join(lines)
 

@@ -30,10 +30,24 @@ def print_report(report: dict, console: Console) -> None:
     console.print(report_table(report))
     if "p_up" in report:
         console.print(f"P_up {report['p_up']:.2f}   P_comp {report['p_comp']:.2f}   P_1 {report['p_1']:.2f}")
+        if not independent_above_old(report):
+            console.print(f"[yellow]{P_COMP_CAVEAT}[/]")
     console.print(f"empirical criterion M(n,o) > M(o,o): {_verdict(report['criterion'])}")
     console.print(f"self test M(n,n) > M(o,o): {_verdict(report['self_criterion'])}")
     if "cross_vs_independent" in report:
         console.print(f"cross test / independent cross test M(n,o) / M(*,o): {report['cross_vs_independent']:.2f}x")
+
+
+P_COMP_CAVEAT = (
+    "M(*,*) <= M(o,o): the independent model is no better than the old one, so P_comp (which divides by "
+    "M(*,*) - M(o,o)) and P_1 mean nothing here"
+)
+
+
+def independent_above_old(report: dict) -> bool:
+    """Whether P_comp's reference gap M(*,*) - M(o,o) is positive, the case its formula is made for."""
+    tests = report["tests"]
+    return tests["independent/independent"]["map"] > tests["old/old"]["map"]
 
 
 def _verdict(holds: bool) -> str:
@@ -47,6 +61,8 @@ def comparison_table(reports: dict[str, dict], title: str) -> Table:
     tests = next(iter(reports.values()))["tests"]
     shared = "   ".join(f"{label} = {tests[key]['map']:.2f}" for key, label in SHARED_TESTS)
     caption = f"{shared}   (mAP, percent)\nratio: M(n,o) / M(*,o)   crit: M(n,o) > M(o,o)"
+    if not independent_above_old({"tests": tests}):
+        caption += f"\n[yellow]{P_COMP_CAVEAT}[/]"
     table = Table(title=title, caption=caption, pad_edge=False)
     table.add_column("method", no_wrap=True, min_width=max(len(method) for method in reports))
     for name in ("M(n,n)", "M(n,o)", "ratio", "P_up", "P_comp", "P_1", "crit"):

@@ -12,7 +12,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from advbct.reporting.tables import P_COMP_CAVEAT
+from advbct.reporting.tables import P_COMP_CAVEAT, independent_above_old
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:
@@ -48,7 +48,7 @@ def markdown_table(results: dict) -> str:
         for name in ("old", "independent"):
             run = block["runs"][name]
             lines.append(f"| *{name}* | | | | | | | | {_fmt(run['seconds'], 1)} | {_fmt(run['images_per_s'], 0)} |")
-        if ind <= old:
+        if not independent_above_old(first):
             lines += ["", P_COMP_CAVEAT.replace("*", "\\*") + "."]
         lines.append("")
     return "\n".join(lines)

@@ -26,18 +26,6 @@ def report_table(report: dict) -> Table:
     return table
 
 
-def print_report(report: dict, console: Console) -> None:
-    console.print(report_table(report))
-    if "p_up" in report:
-        console.print(f"P_up {report['p_up']:.2f}   P_comp {report['p_comp']:.2f}   P_1 {report['p_1']:.2f}")
-        if not independent_above_old(report):
-            console.print(f"[yellow]{P_COMP_CAVEAT}[/]")
-    console.print(f"empirical criterion M(n,o) > M(o,o): {_verdict(report['criterion'])}")
-    console.print(f"self test M(n,n) > M(o,o): {_verdict(report['self_criterion'])}")
-    if "cross_vs_independent" in report:
-        console.print(f"cross test / independent cross test M(n,o) / M(*,o): {report['cross_vs_independent']:.2f}x")
-
-
 P_COMP_CAVEAT = (
     "M(*,*) <= M(o,o): the independent model is no better than the old one, so P_comp (which divides by "
     "M(*,*) - M(o,o)) and P_1 mean nothing here"
@@ -52,6 +40,18 @@ def independent_above_old(report: dict) -> bool:
 
 def _verdict(holds: bool) -> str:
     return "[green]yes[/]" if holds else "[red]no[/]"
+
+
+def print_report(report: dict, console: Console) -> None:
+    console.print(report_table(report))
+    if "p_up" in report:
+        console.print(f"P_up {report['p_up']:.2f}   P_comp {report['p_comp']:.2f}   P_1 {report['p_1']:.2f}")
+        if not independent_above_old(report):
+            console.print(f"[yellow]{P_COMP_CAVEAT}[/]")
+    console.print(f"empirical criterion M(n,o) > M(o,o): {_verdict(report['criterion'])}")
+    console.print(f"self test M(n,n) > M(o,o): {_verdict(report['self_criterion'])}")
+    if "cross_vs_independent" in report:
+        console.print(f"cross test / independent cross test M(n,o) / M(*,o): {report['cross_vs_independent']:.2f}x")
 
 
 def comparison_table(reports: dict[str, dict], title: str) -> Table:

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from advbct.evaluation import compatibility_scores, empirical_criterion, upgrade_report
+from advbct.evaluation import compatibility_scores, empirical_criterion
 
 OLD = (75.45, 49.15, 10.03)
 INDEPENDENT = (81.15, 63.85, 16.48)
@@ -45,26 +45,3 @@ def test_bad_input_is_refused():
 def test_empirical_criterion():
     assert empirical_criterion(cross_test=31.0, old_test=30.0)
     assert not empirical_criterion(cross_test=30.0, old_test=30.0)
-
-
-def _tests(old: float, new: float, cross: float, independent: float, independent_cross: float) -> dict:
-    maps = {"old/old": old, "new/new": new, "new/old": cross}
-    maps |= {"independent/independent": independent, "independent/old": independent_cross}
-    return {key: {"map": value} for key, value in maps.items()}
-
-
-def test_upgrade_report_checks_and_cross_ratio():
-    # Stop 20's 15-epoch AdvBCT run, rounded: both criteria hold; the cross test is 12.37 / 1.24 = 9.976x the
-    # independent model's.
-    report = upgrade_report(_tests(11.61, 18.08, 12.37, 14.79, 1.24))
-    assert report["criterion"] and report["self_criterion"] and report["upgrade_ok"]
-    assert report["cross_vs_independent"] == pytest.approx(9.976, abs=5e-4)
-    weak_self = upgrade_report(_tests(11.61, 11.0, 12.37, 14.79, 1.24))
-    assert weak_self["criterion"] and not weak_self["self_criterion"] and not weak_self["upgrade_ok"]
-
-
-def test_upgrade_report_without_independent_has_no_ratio():
-    tests = {key: value for key, value in _tests(10.0, 12.0, 11.0, 0.0, 0.0).items() if "independent" not in key}
-    report = upgrade_report(tests)
-    assert "cross_vs_independent" not in report and "p_up" not in report
-    assert report["upgrade_ok"]

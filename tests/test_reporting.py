@@ -15,6 +15,23 @@ def _report(old: float, new: float, cross: float, independent: float, independen
     return upgrade_report(metrics)
 
 
+def test_upgrade_report_holds_both_checks_and_the_cross_ratio():
+    # Stop 20's 15-epoch AdvBCT run, rounded: both criteria hold; the cross test is 12.37 / 1.24 = 9.976x the
+    # independent model's.
+    report = _report(11.61, 18.08, 12.37, 14.79, 1.24)
+    assert report["criterion"] and report["self_criterion"] and report["upgrade_ok"]
+    assert report["cross_vs_independent"] == pytest.approx(9.976, abs=5e-4)
+    weak_self = _report(11.61, 11.0, 12.37, 14.79, 1.24)
+    assert weak_self["criterion"] and not weak_self["self_criterion"] and not weak_self["upgrade_ok"]
+
+
+def test_upgrade_report_without_independent_has_no_ratio():
+    tests = {key: {"map": value} for key, value in (("old/old", 10.0), ("new/new", 12.0), ("new/old", 11.0))}
+    report = upgrade_report(tests)
+    assert "cross_vs_independent" not in report and "p_up" not in report
+    assert report["upgrade_ok"]
+
+
 def _printed(report: dict) -> str:
     console = Console(record=True, width=120)
     print_report(report, console)

@@ -9,9 +9,14 @@ import torch
 
 from advbct import pipeline
 from advbct.cli import train_config
-from advbct.compat.advbct import dann_alpha, grad_reverse
+from advbct.compat.advbct import adversarial_weight, dann_alpha, grad_reverse
 from advbct.training import loop as loop_module
-from advbct.training.cuda_graph import check_cuda_graph_setup
+from advbct.training.cuda_graph import (
+    CudaGraphStep,
+    check_cuda_graph_setup,
+    graph_ready_optimizer,
+    set_learning_rate,
+)
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 
@@ -25,6 +30,45 @@ def test_the_dann_schedule_and_the_reversal_accept_a_device_progress():
     x = torch.tensor([1.0, -2.0], requires_grad=True)
     (grad_reverse(x, torch.tensor(0.25)) * torch.tensor([1.0, 3.0])).sum().backward()
     assert x.grad.tolist() == [-0.25, -0.75]  # d/dx of (x1 + 3 x2), times -0.25
+
+
+def test_the_adversarial_weight_accepts_a_device_epoch():
+    # w_e = (E - e + 1) / E with E = 4: 1.25 at e = 0, 1.0 at e = 1, 0.5 at e = 3.
+    assert [adversarial_weight(e, 4) for e in (0, 1, 3)] == [1.25, 1.0, 0.5]
+    weights = [adversarial_weight(torch.tensor(float(e)), 4) for e in (0, 1, 3)]
+    assert all(isinstance(w, torch.Tensor) for w in weights) and [w.item() for w in weights] == [1.25, 1.0, 0.5]
+
+
+def _twin_linear_models(device: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+    torch.manual_seed(0)
+    eager = torch.nn.Linear(4, 3).to(device)
+    twin = torch.nn.Linear(4, 3).to(device)
+    twin.load_state_dict(eager.state_dict())
+    return eager, twin
+
+
+SCHEDULE = (0.1, 0.05, 0.02, 0.3, 0.2, 0.01, 0.4)
+
+
+def test_fused_sgd_reading_its_rate_from_a_device_tensor_follows_the_schedule_a_float_rate_does():
+    # The graphed path's optimizer (fused, the rate a 0-d tensor filled in place) against the eager path's, over a
+    # schedule that changes every step: the same schedule with the rate stuck at 0.1 ends 0.3 away.
+    eager, twin = _twin_linear_models("cpu")
+    hyper = {"momentum": 0.9, "weight_decay": 5e-4}
+    eager_opt = torch.optim.SGD(eager.parameters(), lr=0.1, **hyper)
+    twin_opt = torch.optim.SGD(twin.parameters(), lr=0.1, fused=True, **hyper)
+    graph_ready_optimizer(twin_opt, torch.device("cpu"))
+    x = torch.randn(8, 4)
+    for lr in SCHEDULE:
+        for model, opt in ((eager, eager_opt), (twin, twin_opt)):
+            set_learning_rate(opt, lr)
+            opt.zero_grad()
+            (model(x) ** 2).mean().backward()
+            opt.step()
+    assert twin_opt.param_groups[0]["lr"].item() == pytest.approx(0.4)
+    torch.testing.assert_close(twin.weight, eager.weight, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="needs SGD\\(fused=True\\)"):
+        graph_ready_optimizer(eager_opt, torch.device("cpu"))
 
 
 def test_the_meter_keeps_its_own_copy_of_outputs_a_replay_overwrites():
@@ -74,7 +118,7 @@ def test_a_graphed_advbct_run_replays_each_steps_batch_progress_and_epoch(tiny_f
     # the first 4-epoch version of this test, at the preset's learning rate, drifted 2.6% apart by epoch 2.
     runs = {}
     for name, graphed in (("eager", "false"), ("graphed", "true")):
-        # 4 steps per epoch, 4 epochs: 3 eager warm-up steps, then 13 replays over 4 captures (one per epoch)
+        # 4 steps per epoch, 4 epochs: 3 eager warm-up steps, then one capture replayed 13 times
         overrides = [*base, "optim.epochs=4", "optim.lr=1e-6", "compat.method=advbct", f"cuda_graph={graphed}"]
         cfg = train_config("new", "smoke", None, overrides, str(tiny_folder), None)
         path = pipeline.train_new(cfg, tmp_path / name, old_path, stats_path, show_progress=False)
@@ -83,3 +127,32 @@ def test_a_graphed_advbct_run_replays_each_steps_batch_progress_and_epoch(tiny_f
     for a, b in zip(runs["eager"], runs["graphed"], strict=True):
         for part in ("loss", "cls", "bound", "adv", "violating"):
             assert b[part] == pytest.approx(a[part], rel=1e-3, abs=1e-4), (a["epoch"], part)
+
+
+@needs_cuda
+def test_one_captured_step_follows_the_learning_rate_and_epoch_of_every_replay():
+    # A linear model whose loss is scaled by AdvBCT's epoch weight, stepped by fused SGD through CudaGraphStep
+    # (3 eager warm-up calls, one capture, replays) against the same model stepped eagerly with host numbers.
+    eager, twin = _twin_linear_models("cuda")
+    eager_opt = torch.optim.SGD(eager.parameters(), lr=0.1, momentum=0.9)
+    twin_opt = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9, fused=True)
+    graph_ready_optimizer(twin_opt, torch.device("cuda"))
+    graphed = CudaGraphStep()
+
+    def step(x, target, progress, epoch, model=twin, opt=twin_opt):
+        loss = adversarial_weight(epoch, 4) * progress * ((model(x) - target.float().unsqueeze(1)) ** 2).mean()
+        opt.zero_grad(set_to_none=False)
+        loss.backward()
+        opt.step()
+        return {"loss": loss.detach()}
+
+    for i, lr in enumerate(SCHEDULE):
+        x, target = torch.randn(8, 4, device="cuda"), torch.randint(0, 3, (8,), device="cuda")
+        epoch, progress = i % 4, (i + 1) / len(SCHEDULE)
+        set_learning_rate(eager_opt, lr)
+        set_learning_rate(twin_opt, lr)
+        expected = step(x, target, progress, epoch, eager, eager_opt)["loss"]
+        got = graphed(step, x, target, progress, epoch)["loss"]
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert graphed.graph is not None  # the last calls were replays
+    torch.testing.assert_close(twin.weight, eager.weight, rtol=1e-5, atol=1e-6)

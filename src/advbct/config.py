@@ -106,7 +106,7 @@ class TrainConfig(_Section):
     cuda_graph: bool = Field(
         False,
         description="replay each training step from a CUDA graph (one launch instead of hundreds of kernels per "
-        "step; recaptured when the epoch or learning rate changes); single-GPU runs only, not with compile",
+        "step; one capture per run, with fused SGD); single-GPU runs only, not with compile",
     )
     init_from_old: bool = Field(
         False,

@@ -46,8 +46,9 @@ def dann_alpha(progress: float | torch.Tensor) -> float | torch.Tensor:
     return 2.0 / (1.0 + exp(-10.0 * progress)) - 1.0
 
 
-def adversarial_weight(epoch: int, num_epochs: int) -> float:
-    """w_e = (E - e + 1) / E, decaying with the epoch index e = 0..E-1."""
+def adversarial_weight(epoch: int | torch.Tensor, num_epochs: int) -> float | torch.Tensor:
+    """w_e = (E - e + 1) / E, decaying with the epoch index e = 0..E-1. A 0-d tensor epoch (the CUDA-graph
+    training path) gives a tensor weight, so one captured step serves every epoch."""
     return (num_epochs - epoch + 1) / num_epochs
 
 

@@ -37,14 +37,15 @@ class CompatContext:
 @dataclass(frozen=True)
 class CompatBatch:
     """One step's inputs: raw new embeddings, labels (global class ids), old embeddings of the same images,
-    training progress (the fraction of steps done; a 0-d device tensor on the CUDA-graph path, so it can change
-    between replays of one captured step), and the new model's classifier weights (rows in global class order)."""
+    training progress (the fraction of steps done) and the epoch index (both 0-d device tensors on the CUDA-graph
+    path, so they can change between replays of one captured step), and the new model's classifier weights (rows
+    in global class order)."""
 
     new_emb: torch.Tensor
     labels: torch.Tensor
     old_emb: torch.Tensor | None
     progress: float | torch.Tensor
-    epoch: int
+    epoch: int | torch.Tensor
     num_epochs: int
     new_classifier: torch.Tensor | None = None
 

@@ -4,18 +4,19 @@ A small network at 32x32 keeps the GPU busy for a few milliseconds per step, whi
 the forward, the compatibility loss, the backward and SGD take about as long on the host: the GPU then waits on the
 CPU. Capturing the whole step once and replaying it costs one launch per step. The step must not synchronise with
 the host (``tests/test_host_sync.py`` checks every loss and the batch path) and must read everything that changes
-between steps from device tensors: the batch is copied into fixed input buffers and the training progress is a
-0-d tensor. What changes only at epoch boundaries (the learning rate of a multi-step schedule, the adversarial
-weight per epoch) is baked into the graph, and a new capture is made when it changes.
+between steps from device tensors: the batch is copied into fixed input buffers, the training progress and the
+epoch (AdvBCT's adversarial weight) are 0-d tensors, and the learning rate is a 0-d tensor that fused SGD reads on
+the device. One capture then serves the whole run. That matters beyond the capture's own cost: each capture
+synchronises the whole device, which stalls every other run training on it at the same time.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 
 import torch
 
-Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
+Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
 
 
 def check_cuda_graph_setup(device: torch.device, distributed: bool, compiled: bool) -> None:
@@ -31,26 +32,47 @@ def check_cuda_graph_setup(device: torch.device, distributed: bool, compiled: bo
         raise ValueError("cuda_graph " + "; ".join(problems))
 
 
+def graph_ready_optimizer(optimizer: torch.optim.SGD, device: torch.device) -> None:
+    """Hold each parameter group's learning rate in a 0-d tensor on ``device`` (filled in place by
+    ``set_learning_rate``), so a captured SGD step follows the schedule. The optimizer must be fused: the
+    multi-tensor SGD turns a tensor rate back into a host number, which a capture forbids."""
+    if not optimizer.defaults.get("fused"):
+        raise ValueError("a graphed step needs SGD(fused=True) to read its learning rate on the device")
+    for group in optimizer.param_groups:
+        group["lr"] = torch.tensor(float(group["lr"]), device=device)
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every group's rate: in place where it is a device tensor (a graphed run), by assignment elsewhere."""
+    for group in optimizer.param_groups:
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
+
+
 class CudaGraphStep:
-    """Runs ``step(images, labels, progress)`` eagerly for the first ``warmup`` calls (on a side stream, as CUDA
-    graph capture asks, so cuDNN's kernel search and the optimizer's momentum buffers are done before capture),
-    then captures it and replays the graph. ``key`` names what the step has baked in (epoch, learning rate): when
-    it changes, the step passed with it is captured again. The returned tensors are the graph's own outputs,
-    overwritten by the next call."""
+    """Runs ``step(images, labels, progress, epoch)`` eagerly for the first ``warmup`` calls (on a side stream, as
+    CUDA graph capture asks, so cuDNN's kernel search and the optimizer's momentum buffers are done before capture),
+    then captures it once and replays the graph. ``progress`` and ``epoch`` reach the step as 0-d tensors. The
+    returned tensors are the graph's own outputs, overwritten by the next call.
+
+    The capture is thread-local, so runs training side by side in threads of one process (``advbct bench
+    --job-mode threads``) keep launching work on their own streams while one of them captures."""
 
     def __init__(self, warmup: int = 3):
         self.warmup_left = warmup
-        self.inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.key: Hashable = None
         self.outputs: dict[str, torch.Tensor] = {}
 
     def __call__(
-        self, step: Step, images: torch.Tensor, labels: torch.Tensor, progress: float, key: Hashable
+        self, step: Step, images: torch.Tensor, labels: torch.Tensor, progress: float, epoch: int
     ) -> dict[str, torch.Tensor]:
         if self.inputs is None:
-            self.inputs = (torch.empty_like(images), torch.empty_like(labels), images.new_zeros((), dtype=torch.float))
-        static_images, static_labels, static_progress = self.inputs
+            scalar = images.new_zeros((), dtype=torch.float)
+            self.inputs = (torch.empty_like(images), torch.empty_like(labels), scalar, scalar.clone())
+        static_images, static_labels, static_progress, static_epoch = self.inputs
         if images.shape != static_images.shape or labels.shape != static_labels.shape:
             raise ValueError(
                 f"cuda_graph needs batches of one shape: captured {tuple(static_images.shape)}, "
@@ -59,6 +81,7 @@ class CudaGraphStep:
         static_images.copy_(images)
         static_labels.copy_(labels)
         static_progress.fill_(progress)
+        static_epoch.fill_(epoch)
         if self.warmup_left > 0:
             self.warmup_left -= 1
             side = torch.cuda.Stream()
@@ -67,12 +90,11 @@ class CudaGraphStep:
                 outputs = step(*self.inputs)
             torch.cuda.current_stream().wait_stream(side)
             return outputs
-        if self.graph is None or key != self.key:
-            # The previous graph and its outputs go first, so its memory pool is free for the new capture.
-            self.graph, self.outputs = None, {}
+        if self.graph is None:
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            # Its own capture stream: the default one is shared by every graph of the process.
+            with torch.cuda.graph(graph, stream=torch.cuda.Stream(), capture_error_mode="thread_local"):
                 self.outputs = step(*self.inputs)
-            self.graph, self.key = graph, key
+            self.graph = graph
         self.graph.replay()
         return self.outputs

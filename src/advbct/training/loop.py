@@ -48,7 +48,12 @@ from advbct.models.checkpoint import (
     save_checkpoint,
 )
 from advbct.models.embedding import EmbeddingModel
-from advbct.training.cuda_graph import CudaGraphStep, check_cuda_graph_setup
+from advbct.training.cuda_graph import (
+    CudaGraphStep,
+    check_cuda_graph_setup,
+    graph_ready_optimizer,
+    set_learning_rate,
+)
 from advbct.training.schedule import learning_rate
 
 Role = Literal["old", "new"]
@@ -272,7 +277,11 @@ def train_model(
             old_net.compile()
     params = [p for p in [*model.parameters(), *method.parameters()] if p.requires_grad]
     optimizer = torch.optim.SGD(
-        params, lr=cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay
+        params,
+        lr=cfg.optim.lr,
+        momentum=cfg.optim.momentum,
+        weight_decay=cfg.optim.weight_decay,
+        fused=True if cfg.cuda_graph else None,
     )
 
     start_epoch, start_step = 0, 0
@@ -283,6 +292,8 @@ def train_model(
         method.load_state_dict(blob["method"])
         optimizer.load_state_dict(blob["optimizer"])
         start_epoch, start_step = int(blob["epoch"]), int(blob.get("step", 0))
+    if cfg.cuda_graph:
+        graph_ready_optimizer(optimizer, device)
 
     step_module = TrainStep(model, method, role == "new", cfg.optim.label_smoothing)
     if world.distributed:
@@ -311,8 +322,6 @@ def train_model(
     autocast = functools.partial(
         torch.autocast, device.type, dtype=torch.bfloat16, enabled=use_amp, cache_enabled=not cfg.cuda_graph
     )
-    # The learning-rate warm-up changes the rate every step; those steps run eagerly rather than recapturing.
-    warmup_steps = cfg.optim.warmup_epochs * steps_per_epoch
     graphed = CudaGraphStep() if cfg.cuda_graph else None
     # Every batch has one shape, so cuDNN's one-off search for the fastest convolution kernels pays off.
     torch.backends.cudnn.benchmark = device.type == "cuda"
@@ -321,10 +330,11 @@ def train_model(
     history: list[dict] = json.loads(blob.get("history", "[]")) if start_epoch or start_step else []
 
     def train_step(
-        images_u8: torch.Tensor, labels: torch.Tensor, progress: float | torch.Tensor, epoch: int
+        images_u8: torch.Tensor, labels: torch.Tensor, progress: float | torch.Tensor, epoch: int | torch.Tensor
     ) -> dict[str, torch.Tensor]:
         """One optimisation step on a batch; returns the loss parts. Reads nothing from the host that changes
-        within an epoch except its arguments, so it can be captured in a CUDA graph (``cuda_graph``)."""
+        during a run except its arguments, which may be device tensors, so one CUDA graph capture of it serves
+        the whole run (``cuda_graph``)."""
         images = normalise(images_u8, prep, cfg.channels_last)
         old_emb = None
         if old_net is not None:
@@ -358,19 +368,16 @@ def train_model(
             meter, epoch_meter = _Meter(), _Meter()
             started, seen = time.perf_counter(), 0
             first_step = start_step if epoch == start_epoch else 0
-            epoch_step = functools.partial(train_step, epoch=epoch)
             for step, (images_u8, labels) in enumerate(stream.epoch(epoch, first_step), start=first_step):
                 global_step = epoch * steps_per_epoch + step
-                lr = learning_rate(cfg.optim, global_step, steps_per_epoch)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
+                set_learning_rate(optimizer, learning_rate(cfg.optim, global_step, steps_per_epoch))
                 images_u8 = images_u8.to(device, non_blocking=True)
                 labels = labels.to(device, non_blocking=True)
                 progress_fraction = global_step / max(1, total_steps - 1)
-                if graphed is None or global_step < warmup_steps:
-                    parts = epoch_step(images_u8, labels, progress_fraction)
+                if graphed is None:
+                    parts = train_step(images_u8, labels, progress_fraction, epoch)
                 else:
-                    parts = graphed(epoch_step, images_u8, labels, progress_fraction, key=(epoch, lr))
+                    parts = graphed(train_step, images_u8, labels, progress_fraction, epoch)
                 meter.add(parts)
                 epoch_meter.add(parts)
                 seen += labels.shape[0] * world.size

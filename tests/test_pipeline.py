@@ -245,20 +245,23 @@ def test_compare_every_method_on_one_allocation(tiny_folder, tmp_path):
 def test_concurrent_runs_train_the_same_models_as_one_at_a_time(tiny_folder, tmp_path):
     common = ["--preset", "smoke", "--data", str(tiny_folder), "--no-progress", "--methods", "l2,advbct",
               "-o", "common.data.dataset=image-folder", "-o", "common.device=cpu"]  # fmt: skip
-    # Both runs give each training one thread (CPU float sums depend on the thread count, not on concurrency).
+    # Every run gives each training one thread (CPU float sums depend on the thread count, not on concurrency):
+    # two processes of one thread each, or two threads of one process whose operations run on one thread.
     one = run_cli("compare", *common, "--out", str(tmp_path / "one"), "--jobs", "1", env={"OMP_NUM_THREADS": "1"})
     assert one.returncode == 0, one.stdout + one.stderr
-    # The concurrent run starts from the finished old model, so both compare the same new-model training.
-    shutil.copytree(tmp_path / "one" / "old", tmp_path / "two" / "old")
-    two = run_cli("compare", *common, "--out", str(tmp_path / "two"), "--jobs", "2", env={"OMP_NUM_THREADS": "2"})
-    assert two.returncode == 0, two.stdout + two.stderr
-    assert "(2 at a time)" in two.stdout and "finished: advbct" in two.stdout
-    for name in ("independent", "l2", "advbct"):
-        first = torch.load(tmp_path / "one" / name / "model.pt", weights_only=True)["model"]
-        second = torch.load(tmp_path / "two" / name / "model.pt", weights_only=True)["model"]
-        for key, value in first.items():
-            assert torch.equal(second[key], value), f"{name}: {key}"
-    assert json.loads((tmp_path / "two" / "results.json").read_text()).keys() == {"l2", "advbct"}
+    for mode, threads in (("processes", "2"), ("threads", "1")):
+        # The concurrent runs start from the finished old model, so each compares the same new-model training.
+        shutil.copytree(tmp_path / "one" / "old", tmp_path / mode / "old")
+        args = ["--out", str(tmp_path / mode), "--jobs", "2", "--job-mode", mode]
+        two = run_cli("compare", *common, *args, env={"OMP_NUM_THREADS": threads})
+        assert two.returncode == 0, two.stdout + two.stderr
+        assert f"(2 at a time, in {mode})" in two.stdout and "finished: advbct" in two.stdout
+        for name in ("independent", "l2", "advbct"):
+            first = torch.load(tmp_path / "one" / name / "model.pt", weights_only=True)["model"]
+            second = torch.load(tmp_path / mode / name / "model.pt", weights_only=True)["model"]
+            for key, value in first.items():
+                assert torch.equal(second[key], value), f"{mode}, {name}: {key}"
+        assert json.loads((tmp_path / mode / "results.json").read_text()).keys() == {"l2", "advbct"}
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ from advbct.config import ModelConfig, QuickstartConfig, build_quickstart, deep_
 from advbct.data.images import DataError
 from advbct.distributed import current_world, resolve_device
 from advbct.evaluation.protocol import evaluate_pairs
-from advbct.pipeline import embed_test_set, method_reports, train_methods
+from advbct.pipeline import JobMode, embed_test_set, method_reports, train_methods
 from advbct.reporting.bench_report import write_markdown, write_plots
 
 DEFAULT_METHODS = ("l2", "bct", "lce", "unibct", "hot-refresh", "advbct")
@@ -70,9 +70,15 @@ def _architecture(model: ModelConfig) -> str:
 
 
 def run_setting(
-    cfg: QuickstartConfig, out: Path, methods: list[str], console: Console, show_progress: bool, jobs: int = 1
+    cfg: QuickstartConfig,
+    out: Path,
+    methods: list[str],
+    console: Console,
+    show_progress: bool,
+    jobs: int = 1,
+    job_mode: JobMode = "processes",
 ) -> dict:
-    paths = train_methods(cfg, out, methods, console, show_progress, jobs)
+    paths = train_methods(cfg, out, methods, console, show_progress, jobs, job_mode)
     embeddings, labels = embed_test_set(paths, device=cfg.new.device)
     names = list(paths)
     # Every (query model, gallery model) pair is scored once; the per-method reports read the same numbers.
@@ -98,9 +104,10 @@ def run_bench(
     console: Console | None = None,
     show_progress: bool = True,
     jobs: int = 1,
+    job_mode: JobMode = "processes",
 ) -> dict:
     """Train and evaluate every setting into ``out/<setting>/``; write results.json, results.md and plots.
-    ``jobs``: how many new models of a setting train at once (separate processes sharing the device)."""
+    ``jobs``: how many new models of a setting train at once, in processes or threads (``job_mode``)."""
     console = console or Console()
     unknown = [s for s in settings if s not in SETTINGS]
     if unknown:
@@ -109,7 +116,7 @@ def run_bench(
     results: dict = {"preset": preset, "settings": {}}
     for setting, cfg in configs.items():
         console.rule(f"[bold]{setting}")
-        results["settings"][setting] = run_setting(cfg, out / setting, methods, console, show_progress, jobs)
+        results["settings"][setting] = run_setting(cfg, out / setting, methods, console, show_progress, jobs, job_mode)
     if current_world().is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps(results, indent=2))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +58,11 @@ from advbct.training.cuda_graph import (
 from advbct.training.schedule import learning_rate
 
 Role = Literal["old", "new"]
+
+# Runs that train side by side in threads of one process (``--job-mode threads``) share its global random generator.
+# Each run seeds it and draws its initial weights while holding this lock, so it starts from the weights it would
+# have alone; nothing after initialisation draws from it (batch order and crops have generators of their own).
+_SEEDED_INIT = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -233,7 +239,6 @@ def train_model(
     if old is not None:
         check_compatible_setup(cfg, old, stats, train_set.classes)
 
-    torch.manual_seed(cfg.seed)
     world = current_world()
     device = resolve_device(cfg.device)
     indices = allocation.old_indices if role == "old" else allocation.new_indices
@@ -253,12 +258,14 @@ def train_model(
         compatible_with=None if old is None else {"model_id": old.meta.model_id, "path": str(old.path)},
     )
 
-    model = build_model(meta).to(device)
-    if cfg.init_from_old:
-        start_from_old(model, cfg.model, old)
-    elif cfg.model.whitened_stem and not (resume and last_path.is_file()):
-        model.whiten_stem(_whitening_sample(train_set.images[indices], prep, cfg.seed).to(device))
-    method = _build_method(cfg, role, train_set.num_classes, old, stats).to(device)
+    with _SEEDED_INIT:
+        torch.manual_seed(cfg.seed)
+        model = build_model(meta).to(device)
+        if cfg.init_from_old:
+            start_from_old(model, cfg.model, old)
+        elif cfg.model.whitened_stem and not (resume and last_path.is_file()):
+            model.whiten_stem(_whitening_sample(train_set.images[indices], prep, cfg.seed).to(device))
+        method = _build_method(cfg, role, train_set.num_classes, old, stats).to(device)
     needs_old = role == "new" and method_class(cfg.compat.method).needs_old_embeddings
     batch_wide = world.distributed and role == "new" and method_class(cfg.compat.method).batch_wide
     old_net = old.model.to(device).eval().requires_grad_(False) if (old is not None and needs_old) else None

@@ -12,10 +12,12 @@ synchronises the whole device, which stalls every other run training on it at th
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 import torch
 
+_CAPTURE = threading.Lock()
 Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
 
 
@@ -92,8 +94,10 @@ class CudaGraphStep:
             return outputs
         if self.graph is None:
             graph = torch.cuda.CUDAGraph()
-            # Its own capture stream: the default one is shared by every graph of the process.
-            with torch.cuda.graph(graph, stream=torch.cuda.Stream(), capture_error_mode="thread_local"):
+            # One capture at a time in the process: a capture begins with a device-wide synchronisation, which
+            # another thread's capture in progress would not survive. Each on its own capture stream, as the
+            # default one is shared by every graph of the process.
+            with _CAPTURE, torch.cuda.graph(graph, stream=torch.cuda.Stream(), capture_error_mode="thread_local"):
                 self.outputs = step(*self.inputs)
             self.graph = graph
         self.graph.replay()

@@ -2,8 +2,11 @@
 
 Used to carry real CIFAR-100 images to a remote GPU machine whose upload limit is smaller than the dataset:
     python bench/subset_archive.py pack ../shared/data/cifar100 subset.npz --train 220 --test 40
-    python bench/subset_archive.py unpack subset.npz /tmp/cifar100
-Pixels are stored losslessly (row-delta + LZMA); unpacking writes ``<root>/<split>/<class>/<n>.png``.
+    python bench/subset_archive.py unpack subset.npz /tmp/cifar100 [--train-per-class 500 --test-per-class 100]
+Pixels are stored losslessly (row-delta + LZMA); unpacking writes ``<root>/<split>/<class>/<n>.png``. The
+per-class counts fill each class folder up to that many files by repeating its images (hard links): an epoch then
+costs what the full dataset's does, for timing the full-size table where only a subset can travel. Accuracy
+figures from repeated images are not CIFAR-100 results.
 """
 
 from __future__ import annotations
@@ -35,6 +38,15 @@ def pack(root: Path, out: Path, per_split: dict[str, int]) -> None:
     np.savez(out, **arrays)
 
 
+def fill_class_folders(split_root: Path, per_class: int) -> None:
+    """Hard-link each class folder's images, cycling through them, until the folder holds ``per_class`` files."""
+    for folder in sorted(p for p in split_root.iterdir() if p.is_dir()):
+        originals = sorted(folder.glob("*.png"))
+        for k in range(len(originals), per_class):
+            original = originals[k % len(originals)]
+            (folder / f"r{k:05d}_{original.name}").hardlink_to(original)
+
+
 def unpack(archive: Path, root: Path) -> None:
     with np.load(archive, allow_pickle=False) as npz:
         classes = npz["classes"].tolist()
@@ -61,11 +73,16 @@ def main() -> None:
     u = sub.add_parser("unpack")
     u.add_argument("archive", type=Path)
     u.add_argument("root", type=Path)
+    u.add_argument("--train-per-class", type=int, default=0, help="fill train classes to this many (repeats)")
+    u.add_argument("--test-per-class", type=int, default=0, help="fill test classes to this many (repeats)")
     args = parser.parse_args()
     if args.command == "pack":
         pack(args.root, args.out, {"train": args.train, "test": args.test})
     else:
         unpack(args.archive, args.root)
+        for split, count in (("train", args.train_per_class), ("test", args.test_per_class)):
+            if count:
+                fill_class_folders(args.root / split, count)
 
 
 if __name__ == "__main__":

@@ -3,10 +3,14 @@
 # Needs .gpu/cifar_subset.npz (bench/subset_archive.py pack) and, where pydantic is missing, wheels in .whl/.
 # Each phase has its own time limit and a failing phase does not stop the next. Logs and small results are packed
 # into $OUT/gpu_results.tgz (checkpoints left out) and the headline figures go to $OUT/summary.txt.
-# A CPU dry run of the same path (the CUDA-graph phase runs its eager half only):
-#   DEVICE=cpu EPOCHS=1 MILESTONES=[] JOBS=2 BENCH_PRESET=smoke BATCH=32 EXTRA_ARGS='-o common.data.max_train_per_class=10
-#   -o common.data.max_test_per_class=5 -o common.model.backbone_kwargs={layers:[1,1,1,1]}' PHASES="step graph_train table"
-#   GRAPH_TRAIN_ARGS='--modes eager --epochs 2 --rounds 1 -o data.max_train_per_class=10' bash bench/gpu_check.sh
+# The training images: /tmp/cifar100 is the subset as packed; /tmp/cifar100_full the same images repeated (hard links)
+# to CIFAR-100's 500 train / 100 test per class, so an epoch costs what a full one does (timings only).
+# A CPU dry run of the same path (the CUDA-graph phases run eagerly, without cuda_graph):
+#   DEVICE=cpu GRAPH=false EPOCHS=1 MILESTONES=[] JOBS=2 BENCH_PRESET=smoke TABLE_PRESET=smoke BATCH=32
+#   EXTRA_ARGS='-o common.data.max_train_per_class=10 -o common.data.max_test_per_class=5' PHASES="step graph_train
+#   concurrency table" GRAPH_TRAIN_ARGS='--modes eager --epochs 2 --rounds 1 -o data.max_train_per_class=10'
+#   CONCURRENCY_ARGS='--epochs 2 -o common.data.max_train_per_class=10 -o common.data.max_test_per_class=5'
+#   bash bench/gpu_check.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}
 LOGS=/tmp/gpu_logs
@@ -15,10 +19,12 @@ DEVICE=${DEVICE:-cuda}
 EPOCHS=${EPOCHS:-30}
 MILESTONES=${MILESTONES:-[5,10,20]}
 JOBS=${JOBS:-4}
+JOB_MODE=${JOB_MODE:-processes}  # how the table trains JOBS new models at once: processes or threads
+GRAPH=${GRAPH:-true}  # cuda_graph for the table and the concurrency phase
+TABLE_DATA=${TABLE_DATA:-/tmp/cifar100}  # /tmp/cifar100_full: the full-size timing
 BATCH=${BATCH:-512}
-# Which of the numbered phases below run; the AdvBCT sweep (sweep) is left out by default, as the table alone
-# took the 8-minute budget on an H100 in stop 10.
-PHASES=${PHASES:-step graph_train search table compile}
+# Which of the numbered phases below run.
+PHASES=${PHASES:-step graph_train concurrency search table compile}
 BUDGET=${BUDGET:-560}  # seconds for the whole script: each phase is cut to what is left, so the packing still runs
 rm -rf "$LOGS" "$RUNS"
 mkdir -p "$OUT" "$LOGS" "$RUNS"
@@ -48,6 +54,10 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 ADVBC
   python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)"; nproc; } | tee -a "$LOGS/summary.txt"
 # A second call on the same warm machine finds the images already unpacked.
 [ -d /tmp/cifar100/test ] || phase unpack 120 python3 bench/subset_archive.py unpack .gpu/cifar_subset.npz /tmp/cifar100
+if [ ! -d /tmp/cifar100_full/test ]; then
+  cp -al /tmp/cifar100 /tmp/cifar100_full
+  phase fill 60 python3 bench/subset_archive.py fill /tmp/cifar100_full --train-per-class 500 --test-per-class 100
+fi
 
 # 1. Step throughput of every method against the plain classification step, measured in the same process.
 wanted step && phase bench_step 150 python3 bench/bench_step.py --device "$DEVICE" --preset "${BENCH_PRESET:-paper-cifar100}" \
@@ -57,9 +67,18 @@ cat "$LOGS/bench_step.txt" >> "$LOGS/summary.txt" 2>/dev/null
 # 1b. The CUDA-graph training path: its GPU test, then real AdvBCT training eager against graphed, alternating.
 wanted graph_train && phase gpu_tests 90 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graph.py
 tail -3 "$LOGS/gpu_tests.txt" >> "$LOGS/summary.txt" 2>/dev/null
-wanted graph_train && phase train_graph 240 python3 bench/bench_train_graph.py --data /tmp/cifar100 \
-  --preset "${BENCH_PRESET:-paper-cifar100}" --device "$DEVICE" ${GRAPH_TRAIN_ARGS:-}
+# By default every method graphed at batch 512 on the full-size folder: each loss's overhead over independent.
+ALL_METHODS=independent,l2,bct,lce,unibct,hot-refresh,advbct,advbct-adv-only,advbct-bound-only,advbct-fixed-radius
+wanted graph_train && phase train_graph 240 python3 bench/bench_train_graph.py --data /tmp/cifar100_full \
+  --preset "${BENCH_PRESET:-paper-cifar100}" --device "$DEVICE" \
+  ${GRAPH_TRAIN_ARGS:---methods $ALL_METHODS --modes graphed --epochs 3 --rounds 1 -o optim.batch_size=$BATCH}
 cat "$LOGS/train_graph.txt" >> "$LOGS/summary.txt" 2>/dev/null
+
+# 1c. A setting's new models trained JOBS at a time, in processes against threads (each on its own stream).
+wanted concurrency && phase concurrency "${CONCURRENCY_TIMEOUT:-200}" python3 bench/bench_concurrency.py \
+  --data /tmp/cifar100_full --preset "${TABLE_PRESET:-cifar100}" --device "$DEVICE" --jobs "$JOBS" \
+  -o "common.cuda_graph=$GRAPH" ${CONCURRENCY_ARGS:-}
+cat "$LOGS/concurrency.txt" >> "$LOGS/summary.txt" 2>/dev/null
 
 # 2. exact_search on the device returns what it returns on the CPU.
 wanted search && phase search 60 python3 - <<PY
@@ -78,9 +97,9 @@ cat "$LOGS/search.txt" >> "$LOGS/summary.txt" 2>/dev/null
 # 3. The CIFAR-100 table, extended-class and extended-data at once, JOBS new models at a time in each.
 nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 5 > "$LOGS/gpu_util.csv" 2>/dev/null &
 monitor=$!
-table_args=(--preset "${TABLE_PRESET:-cifar100}" --data /tmp/cifar100 --device "$DEVICE" --no-progress --jobs "$JOBS"
-  --methods "${METHODS:-l2,bct,lce,unibct,hot-refresh,advbct}" -o "common.optim.epochs=$EPOCHS"
-  -o "common.optim.milestones=$MILESTONES" ${EXTRA_ARGS:-})
+table_args=(--preset "${TABLE_PRESET:-cifar100}" --data "$TABLE_DATA" --device "$DEVICE" --no-progress --jobs "$JOBS"
+  --job-mode "$JOB_MODE" --methods "${METHODS:-l2,bct,lce,unibct,hot-refresh,advbct}" -o "common.optim.epochs=$EPOCHS"
+  -o "common.optim.milestones=$MILESTONES" -o "common.cuda_graph=$GRAPH" ${EXTRA_ARGS:-})
 start=$SECONDS
 wanted table && phase table_class "${TABLE_TIMEOUT:-400}" python3 -m advbct bench --settings extended-class --out "$RUNS/class" \
   "${table_args[@]}" &
@@ -91,36 +110,9 @@ wait "$class_pid" $!
 wanted table && note "table, both settings: $((SECONDS - start)) s wall"
 cat "$RUNS/class/results.md" "$RUNS/data/results.md" >> "$LOGS/summary.txt" 2>/dev/null
 
-# 4. AdvBCT's options on the extended-class old model (issue 2): each variant reuses the old and independent runs.
-sweep() {  # name, method, overrides...
-  local name=$1 method=$2; shift 2
-  mkdir -p "$RUNS/sweep/$name"
-  cp -r "$RUNS/class/extended-class/old" "$RUNS/class/extended-class/independent" "$RUNS/sweep/$name/" 2>/dev/null
-  phase "sweep_$name" "${SWEEP_TIMEOUT:-150}" python3 -m advbct compare --preset "${SWEEP_PRESET:-paper-cifar100}" \
-    --data /tmp/cifar100 --device "$DEVICE" --no-progress --methods "$method" --out "$RUNS/sweep/$name" \
-    -o "common.optim.epochs=$EPOCHS" -o "common.optim.milestones=$MILESTONES" ${EXTRA_ARGS:-} "$@"
-}
-if wanted sweep && [ -f "$RUNS/class/extended-class/old/stats.pt" ]; then
-  pids=()
-  sweep tau0.5_adv0.1 advbct -o new.compat.options.tau=0.5 -o new.compat.options.adversarial_scale=0.1 & pids+=($!)
-  sweep tau0.2_adv0.1 advbct -o new.compat.options.tau=0.2 -o new.compat.options.adversarial_scale=0.1 & pids+=($!)
-  sweep tau0.2_adv0.3 advbct -o new.compat.options.tau=0.2 -o new.compat.options.adversarial_scale=0.3 & pids+=($!)
-  sweep bound_tau0.2 advbct-bound-only -o new.compat.options.tau=0.2 & pids+=($!)
-  wait "${pids[@]}"
-  python3 - "$RUNS/sweep" <<'PY' | tee -a "$LOGS/summary.txt"
-import json, pathlib, sys
-for path in sorted(pathlib.Path(sys.argv[1]).glob("*/results.json")):
-    for method, r in json.loads(path.read_text()).items():
-        t = r["tests"]
-        print(f"sweep {path.parent.name} ({method}): M(o,o) {t['old/old']['map']:.2f} M(n,n) {t['new/new']['map']:.2f} "
-              f"M(n,o) {t['new/old']['map']:.2f} M(*,*) {t['independent/independent']['map']:.2f} "
-              f"M(*,o) {t['independent/old']['map']:.2f} P_up {r['p_up']:.3f} P_comp {r['p_comp']:.3f} "
-              f"criterion {r['criterion']}")
-PY
-fi
 kill "$monitor" 2>/dev/null
 
-# 5. The same step benchmark with torch.compile, for AdvBCT, last as it compiles first.
+# 4. The same step benchmark with torch.compile, for AdvBCT, last as it compiles first.
 wanted compile && phase bench_step_compiled "${COMPILE_TIMEOUT:-120}" python3 bench/bench_step.py --device "$DEVICE" \
   --preset "${BENCH_PRESET:-paper-cifar100}" --batch-size "$BATCH" --warmup 5 --repeats 5 --steps-per-sample 10 \
   --methods advbct --compile

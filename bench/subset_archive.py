@@ -2,11 +2,12 @@
 
 Used to carry real CIFAR-100 images to a remote GPU machine whose upload limit is smaller than the dataset:
     python bench/subset_archive.py pack ../shared/data/cifar100 subset.npz --train 220 --test 40
-    python bench/subset_archive.py unpack subset.npz /tmp/cifar100 [--train-per-class 500 --test-per-class 100]
-Pixels are stored losslessly (row-delta + LZMA); unpacking writes ``<root>/<split>/<class>/<n>.png``. The
-per-class counts fill each class folder up to that many files by repeating its images (hard links): an epoch then
-costs what the full dataset's does, for timing the full-size table where only a subset can travel. Accuracy
-figures from repeated images are not CIFAR-100 results.
+    python bench/subset_archive.py unpack subset.npz /tmp/cifar100
+    python bench/subset_archive.py fill /tmp/cifar100_full --train-per-class 500 --test-per-class 100
+Pixels are stored losslessly (row-delta + LZMA); unpacking writes ``<root>/<split>/<class>/<n>.png``. ``fill``
+tops each class folder up to that many files by repeating its images (hard links): an epoch then costs what the
+full dataset's does, for timing the full-size table where only a subset can travel. Accuracy figures from
+repeated images are not CIFAR-100 results.
 """
 
 from __future__ import annotations
@@ -73,16 +74,18 @@ def main() -> None:
     u = sub.add_parser("unpack")
     u.add_argument("archive", type=Path)
     u.add_argument("root", type=Path)
-    u.add_argument("--train-per-class", type=int, default=0, help="fill train classes to this many (repeats)")
-    u.add_argument("--test-per-class", type=int, default=0, help="fill test classes to this many (repeats)")
+    f = sub.add_parser("fill")
+    f.add_argument("root", type=Path)
+    f.add_argument("--train-per-class", type=int, required=True)
+    f.add_argument("--test-per-class", type=int, required=True)
     args = parser.parse_args()
     if args.command == "pack":
         pack(args.root, args.out, {"train": args.train, "test": args.test})
-    else:
+    elif args.command == "unpack":
         unpack(args.archive, args.root)
-        for split, count in (("train", args.train_per_class), ("test", args.test_per_class)):
-            if count:
-                fill_class_folders(args.root / split, count)
+    else:
+        fill_class_folders(args.root / "train", args.train_per_class)
+        fill_class_folders(args.root / "test", args.test_per_class)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from advbct.training import loop as loop_module
 from advbct.training.cuda_graph import (
     CudaGraphStep,
     check_cuda_graph_setup,
-    graph_ready_optimizer,
+    prepare_optimizer,
     set_learning_rate,
 )
 
@@ -59,7 +59,7 @@ def test_fused_sgd_reading_its_rate_from_a_device_tensor_follows_the_schedule_a_
     hyper = {"momentum": 0.9, "weight_decay": 5e-4}
     eager_opt = torch.optim.SGD(eager.parameters(), lr=0.1, **hyper)
     twin_opt = torch.optim.SGD(twin.parameters(), lr=0.1, fused=True, **hyper)
-    graph_ready_optimizer(twin_opt, torch.device("cpu"))
+    prepare_optimizer(twin_opt, graphed=True, device=torch.device("cpu"))
     x = torch.randn(8, 4)
     for lr in SCHEDULE:
         for model, opt in ((eager, eager_opt), (twin, twin_opt)):
@@ -69,8 +69,25 @@ def test_fused_sgd_reading_its_rate_from_a_device_tensor_follows_the_schedule_a_
             opt.step()
     assert twin_opt.param_groups[0]["lr"].item() == pytest.approx(0.4)
     torch.testing.assert_close(twin.weight, eager.weight, rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="needs SGD\\(fused=True\\)"):
-        graph_ready_optimizer(eager_opt, torch.device("cpu"))
+
+
+def test_a_resumed_run_puts_the_saved_optimizer_in_its_own_steps_form():
+    # A graphed run resuming an eager run's last.pt gets fused SGD with a tensor rate back; an eager run resuming
+    # a graphed one gets its float rate and its multi-tensor SGD back, whatever the saved groups said.
+    eager, twin = _twin_linear_models("cpu")
+    eager_opt = torch.optim.SGD(eager.parameters(), lr=0.1, momentum=0.9)
+    graphed_opt = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9, fused=True)
+    prepare_optimizer(graphed_opt, graphed=True, device=torch.device("cpu"))
+    set_learning_rate(graphed_opt, 0.05)
+    saved_eager, saved_graphed = eager_opt.state_dict(), graphed_opt.state_dict()
+    graphed_opt.load_state_dict(saved_eager)
+    prepare_optimizer(graphed_opt, graphed=True, device=torch.device("cpu"))
+    group = graphed_opt.param_groups[0]
+    assert group["fused"] is True and isinstance(group["lr"], torch.Tensor) and group["lr"].item() == pytest.approx(0.1)
+    eager_opt.load_state_dict(saved_graphed)
+    prepare_optimizer(eager_opt, graphed=False, device=torch.device("cpu"))
+    group = eager_opt.param_groups[0]
+    assert group["fused"] is None and group["lr"] == pytest.approx(0.05) and isinstance(group["lr"], float)
 
 
 def test_the_meter_keeps_its_own_copy_of_outputs_a_replay_overwrites():
@@ -138,7 +155,7 @@ def test_one_captured_step_follows_the_learning_rate_and_epoch_of_every_replay()
     eager, twin = _twin_linear_models("cuda")
     eager_opt = torch.optim.SGD(eager.parameters(), lr=0.1, momentum=0.9)
     twin_opt = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9, fused=True)
-    graph_ready_optimizer(twin_opt, torch.device("cuda"))
+    prepare_optimizer(twin_opt, graphed=True, device=torch.device("cuda"))
     graphed = CudaGraphStep()
 
     def step(x, target, progress, epoch, model=twin, opt=twin_opt):

@@ -34,14 +34,18 @@ def check_cuda_graph_setup(device: torch.device, distributed: bool, compiled: bo
         raise ValueError("cuda_graph " + "; ".join(problems))
 
 
-def graph_ready_optimizer(optimizer: torch.optim.SGD, device: torch.device) -> None:
-    """Hold each parameter group's learning rate in a 0-d tensor on ``device`` (filled in place by
-    ``set_learning_rate``), so a captured SGD step follows the schedule. The optimizer must be fused: the
-    multi-tensor SGD turns a tensor rate back into a host number, which a capture forbids."""
-    if not optimizer.defaults.get("fused"):
-        raise ValueError("a graphed step needs SGD(fused=True) to read its learning rate on the device")
+def prepare_optimizer(optimizer: torch.optim.SGD, graphed: bool, device: torch.device) -> None:
+    """Put each parameter group in the form the run's steps need. A graphed step needs fused SGD with the learning
+    rate in a 0-d tensor on ``device`` (filled in place by ``set_learning_rate``), so a captured step follows the
+    schedule: the multi-tensor SGD turns a tensor rate back into a host number, which a capture forbids. An eager
+    step keeps a float rate and the optimizer it was built with. Called after a resume as well, since a saved
+    optimizer state carries the form of the run that saved it."""
     for group in optimizer.param_groups:
-        group["lr"] = torch.tensor(float(group["lr"]), device=device)
+        lr = float(group["lr"])
+        if graphed:
+            group["lr"], group["fused"], group["foreach"] = torch.tensor(lr, device=device), True, None
+        else:
+            group["lr"], group["fused"] = lr, optimizer.defaults.get("fused")
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -52,7 +52,7 @@ from advbct.models.embedding import EmbeddingModel
 from advbct.training.cuda_graph import (
     CudaGraphStep,
     check_cuda_graph_setup,
-    graph_ready_optimizer,
+    prepare_optimizer,
     set_learning_rate,
 )
 from advbct.training.schedule import learning_rate
@@ -299,8 +299,7 @@ def train_model(
         method.load_state_dict(blob["method"])
         optimizer.load_state_dict(blob["optimizer"])
         start_epoch, start_step = int(blob["epoch"]), int(blob.get("step", 0))
-    if cfg.cuda_graph:
-        graph_ready_optimizer(optimizer, device)
+    prepare_optimizer(optimizer, cfg.cuda_graph, device)
 
     step_module = TrainStep(model, method, role == "new", cfg.optim.label_smoothing)
     if world.distributed:

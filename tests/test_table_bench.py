@@ -14,17 +14,23 @@ SETTINGS = ("extended-class", "extended-data", "extended-backbone")
 METHODS = ("l2", "bct", "lce", "unibct", "hot-refresh", "advbct")
 
 
-def run_bench(folder, out, cache):
+def run_bench(folder, out, cache, *extra):
     command = [sys.executable, "-m", "advbct", "bench", "--preset", "smoke", "--out", str(out), "--data", str(folder),
-               "--no-progress", "-o", "common.data.dataset=image-folder", "-o", "common.device=cpu"]  # fmt: skip
+               "--no-progress", "-o", "common.data.dataset=image-folder", "-o", "common.device=cpu",
+               *extra]  # fmt: skip
     env = {**os.environ, "ADVBCT_CACHE": str(cache)}
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
 
 
 def test_bench_smoke_writes_the_table_json_and_plots(tiny_folder, tmp_path):
     out = tmp_path / "bench"
-    result = run_bench(tiny_folder, out, tmp_path / "cache")
+    # The new models of all three settings train in one pool, two at a time in threads (re-run: one at a time).
+    result = run_bench(tiny_folder, out, tmp_path / "cache", "--jobs", "2", "--job-mode", "threads")
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "(2 at a time, in threads)" in result.stdout
+    lines = result.stdout.splitlines()
+    finished = [line.split("finished: ")[1].split(" (")[0] for line in lines if "finished:" in line]
+    assert sorted(finished) == sorted(f"{s}/{m}" for s in SETTINGS for m in ("independent", *METHODS))
     results = json.loads((out / "results.json").read_text())
     assert tuple(results["settings"]) == SETTINGS
     for block in results["settings"].values():

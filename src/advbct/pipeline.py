@@ -12,6 +12,7 @@ import os
 from collections.abc import Mapping
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -187,15 +188,13 @@ def _prepare_old(cfg: QuickstartConfig, out: Path, console: Console, show_progre
     return old_path, stats_path
 
 
-def _train_method(
-    cfg: QuickstartConfig, out: Path, method: str, old_path: Path, stats_path: Path, show_progress: bool
-) -> Path:
-    new_cfg = cfg.new.model_copy(deep=True)
-    if method != cfg.new.compat.method:
-        options = options_for(method, cfg.new.compat.options)
-        new_cfg.compat.method, new_cfg.compat.options = method, options
-    uses_stats = method != "independent"
-    return train_new(new_cfg, out / method, old_path, stats_path if uses_stats else None, show_progress=show_progress)
+def _train_run(run: NewModelRun, show_progress: bool) -> Path:
+    new_cfg = run.cfg.new.model_copy(deep=True)
+    if run.method != run.cfg.new.compat.method:
+        options = options_for(run.method, run.cfg.new.compat.options)
+        new_cfg.compat.method, new_cfg.compat.options = run.method, options
+    stats = run.stats_path if run.method != "independent" else None
+    return train_new(new_cfg, run.out / run.method, run.old_path, stats, show_progress=show_progress)
 
 
 def options_for(method: str, options: dict) -> dict:
@@ -218,6 +217,58 @@ def quickstart(cfg: QuickstartConfig, out: Path, console: Console | None = None,
     return report
 
 
+@dataclass(frozen=True)
+class NewModelRun:
+    """One new model to train: ``method`` into ``out/<method>``, against the old model and statistics given.
+    ``label`` names it in progress messages (the method, or setting/method when a table trains several settings)."""
+
+    cfg: QuickstartConfig
+    out: Path
+    method: str
+    old_path: Path
+    stats_path: Path
+    label: str
+
+
+def check_jobs(jobs: int, job_mode: str) -> None:
+    """Refuse a bad concurrency request before anything trains."""
+    if jobs < 1:
+        raise ValueError(f"jobs must be at least 1, got {jobs}")
+    if job_mode not in ("processes", "threads"):
+        raise ValueError(f"job_mode must be 'processes' or 'threads', got {job_mode!r}")
+
+
+def plan_new_models(
+    cfg: QuickstartConfig, out: Path, methods: list[str], console: Console, show_progress: bool = True, label: str = ""
+) -> tuple[Path, list[NewModelRun]]:
+    """Train (or find) the old model and its statistics in ``out/old``; return it with the runs of the independent
+    model and every method, which depend on nothing else and can train in any order or at once."""
+    out.mkdir(parents=True, exist_ok=True)
+    old_path, stats_path = _prepare_old(cfg, out, console, show_progress)
+    names = ["independent", *[m for m in methods if m != "independent"]]
+    prefix = f"{label}/" if label else ""
+    return old_path, [NewModelRun(cfg, out, name, old_path, stats_path, prefix + name) for name in names]
+
+
+def train_new_models(
+    runs: list[NewModelRun],
+    console: Console,
+    show_progress: bool = True,
+    jobs: int = 1,
+    job_mode: JobMode = "processes",
+) -> list[Path]:
+    """Each run's ``model.pt``, in the order given; finished runs are skipped. With ``jobs`` > 1 they train ``jobs``
+    at a time, in processes or threads as ``job_mode`` says: one small model leaves most of a GPU idle."""
+    check_jobs(jobs, job_mode)
+    if jobs > 1 and not current_world().distributed:
+        return _train_concurrently(runs, jobs, job_mode, console)
+    paths = []
+    for run in runs:
+        console.print(f"[bold]new model: {run.label}[/]")
+        paths.append(_train_run(run, show_progress))
+    return paths
+
+
 def train_methods(
     cfg: QuickstartConfig,
     out: Path,
@@ -227,24 +278,11 @@ def train_methods(
     jobs: int = 1,
     job_mode: JobMode = "processes",
 ) -> dict[str, Path]:
-    """The old model, its statistics, the independent model and every method: ``{name: model.pt}``.
-    Finished runs are skipped. With ``jobs`` > 1 the new models train ``jobs`` at a time (they depend only on the
-    old model), in processes or threads as ``job_mode`` says: one small model leaves most of a GPU idle."""
-    if jobs < 1:
-        raise ValueError(f"jobs must be at least 1, got {jobs}")
-    if job_mode not in ("processes", "threads"):
-        raise ValueError(f"job_mode must be 'processes' or 'threads', got {job_mode!r}")
-    out.mkdir(parents=True, exist_ok=True)
-    old_path, stats_path = _prepare_old(cfg, out, console, show_progress)
-    names = ["independent", *[m for m in methods if m != "independent"]]
-    if jobs > 1 and not current_world().distributed:
-        trained = _train_concurrently(cfg, out, names, old_path, stats_path, jobs, job_mode, console)
-        return {"old": old_path, **{name: trained[name] for name in names}}
-    paths = {"old": old_path}
-    for method in names:
-        console.print(f"[bold]new model: {method}[/]")
-        paths[method] = _train_method(cfg, out, method, old_path, stats_path, show_progress)
-    return paths
+    """The old model, its statistics, the independent model and every method: ``{name: model.pt}``."""
+    check_jobs(jobs, job_mode)
+    old_path, runs = plan_new_models(cfg, out, methods, console, show_progress)
+    paths = train_new_models(runs, console, show_progress, jobs, job_mode)
+    return {"old": old_path, **{run.method: path for run, path in zip(runs, paths, strict=True)}}
 
 
 def _executor(workers: int, job_mode: JobMode) -> Executor:
@@ -258,38 +296,28 @@ def _executor(workers: int, job_mode: JobMode) -> Executor:
     return ProcessPoolExecutor(workers, mp_context=context, initializer=set_threads, initargs=(workers,))
 
 
-def _train_concurrently(
-    cfg: QuickstartConfig,
-    out: Path,
-    names: list[str],
-    old_path: Path,
-    stats_path: Path,
-    jobs: int,
-    job_mode: JobMode,
-    console: Console,
-) -> dict[str, Path]:
+def _train_concurrently(runs: list[NewModelRun], jobs: int, job_mode: JobMode, console: Console) -> list[Path]:
     """Train ``jobs`` runs at a time; a failed run's exception is raised here once the others finish or fail."""
-    workers = min(jobs, len(names))
-    console.print(f"[bold]new models:[/] {', '.join(names)} ({workers} at a time, in {job_mode})")
-    paths: dict[str, Path] = {}
-    train = _train_on_own_stream if job_mode == "threads" else _train_method
+    workers = min(jobs, len(runs))
+    labels = ", ".join(run.label for run in runs)
+    console.print(f"[bold]new models:[/] {labels} ({workers} at a time, in {job_mode})")
+    paths: dict[int, Path] = {}
+    train = _train_on_own_stream if job_mode == "threads" else _train_run
     with _executor(workers, job_mode) as pool:
-        futures = {pool.submit(train, cfg, out, name, old_path, stats_path, False): name for name in names}
+        futures = {pool.submit(train, run, False): i for i, run in enumerate(runs)}
         for future in as_completed(futures):
-            name = futures[future]
-            paths[name] = future.result()
-            console.print(f"  finished: {name} ({len(paths)}/{len(names)})")
-    return paths
+            i = futures[future]
+            paths[i] = future.result()
+            console.print(f"  finished: {runs[i].label} ({len(paths)}/{len(runs)})")
+    return [paths[i] for i in range(len(runs))]
 
 
-def _train_on_own_stream(
-    cfg: QuickstartConfig, out: Path, method: str, old_path: Path, stats_path: Path, show_progress: bool
-) -> Path:
-    """``_train_method`` with this thread's CUDA work on a stream of its own (the current stream is per thread)."""
-    device = resolve_device(cfg.new.device)
+def _train_on_own_stream(run: NewModelRun, show_progress: bool) -> Path:
+    """``_train_run`` with this thread's CUDA work on a stream of its own (the current stream is per thread)."""
+    device = resolve_device(run.cfg.new.device)
     stream = torch.cuda.stream(torch.cuda.Stream(device)) if device.type == "cuda" else nullcontext()
     with stream:
-        return _train_method(cfg, out, method, old_path, stats_path, show_progress)
+        return _train_run(run, show_progress)
 
 
 SHARED_PAIRS = (("old", "old"), ("independent", "independent"), ("independent", "old"))

@@ -18,7 +18,7 @@ from advbct.config import ModelConfig, QuickstartConfig, build_quickstart, deep_
 from advbct.data.images import DataError
 from advbct.distributed import current_world, resolve_device
 from advbct.evaluation.protocol import evaluate_pairs
-from advbct.pipeline import JobMode, embed_test_set, method_reports, train_methods
+from advbct.pipeline import JobMode, check_jobs, embed_test_set, method_reports, plan_new_models, train_new_models
 from advbct.reporting.bench_report import write_markdown, write_plots
 
 DEFAULT_METHODS = ("l2", "bct", "lce", "unibct", "hot-refresh", "advbct")
@@ -69,19 +69,11 @@ def _architecture(model: ModelConfig) -> str:
     return f"{model.backbone} ({kwargs})" if kwargs else model.backbone
 
 
-def run_setting(
-    cfg: QuickstartConfig,
-    out: Path,
-    methods: list[str],
-    console: Console,
-    show_progress: bool,
-    jobs: int = 1,
-    job_mode: JobMode = "processes",
-) -> dict:
-    paths = train_methods(cfg, out, methods, console, show_progress, jobs, job_mode)
+def evaluate_setting(cfg: QuickstartConfig, paths: dict[str, Path], methods: list[str]) -> dict:
+    """Score every (query model, gallery model) pair of one setting's trained models ``{name: model.pt}``."""
     embeddings, labels = embed_test_set(paths, device=cfg.new.device)
     names = list(paths)
-    # Every (query model, gallery model) pair is scored once; the per-method reports read the same numbers.
+    # Every pair is scored once; the per-method reports read the same numbers.
     matrix = evaluate_pairs(embeddings, labels, [(q, g) for q in names for g in names], resolve_device(cfg.new.device))
     return {
         "methods": method_reports(matrix, methods),
@@ -107,16 +99,26 @@ def run_bench(
     job_mode: JobMode = "processes",
 ) -> dict:
     """Train and evaluate every setting into ``out/<setting>/``; write results.json, results.md and plots.
-    ``jobs``: how many new models of a setting train at once, in processes or threads (``job_mode``)."""
+    The old models come first, setting by setting; then the new models of every setting train together, ``jobs``
+    at a time in processes or threads (``job_mode``), so one command can keep a GPU full across settings."""
     console = console or Console()
+    check_jobs(jobs, job_mode)
     unknown = [s for s in settings if s not in SETTINGS]
     if unknown:
         raise DataError(f"unknown setting(s) {', '.join(unknown)}; use {', '.join(SETTINGS)}")
     configs = {s: setting_config(preset, s, list(overrides or []), data, device) for s in settings}
-    results: dict = {"preset": preset, "settings": {}}
+    plans = {}
     for setting, cfg in configs.items():
         console.rule(f"[bold]{setting}")
-        results["settings"][setting] = run_setting(cfg, out / setting, methods, console, show_progress, jobs, job_mode)
+        plans[setting] = plan_new_models(cfg, out / setting, methods, console, show_progress, label=setting)
+    runs = [run for _, setting_runs in plans.values() for run in setting_runs]
+    console.rule("[bold]new models")
+    model_paths = train_new_models(runs, console, show_progress, jobs, job_mode)
+    trained = {run.label: path for run, path in zip(runs, model_paths, strict=True)}
+    results: dict = {"preset": preset, "settings": {}}
+    for setting, (old_path, setting_runs) in plans.items():
+        paths = {"old": old_path, **{run.method: trained[run.label] for run in setting_runs}}
+        results["settings"][setting] = evaluate_setting(configs[setting], paths, methods)
     if current_world().is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps(results, indent=2))

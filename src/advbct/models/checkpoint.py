@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import uuid
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,19 @@ class ModelMeta(BaseModel):
         return Preprocessing.from_json(self.preprocessing)
 
 
+# Building a model draws its initial weights from the process's global random generator, also where a checkpoint's
+# weights replace them next. Runs training side by side in threads of one process (``--job-mode threads``) hold this
+# lock while they seed the generator and draw from it, and every model build holds it too, so no thread draws from
+# the generator between another's seeding and drawing: each run starts from the weights it would have alone.
+GLOBAL_RNG_LOCK = threading.RLock()
+
+
 def build_model(meta: ModelMeta, load_pretrained: bool = True) -> EmbeddingModel:
+    with GLOBAL_RNG_LOCK:
+        return _build(meta, load_pretrained)
+
+
+def _build(meta: ModelMeta, load_pretrained: bool) -> EmbeddingModel:
     arch = meta.architecture
     return EmbeddingModel(
         backbone=arch.backbone,

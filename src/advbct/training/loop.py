@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import functools
 import json
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +39,7 @@ from advbct.distributed import (
     resolve_device,
 )
 from advbct.models.checkpoint import (
+    GLOBAL_RNG_LOCK,
     CheckpointError,
     ModelMeta,
     atomic_save,
@@ -58,11 +58,6 @@ from advbct.training.cuda_graph import (
 from advbct.training.schedule import learning_rate
 
 Role = Literal["old", "new"]
-
-# Runs that train side by side in threads of one process (``--job-mode threads``) share its global random generator.
-# Each run seeds it and draws its initial weights while holding this lock, so it starts from the weights it would
-# have alone; nothing after initialisation draws from it (batch order and crops have generators of their own).
-_SEEDED_INIT = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -258,7 +253,9 @@ def train_model(
         compatible_with=None if old is None else {"model_id": old.meta.model_id, "path": str(old.path)},
     )
 
-    with _SEEDED_INIT:
+    # Seeding and every draw of initial weights (backbone, heads, the method's own parameters) under one hold of the
+    # lock; nothing after initialisation draws from the global generator (batches and crops have their own).
+    with GLOBAL_RNG_LOCK:
         torch.manual_seed(cfg.seed)
         model = build_model(meta).to(device)
         if cfg.init_from_old:

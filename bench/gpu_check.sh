@@ -6,7 +6,7 @@
 # The training images: /tmp/cifar100 is the subset as packed; /tmp/cifar100_full the same images repeated (hard links)
 # to CIFAR-100's 500 train / 100 test per class, so an epoch costs what a full one does (timings only).
 # A CPU dry run of the same path (the CUDA-graph phases run eagerly, without cuda_graph):
-#   DEVICE=cpu GRAPH=false EPOCHS=1 MILESTONES=[] JOBS=2 BENCH_PRESET=smoke TABLE_PRESET=smoke BATCH=32
+#   DEVICE=cpu GRAPH=false EPOCHS=1 MILESTONES=[] JOBS=2 TABLE_JOBS=2 BENCH_PRESET=smoke TABLE_PRESET=smoke BATCH=32
 #   EXTRA_ARGS='-o common.data.max_train_per_class=10 -o common.data.max_test_per_class=5' PHASES="step graph_train
 #   concurrency table" GRAPH_TRAIN_ARGS='--modes eager --epochs 2 --rounds 1 -o data.max_train_per_class=10'
 #   CONCURRENCY_ARGS='--epochs 2 -o common.data.max_train_per_class=10 -o common.data.max_test_per_class=5'
@@ -18,8 +18,8 @@ RUNS=/tmp/gpu_runs
 DEVICE=${DEVICE:-cuda}
 EPOCHS=${EPOCHS:-30}
 MILESTONES=${MILESTONES:-[5,10,20]}
-JOBS=${JOBS:-4}
-JOB_MODE=${JOB_MODE:-processes}  # how the table trains JOBS new models at once: processes or threads
+JOBS=${JOBS:-7}  # new models at once in the concurrency phase (TABLE_JOBS, default 14, in the table)
+JOB_MODE=${JOB_MODE:-processes}  # how the table trains its new models at once: processes or threads
 GRAPH=${GRAPH:-true}  # cuda_graph for the table and the concurrency phase
 TABLE_DATA=${TABLE_DATA:-/tmp/cifar100}  # /tmp/cifar100_full: the full-size timing
 BATCH=${BATCH:-512}
@@ -94,21 +94,16 @@ print(f"ranks equal at {same:.6f} of positions; max score diff {(cpu[0] - dev[0]
 PY
 cat "$LOGS/search.txt" >> "$LOGS/summary.txt" 2>/dev/null
 
-# 3. The CIFAR-100 table, extended-class and extended-data at once, JOBS new models at a time in each.
+# 3. The CIFAR-100 table, extended-class and extended-data from one command: both old models, then the 14 new models
+# in one pool, TABLE_JOBS at a time.
 nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 5 > "$LOGS/gpu_util.csv" 2>/dev/null &
 monitor=$!
-table_args=(--preset "${TABLE_PRESET:-cifar100}" --data "$TABLE_DATA" --device "$DEVICE" --no-progress --jobs "$JOBS"
-  --job-mode "$JOB_MODE" --methods "${METHODS:-l2,bct,lce,unibct,hot-refresh,advbct}" -o "common.optim.epochs=$EPOCHS"
-  -o "common.optim.milestones=$MILESTONES" -o "common.cuda_graph=$GRAPH" ${EXTRA_ARGS:-})
-start=$SECONDS
-wanted table && phase table_class "${TABLE_TIMEOUT:-400}" python3 -m advbct bench --settings extended-class --out "$RUNS/class" \
-  "${table_args[@]}" &
-class_pid=$!
-wanted table && phase table_data "${TABLE_TIMEOUT:-400}" python3 -m advbct bench --settings extended-data --out "$RUNS/data" \
-  "${table_args[@]}" &
-wait "$class_pid" $!
-wanted table && note "table, both settings: $((SECONDS - start)) s wall"
-cat "$RUNS/class/results.md" "$RUNS/data/results.md" >> "$LOGS/summary.txt" 2>/dev/null
+wanted table && phase table "${TABLE_TIMEOUT:-480}" python3 -m advbct bench --settings extended-class,extended-data \
+  --out "$RUNS/table" --preset "${TABLE_PRESET:-cifar100}" --data "$TABLE_DATA" --device "$DEVICE" --no-progress \
+  --jobs "${TABLE_JOBS:-14}" --job-mode "$JOB_MODE" --methods "${METHODS:-l2,bct,lce,unibct,hot-refresh,advbct}" \
+  -o "common.optim.epochs=$EPOCHS" -o "common.optim.milestones=$MILESTONES" -o "common.cuda_graph=$GRAPH" \
+  ${EXTRA_ARGS:-}
+cat "$RUNS/table/results.md" >> "$LOGS/summary.txt" 2>/dev/null
 
 kill "$monitor" 2>/dev/null
 

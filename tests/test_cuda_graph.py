@@ -92,11 +92,16 @@ def test_a_resumed_run_puts_the_saved_optimizer_in_its_own_steps_form():
 
 def test_the_meter_keeps_its_own_copy_of_outputs_a_replay_overwrites():
     meter = loop_module._Meter()
-    output = torch.tensor(2.0)
-    meter.add({"loss": output})
+    output, accuracy = torch.tensor(2.0), torch.tensor(1, dtype=torch.long)
+    meter.add({"loss": output, "acc": accuracy})
     output.fill_(5.0)  # what the next replay of a graph does to its output tensors
+    accuracy.fill_(0)
+    meter.add({"loss": output, "acc": accuracy})
+    assert meter.read() == {"acc": 0.5, "loss": 3.5}  # means, sorted by name
+    assert meter.read() == {}  # reset by the read
     meter.add({"loss": output})
-    assert meter.read() == {"loss": 3.5}
+    with pytest.raises(ValueError, match="loss parts changed within a run"):
+        meter.add({"cls": output})
 
 
 def test_cuda_graph_is_refused_where_it_cannot_run(tiny_folder, tmp_path):

@@ -8,6 +8,10 @@ pays). The "loss overhead" column is the method's step over the latter, which is
 The timed samples are taken in interleaved rounds (every step once per round), so drift in the machine's
 speed during the run falls on every row alike instead of on whichever rows ran last.
 
+The "ops" column counts the operator calls of one step that do work (views excluded): on a GPU each is a kernel
+launch the host pays for in an eager step, which is what sets an eager step's pace there when the GPU waits on the
+host. It does not depend on the machine, so a CPU run shows what a loss adds to that cost.
+
     python bench/bench_step.py                     # CPU, the quickstart model
     python bench/bench_step.py --device cuda --preset paper-cifar100 --batch-size 512 [--compile]
 """
@@ -21,6 +25,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from advbct.cli import train_config
 from advbct.compat import CompatBatch, CompatContext, compute_class_statistics, create, list_methods, method_class
@@ -44,6 +49,24 @@ def make_model(cfg, head_classes: list[int]):
         method="bench",
     )
     return build_model(meta)
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the operator calls that reach a kernel (after autograd, decompositions included); views are left out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += not func.is_view
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(step: Callable[[], None]) -> int:
+    with _OpCounter() as counter:
+        step()
+    return counter.count
 
 
 def time_sample(step, per_sample: int, device: torch.device) -> float:
@@ -141,18 +164,23 @@ def main() -> None:
     steps = {"independent": make_step(None, False), "+ old forward": make_step(None, True)}
     steps.update({name: make_step(name, needs_old[name]) for name in names})
     medians = interleaved_medians(steps, args.repeats, args.warmup, args.steps_per_sample, device)
+    ops = {name: count_ops(step) for name, step in steps.items()}
     plain, with_old = medians["independent"], medians["+ old forward"]
     compiled = ", torch.compile" if args.compile else ""
     timing = f"median of {args.repeats} interleaved rounds x {args.steps_per_sample} steps"
     print(f"device {device}, preset {args.preset}, batch {args.batch_size}{compiled}, {timing}")
-    print(f"{'step':<22}{'ms':>9}{'img/s':>10}{'vs independent':>16}{'loss overhead':>15}")
-    print(f"{'independent':<22}{plain * 1e3:9.1f}{args.batch_size / plain:10.0f}{1.0:16.3f}{'':>15}")
+    print(f"{'step':<22}{'ms':>9}{'img/s':>10}{'vs independent':>16}{'loss overhead':>15}{'ops':>7}{'loss ops':>10}")
+    plain_row = f"{'independent':<22}{plain * 1e3:9.1f}{args.batch_size / plain:10.0f}{1.0:16.3f}{'':>15}"
+    print(f"{plain_row}{ops['independent']:7d}")
     ratio = with_old / plain
-    print(f"{'+ old forward':<22}{with_old * 1e3:9.1f}{args.batch_size / with_old:10.0f}{ratio:16.3f}{'':>15}")
+    old_row = f"{'+ old forward':<22}{with_old * 1e3:9.1f}{args.batch_size / with_old:10.0f}{ratio:16.3f}{'':>15}"
+    print(f"{old_row}{ops['+ old forward']:7d}")
     for name in names:
         t = medians[name]
-        base = with_old if needs_old[name] else plain
-        print(f"{name:<22}{t * 1e3:9.1f}{args.batch_size / t:10.0f}{t / plain:16.3f}{t / base - 1:+15.1%}")
+        base, base_name = (with_old, "+ old forward") if needs_old[name] else (plain, "independent")
+        added = ops[name] - ops[base_name]
+        row = f"{name:<22}{t * 1e3:9.1f}{args.batch_size / t:10.0f}{t / plain:16.3f}{t / base - 1:+15.1%}"
+        print(f"{row}{ops[name]:7d}{added:+5d} ({added / ops[base_name]:+.0%})")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """Image folders, the uint8 cache, allocations and batch augmentation."""
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 import torch
@@ -17,6 +19,20 @@ def test_image_folder_loads_real_pngs_and_caches(tiny_folder, tmp_path):
     assert len(list((tmp_path / "c").glob("*.npz"))) == 1
     second = load_image_folder(tiny_folder / "train", 32, cache_dir=tmp_path / "c")
     assert torch.equal(first.images, second.images) and torch.equal(first.labels, second.labels)
+
+
+def test_threads_decoding_one_folder_at_once_leave_one_valid_cache(tiny_folder, tmp_path):
+    # Runs training side by side in threads may all find the cache missing and write it at once: each writes its
+    # own temporary file and renames it, so every thread gets the images and one whole cache file remains.
+    def load(_: int):
+        return load_image_folder(tiny_folder / "train", 32, cache_dir=tmp_path / "c")
+
+    with ThreadPoolExecutor(4) as pool:
+        loads = list(pool.map(load, range(4)))
+    assert all(torch.equal(one.images, loads[0].images) for one in loads)
+    files = list((tmp_path / "c").iterdir())
+    assert len(files) == 1 and files[0].name.startswith("images-") and files[0].suffix == ".npz"  # no leftovers
+    assert torch.equal(load(0).images, loads[0].images)  # read back from the cache
 
 
 def test_image_folder_resizes_other_sizes(tiny_folder, tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,7 +137,7 @@ def load_image_folder(
     images = np.ascontiguousarray(np.stack(arrays).transpose(0, 3, 1, 2))
     labels = np.asarray([label for _, label in files], dtype=np.int64)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cache_file.with_name(cache_file.name + f".{os.getpid()}.tmp.npz")
+    tmp = cache_file.with_name(cache_file.name + f".{os.getpid()}.{threading.get_ident()}.tmp.npz")
     np.savez(tmp, images=images, labels=labels, classes=np.asarray(classes))
     tmp.replace(cache_file)
     return ImageSet(torch.from_numpy(images), torch.from_numpy(labels), classes)

@@ -85,9 +85,10 @@ def _build(meta: ModelMeta, load_pretrained: bool) -> EmbeddingModel:
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    """Write to a temporary file and rename, so a crash never leaves a half-written checkpoint."""
+    """Write to a temporary file and rename, so a crash never leaves a half-written checkpoint. The temporary name
+    is unique to the process and thread, as runs may train side by side in threads of one process."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     torch.save(obj, tmp)
     tmp.replace(path)
 

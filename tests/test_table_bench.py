@@ -24,13 +24,15 @@ def run_bench(folder, out, cache, *extra):
 
 def test_bench_smoke_writes_the_table_json_and_plots(tiny_folder, tmp_path):
     out = tmp_path / "bench"
-    # The new models of all three settings train in one pool, two at a time in threads (re-run: one at a time).
+    # The three old models train two at a time in threads, then the new models of all three settings in one pool,
+    # two at a time (the re-run below: one at a time).
     result = run_bench(tiny_folder, out, tmp_path / "cache", "--jobs", "2", "--job-mode", "threads")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "(2 at a time, in threads)" in result.stdout
     lines = result.stdout.splitlines()
     finished = [line.split("finished: ")[1].split(" (")[0] for line in lines if "finished:" in line]
-    assert sorted(finished) == sorted(f"{s}/{m}" for s in SETTINGS for m in ("independent", *METHODS))
+    assert sorted(finished) == sorted(f"{s}/{m}" for s in SETTINGS for m in ("old", "independent", *METHODS))
+    assert all(name.endswith("/old") for name in finished[:3])
     results = json.loads((out / "results.json").read_text())
     assert tuple(results["settings"]) == SETTINGS
     for block in results["settings"].values():

@@ -9,7 +9,7 @@ import inspect
 import json
 import multiprocessing
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -261,12 +261,25 @@ def train_new_models(
     at a time, in processes or threads as ``job_mode`` says: one small model leaves most of a GPU idle."""
     check_jobs(jobs, job_mode)
     if jobs > 1 and not current_world().distributed:
-        return _train_concurrently(runs, jobs, job_mode, console)
+        tasks = [_Task(run.label, run.cfg.new.device, _train_run, (run, False)) for run in runs]
+        return _run_concurrently("new models", tasks, jobs, job_mode, console)
     paths = []
     for run in runs:
         console.print(f"[bold]new model: {run.label}[/]")
         paths.append(_train_run(run, show_progress))
     return paths
+
+
+def train_old_models(
+    configs: dict[str, QuickstartConfig], out: Path, console: Console, jobs: int, job_mode: JobMode
+) -> None:
+    """Train the old model of each ``configs`` entry into ``out/<name>/old`` at once, ``jobs`` at a time (finished
+    ones are skipped), so that a table's settings do not wait for each other's old models one after another."""
+    check_jobs(jobs, job_mode)
+    if jobs > 1 and len(configs) > 1 and not current_world().distributed:
+        tasks = [_Task(f"{name}/old", cfg.old.device, train_old, (cfg.old, out / name / "old", False))
+                 for name, cfg in configs.items()]  # fmt: skip
+        _run_concurrently("old models", tasks, jobs, job_mode, console)
 
 
 def train_methods(
@@ -287,7 +300,7 @@ def train_methods(
 
 def _executor(workers: int, job_mode: JobMode) -> Executor:
     """Processes are spawned (CUDA cannot be forked) and share the machine's cores. Threads share this process,
-    and each trains on a CUDA stream of its own (``_train_on_own_stream``): kernels of different runs can then
+    and each trains on a CUDA stream of its own (``_on_own_stream``): kernels of different runs can then
     overlap on one GPU, where those of separate processes take turns. Threads pay off with ``cuda_graph``, whose
     step is one launch, so they seldom wait on each other for Python."""
     if job_mode == "threads":
@@ -296,28 +309,44 @@ def _executor(workers: int, job_mode: JobMode) -> Executor:
     return ProcessPoolExecutor(workers, mp_context=context, initializer=set_threads, initargs=(workers,))
 
 
-def _train_concurrently(runs: list[NewModelRun], jobs: int, job_mode: JobMode, console: Console) -> list[Path]:
-    """Train ``jobs`` runs at a time; a failed run's exception is raised here once the others finish or fail."""
-    workers = min(jobs, len(runs))
-    labels = ", ".join(run.label for run in runs)
-    console.print(f"[bold]new models:[/] {labels} ({workers} at a time, in {job_mode})")
+@dataclass(frozen=True)
+class _Task:
+    """One training to run concurrently: ``fn(*args)`` (module-level, so a spawned process can unpickle it) on
+    ``device``, named ``label`` in progress messages."""
+
+    label: str
+    device: str | None
+    fn: Callable[..., Path]
+    args: tuple
+
+
+def _run_concurrently(what: str, tasks: list[_Task], jobs: int, job_mode: JobMode, console: Console) -> list[Path]:
+    """Run ``jobs`` tasks at a time; their results in the order given. A failed task's exception is raised here
+    once the others finish or fail."""
+    workers = min(jobs, len(tasks))
+    labels = ", ".join(task.label for task in tasks)
+    console.print(f"[bold]{what}:[/] {labels} ({workers} at a time, in {job_mode})")
     paths: dict[int, Path] = {}
-    train = _train_on_own_stream if job_mode == "threads" else _train_run
     with _executor(workers, job_mode) as pool:
-        futures = {pool.submit(train, run, False): i for i, run in enumerate(runs)}
+        run = _on_own_stream if job_mode == "threads" else _run_task
+        futures = {pool.submit(run, task): i for i, task in enumerate(tasks)}
         for future in as_completed(futures):
             i = futures[future]
             paths[i] = future.result()
-            console.print(f"  finished: {runs[i].label} ({len(paths)}/{len(runs)})")
-    return [paths[i] for i in range(len(runs))]
+            console.print(f"  finished: {tasks[i].label} ({len(paths)}/{len(tasks)})")
+    return [paths[i] for i in range(len(tasks))]
 
 
-def _train_on_own_stream(run: NewModelRun, show_progress: bool) -> Path:
-    """``_train_run`` with this thread's CUDA work on a stream of its own (the current stream is per thread)."""
-    device = resolve_device(run.cfg.new.device)
+def _run_task(task: _Task) -> Path:
+    return task.fn(*task.args)
+
+
+def _on_own_stream(task: _Task) -> Path:
+    """``task`` with this thread's CUDA work on a stream of its own (the current stream is per thread)."""
+    device = resolve_device(task.device)
     stream = torch.cuda.stream(torch.cuda.Stream(device)) if device.type == "cuda" else nullcontext()
     with stream:
-        return _train_run(run, show_progress)
+        return _run_task(task)
 
 
 SHARED_PAIRS = (("old", "old"), ("independent", "independent"), ("independent", "old"))

@@ -18,7 +18,15 @@ from advbct.config import ModelConfig, QuickstartConfig, build_quickstart, deep_
 from advbct.data.images import DataError
 from advbct.distributed import current_world, resolve_device
 from advbct.evaluation.protocol import evaluate_pairs
-from advbct.pipeline import JobMode, check_jobs, embed_test_set, method_reports, plan_new_models, train_new_models
+from advbct.pipeline import (
+    JobMode,
+    check_jobs,
+    embed_test_set,
+    method_reports,
+    plan_new_models,
+    train_new_models,
+    train_old_models,
+)
 from advbct.reporting.bench_report import write_markdown, write_plots
 
 DEFAULT_METHODS = ("l2", "bct", "lce", "unibct", "hot-refresh", "advbct")
@@ -99,14 +107,15 @@ def run_bench(
     job_mode: JobMode = "processes",
 ) -> dict:
     """Train and evaluate every setting into ``out/<setting>/``; write results.json, results.md and plots.
-    The old models come first, setting by setting; then the new models of every setting train together, ``jobs``
-    at a time in processes or threads (``job_mode``), so one command can keep a GPU full across settings."""
+    The old models come first, then the new models of every setting together, each ``jobs`` at a time in
+    processes or threads (``job_mode``), so one command can keep a GPU full across settings."""
     console = console or Console()
     check_jobs(jobs, job_mode)
     unknown = [s for s in settings if s not in SETTINGS]
     if unknown:
         raise DataError(f"unknown setting(s) {', '.join(unknown)}; use {', '.join(SETTINGS)}")
     configs = {s: setting_config(preset, s, list(overrides or []), data, device) for s in settings}
+    train_old_models(configs, out, console, jobs, job_mode)
     plans = {}
     for setting, cfg in configs.items():
         console.rule(f"[bold]{setting}")

@@ -24,15 +24,18 @@ def run_bench(folder, out, cache, *extra):
 
 def test_bench_smoke_writes_the_table_json_and_plots(tiny_folder, tmp_path):
     out = tmp_path / "bench"
-    # The three old models train two at a time in threads, then the new models of all three settings in one pool,
-    # two at a time (the re-run below: one at a time).
+    # Two old models train at once in threads (extended-backbone's is extended-class's, copied), then the new
+    # models of all three settings in one pool, two at a time (the re-run below: one at a time).
     result = run_bench(tiny_folder, out, tmp_path / "cache", "--jobs", "2", "--job-mode", "threads")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "(2 at a time, in threads)" in result.stdout
     lines = result.stdout.splitlines()
     finished = [line.split("finished: ")[1].split(" (")[0] for line in lines if "finished:" in line]
-    assert sorted(finished) == sorted(f"{s}/{m}" for s in SETTINGS for m in ("old", "independent", *METHODS))
-    assert all(name.endswith("/old") for name in finished[:3])
+    assert sorted(finished[:2]) == ["extended-class/old", "extended-data/old"]
+    assert sorted(finished[2:]) == sorted(f"{s}/{m}" for s in SETTINGS for m in ("independent", *METHODS))
+    assert "old model: the same as extended-class's, copied" in result.stdout
+    old_models = [(out / s / "old" / "model.pt").read_bytes() for s in ("extended-class", "extended-backbone")]
+    assert old_models[0] == old_models[1]
     results = json.loads((out / "results.json").read_text())
     assert tuple(results["settings"]) == SETTINGS
     for block in results["settings"].values():

@@ -9,6 +9,7 @@ set is embedded once per model, and every (query model, gallery model) pair is s
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,6 +94,20 @@ def evaluate_setting(cfg: QuickstartConfig, paths: dict[str, Path], methods: lis
     }
 
 
+def _old_model_twins(configs: dict[str, QuickstartConfig]) -> dict[str, str]:
+    """``{setting: earlier setting}`` for each setting whose old model is trained exactly as an earlier one's is:
+    extended-backbone changes only the new model, so its old model is extended-class's, trained once and copied."""
+    twins: dict[str, str] = {}
+    trained: dict[str, QuickstartConfig] = {}
+    for setting, cfg in configs.items():
+        twin = next((earlier for earlier, other in trained.items() if other.old == cfg.old), None)
+        if twin is None:
+            trained[setting] = cfg
+        else:
+            twins[setting] = twin
+    return twins
+
+
 def run_bench(
     preset: str,
     out: Path,
@@ -115,10 +130,14 @@ def run_bench(
     if unknown:
         raise DataError(f"unknown setting(s) {', '.join(unknown)}; use {', '.join(SETTINGS)}")
     configs = {s: setting_config(preset, s, list(overrides or []), data, device) for s in settings}
-    train_old_models(configs, out, console, jobs, job_mode)
+    twins = _old_model_twins(configs)
+    train_old_models({s: c for s, c in configs.items() if s not in twins}, out, console, jobs, job_mode)
     plans = {}
     for setting, cfg in configs.items():
         console.rule(f"[bold]{setting}")
+        if setting in twins and not (out / setting / "old" / "model.pt").is_file():
+            console.print(f"old model: the same as {twins[setting]}'s, copied")
+            shutil.copytree(out / twins[setting] / "old", out / setting / "old", dirs_exist_ok=True)
         plans[setting] = plan_new_models(cfg, out / setting, methods, console, show_progress, label=setting)
     runs = [run for _, setting_runs in plans.values() for run in setting_runs]
     console.rule("[bold]new models")

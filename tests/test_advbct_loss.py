@@ -34,6 +34,23 @@ def test_elastic_radius_on_both_sides_of_tau():
     assert r.tolist() == pytest.approx([0.75, 1.2, 1.0, 1.0, 1.0])
 
 
+@pytest.mark.parametrize("tau", [1.0, 0.5, 0.7])
+def test_elastic_radius_equals_the_two_case_form_of_the_method_bit_for_bit(tau):
+    # method.md: r_e = |r_max - tau| sigmoid(w); r = r_max + r_e where r_max < tau, else r_max - r_e.
+    torch.manual_seed(0)
+    r_max = torch.cat([torch.rand(1000) * 2, torch.tensor([tau, 0.0, 2.0])])
+    w_new = (torch.randn(r_max.numel()) * 4).requires_grad_()
+    w_ref = w_new.detach().clone().requires_grad_()
+    r_e = (r_max - tau).abs() * torch.sigmoid(w_ref)
+    reference = torch.where(r_max < tau, r_max + r_e, r_max - r_e)
+    radii = elastic_radii(r_max, w_new, tau)
+    assert torch.equal(radii, reference)
+    upstream = torch.randn(r_max.numel())
+    (radii * upstream).sum().backward()
+    (reference * upstream).sum().backward()
+    assert torch.equal(w_new.grad, w_ref.grad)
+
+
 def test_elastic_radius_stays_between_r_max_and_tau():
     r_max = torch.rand(100) * 2
     r = elastic_radii(r_max, torch.randn(100) * 5, tau=1.0)

@@ -3,7 +3,7 @@
 Trains the old model once (a few epochs: its quality is not the point), computes its statistics, then trains a
 new model per method and mode from the same seed, in rounds that visit every (method, mode) in turn, so drift in
 the machine's speed falls on all of them. Each run's figure is the median images/s over its epochs after the
-first, which holds cuDNN's kernel search, the eager warm-up and the first capture. With ``independent`` among the
+first, which holds cuDNN's kernel search, the eager warm-up and the capture. With ``independent`` among the
 methods, the others' figures are also given as the loss's overhead over it in the same mode. The last epoch's
 loss parts of each method's first runs are printed side by side: the graphed run must train the same model.
 

@@ -1,5 +1,6 @@
 """The upgrade path end to end through the real CLI, on real PNG files, plus its refusals of bad input."""
 
+import io
 import json
 import os
 import shutil
@@ -8,12 +9,14 @@ import sys
 
 import pytest
 import torch
+from rich.console import Console
 
 from advbct import pipeline
 from advbct.cli import quickstart_config, train_config
 from advbct.compat import StatisticsError
 from advbct.evaluation import compatibility_scores
 from advbct.models import CheckpointError
+from advbct.training import loop as loop_module
 
 TESTS = ("old/old", "new/new", "new/old", "independent/independent", "independent/old")
 
@@ -262,6 +265,22 @@ def test_concurrent_runs_train_the_same_models_as_one_at_a_time(tiny_folder, tmp
             for key, value in first.items():
                 assert torch.equal(second[key], value), f"{mode}, {name}: {key}"
         assert json.loads((tmp_path / mode / "results.json").read_text()).keys() == {"l2", "advbct"}
+
+
+def test_runs_training_in_threads_share_one_progress_display(tiny_folder, tmp_path, capsys, monkeypatch):
+    # Runs in threads add their bars to one display rather than each opening a live display of its own (which
+    # some rich versions refuse while another is live, and others stack).
+    displays = []
+    make_display = loop_module._progress
+    monkeypatch.setattr(loop_module, "_progress", lambda enabled: displays.append(enabled) or make_display(enabled))
+    overrides = ["common.data.dataset=image-folder", "common.device=cpu", "common.optim.epochs=1"]
+    cfg = quickstart_config("smoke", None, overrides, str(tiny_folder), None)
+    console = Console(file=io.StringIO())
+    paths = pipeline.train_methods(cfg, tmp_path, ["l2"], console, show_progress=True, jobs=2, job_mode="threads")
+    assert all(path.is_file() for path in paths.values())
+    assert displays == [True, True]  # the old model's own, then the one the two threaded runs share
+    shown = capsys.readouterr().out
+    assert "new independent" in shown and "new l2" in shown and "ep 1/1" in shown
 
 
 @pytest.mark.slow

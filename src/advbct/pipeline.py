@@ -36,7 +36,7 @@ from advbct.distributed import current_world, resolve_device
 from advbct.evaluation.protocol import embed_images, evaluate_pairs, upgrade_report
 from advbct.models.checkpoint import load_checkpoint, load_comparable_checkpoints
 from advbct.reporting.tables import print_report
-from advbct.training.loop import OldModel, train_model
+from advbct.training.loop import OldModel, shared_progress, train_model
 
 ALLOCATION_FILE = "allocation.json"
 # How ``jobs`` > 1 new models train at once: in processes of their own, or in threads of this process, each
@@ -261,8 +261,9 @@ def train_new_models(
     at a time, in processes or threads as ``job_mode`` says: one small model leaves most of a GPU idle."""
     check_jobs(jobs, job_mode)
     if jobs > 1 and not current_world().distributed:
-        tasks = [_Task(run.label, run.cfg.new.device, _train_run, (run, False)) for run in runs]
-        return _run_concurrently("new models", tasks, jobs, job_mode, console)
+        bars = show_progress and job_mode == "threads"  # threads share one display; processes show none
+        tasks = [_Task(run.label, run.cfg.new.device, _train_run, (run, bars)) for run in runs]
+        return _run_concurrently("new models", tasks, jobs, job_mode, console, bars)
     paths = []
     for run in runs:
         console.print(f"[bold]new model: {run.label}[/]")
@@ -271,15 +272,21 @@ def train_new_models(
 
 
 def train_old_models(
-    configs: dict[str, QuickstartConfig], out: Path, console: Console, jobs: int, job_mode: JobMode
+    configs: dict[str, QuickstartConfig],
+    out: Path,
+    console: Console,
+    jobs: int,
+    job_mode: JobMode,
+    show_progress: bool = True,
 ) -> None:
     """Train the old model of each ``configs`` entry into ``out/<name>/old`` at once, ``jobs`` at a time (finished
     ones are skipped), so that a table's settings do not wait for each other's old models one after another."""
     check_jobs(jobs, job_mode)
     if jobs > 1 and len(configs) > 1 and not current_world().distributed:
-        tasks = [_Task(f"{name}/old", cfg.old.device, train_old, (cfg.old, out / name / "old", False))
+        bars = show_progress and job_mode == "threads"
+        tasks = [_Task(f"{name}/old", cfg.old.device, train_old, (cfg.old, out / name / "old", bars))
                  for name, cfg in configs.items()]  # fmt: skip
-        _run_concurrently("old models", tasks, jobs, job_mode, console)
+        _run_concurrently("old models", tasks, jobs, job_mode, console, bars)
 
 
 def train_methods(
@@ -320,14 +327,16 @@ class _Task:
     args: tuple
 
 
-def _run_concurrently(what: str, tasks: list[_Task], jobs: int, job_mode: JobMode, console: Console) -> list[Path]:
+def _run_concurrently(
+    what: str, tasks: list[_Task], jobs: int, job_mode: JobMode, console: Console, bars: bool = False
+) -> list[Path]:
     """Run ``jobs`` tasks at a time; their results in the order given. A failed task's exception is raised here
-    once the others finish or fail."""
+    once the others finish or fail. ``bars``: threads show their progress bars in one shared display."""
     workers = min(jobs, len(tasks))
     labels = ", ".join(task.label for task in tasks)
     console.print(f"[bold]{what}:[/] {labels} ({workers} at a time, in {job_mode})")
     paths: dict[int, Path] = {}
-    with _executor(workers, job_mode) as pool:
+    with shared_progress(bars), _executor(workers, job_mode) as pool:
         run = _on_own_stream if job_mode == "threads" else _run_task
         futures = {pool.submit(run, task): i for i, task in enumerate(tasks)}
         for future in as_completed(futures):

@@ -131,7 +131,7 @@ def run_bench(
         raise DataError(f"unknown setting(s) {', '.join(unknown)}; use {', '.join(SETTINGS)}")
     configs = {s: setting_config(preset, s, list(overrides or []), data, device) for s in settings}
     twins = _old_model_twins(configs)
-    train_old_models({s: c for s, c in configs.items() if s not in twins}, out, console, jobs, job_mode)
+    train_old_models({s: c for s, c in configs.items() if s not in twins}, out, console, jobs, job_mode, show_progress)
     plans = {}
     for setting, cfg in configs.items():
         console.rule(f"[bold]{setting}")

@@ -12,6 +12,8 @@ import copy
 import functools
 import json
 import time
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -369,7 +371,7 @@ def train_model(
             )
         world.barrier()
 
-    with _progress(show_progress and world.is_main) as progress:
+    with _run_progress(show_progress and world.is_main) as progress:
         done = start_epoch * steps_per_epoch + start_step
         task = progress.add_task(f"{role} {meta.method}", total=total_steps, completed=done, info="")
         for epoch in range(start_epoch, epochs):
@@ -476,6 +478,34 @@ def _tensorboard(path: Path):
     from torch.utils.tensorboard import SummaryWriter
 
     return SummaryWriter(str(path))
+
+
+class _SharedDisplay:
+    """The one progress display of runs training side by side in threads of this process: rich shows one live
+    display at a time, so while ``shared_progress`` is open each run adds its bar to this one."""
+
+    progress: Progress | None = None
+
+
+@contextmanager
+def shared_progress(enabled: bool) -> Iterator[None]:
+    """Open one display for the runs that train in this process's threads until the block ends."""
+    if not enabled:
+        yield
+        return
+    with _progress(True) as display:
+        _SharedDisplay.progress = display
+        try:
+            yield
+        finally:
+            _SharedDisplay.progress = None
+
+
+def _run_progress(enabled: bool) -> AbstractContextManager[Progress]:
+    """A run's progress display: its own, or its bar in the shared one (which the run leaves open)."""
+    if enabled and _SharedDisplay.progress is not None:
+        return nullcontext(_SharedDisplay.progress)
+    return _progress(enabled)
 
 
 def _progress(enabled: bool) -> Progress:

@@ -261,9 +261,8 @@ def train_new_models(
     at a time, in processes or threads as ``job_mode`` says: one small model leaves most of a GPU idle."""
     check_jobs(jobs, job_mode)
     if jobs > 1 and not current_world().distributed:
-        bars = show_progress and job_mode == "threads"  # threads share one display; processes show none
-        tasks = [_Task(run.label, run.cfg.new.device, _train_run, (run, bars)) for run in runs]
-        return _run_concurrently("new models", tasks, jobs, job_mode, console, bars)
+        tasks = [_Task(run.label, run.cfg.new.device, _train_run, (run,)) for run in runs]
+        return _run_concurrently("new models", tasks, jobs, job_mode, console, show_progress)
     paths = []
     for run in runs:
         console.print(f"[bold]new model: {run.label}[/]")
@@ -283,10 +282,9 @@ def train_old_models(
     ones are skipped), so that a table's settings do not wait for each other's old models one after another."""
     check_jobs(jobs, job_mode)
     if jobs > 1 and len(configs) > 1 and not current_world().distributed:
-        bars = show_progress and job_mode == "threads"
-        tasks = [_Task(f"{name}/old", cfg.old.device, train_old, (cfg.old, out / name / "old", bars))
+        tasks = [_Task(f"{name}/old", cfg.old.device, train_old, (cfg.old, out / name / "old"))
                  for name, cfg in configs.items()]  # fmt: skip
-        _run_concurrently("old models", tasks, jobs, job_mode, console, bars)
+        _run_concurrently("old models", tasks, jobs, job_mode, console, show_progress)
 
 
 def train_methods(
@@ -318,8 +316,8 @@ def _executor(workers: int, job_mode: JobMode) -> Executor:
 
 @dataclass(frozen=True)
 class _Task:
-    """One training to run concurrently: ``fn(*args)`` (module-level, so a spawned process can unpickle it) on
-    ``device``, named ``label`` in progress messages."""
+    """One training to run concurrently: ``fn(*args, show_progress)`` (module-level, so a spawned process can
+    unpickle it) on ``device``, named ``label`` in progress messages."""
 
     label: str
     device: str | None
@@ -328,17 +326,18 @@ class _Task:
 
 
 def _run_concurrently(
-    what: str, tasks: list[_Task], jobs: int, job_mode: JobMode, console: Console, bars: bool = False
+    what: str, tasks: list[_Task], jobs: int, job_mode: JobMode, console: Console, show_progress: bool
 ) -> list[Path]:
     """Run ``jobs`` tasks at a time; their results in the order given. A failed task's exception is raised here
-    once the others finish or fail. ``bars``: threads show their progress bars in one shared display."""
+    once the others finish or fail. Threads show their progress bars in one shared display; processes, none."""
     workers = min(jobs, len(tasks))
     labels = ", ".join(task.label for task in tasks)
     console.print(f"[bold]{what}:[/] {labels} ({workers} at a time, in {job_mode})")
     paths: dict[int, Path] = {}
+    bars = show_progress and job_mode == "threads"
     with shared_progress(bars), _executor(workers, job_mode) as pool:
         run = _on_own_stream if job_mode == "threads" else _run_task
-        futures = {pool.submit(run, task): i for i, task in enumerate(tasks)}
+        futures = {pool.submit(run, task, bars): i for i, task in enumerate(tasks)}
         for future in as_completed(futures):
             i = futures[future]
             paths[i] = future.result()
@@ -346,16 +345,16 @@ def _run_concurrently(
     return [paths[i] for i in range(len(tasks))]
 
 
-def _run_task(task: _Task) -> Path:
-    return task.fn(*task.args)
+def _run_task(task: _Task, show_progress: bool) -> Path:
+    return task.fn(*task.args, show_progress)
 
 
-def _on_own_stream(task: _Task) -> Path:
+def _on_own_stream(task: _Task, show_progress: bool) -> Path:
     """``task`` with this thread's CUDA work on a stream of its own (the current stream is per thread)."""
     device = resolve_device(task.device)
     stream = torch.cuda.stream(torch.cuda.Stream(device)) if device.type == "cuda" else nullcontext()
     with stream:
-        return _run_task(task)
+        return _run_task(task, show_progress)
 
 
 SHARED_PAIRS = (("old", "old"), ("independent", "independent"), ("independent", "old"))

@@ -111,5 +111,11 @@ def test_ablations_switch_parts_off():
     b = batch([unit(60), unit(10)], [0, 0], old=[unit(5), unit(15)])
     assert set(create("advbct-adv-only", ctx)(b).parts) == {"adv", "disc_acc"}
     assert set(create("advbct-bound-only", ctx)(b).parts) == {"bound", "violating", "radius"}
+    # Without the adversarial term nothing reads old embeddings, so training skips the old model's forward pass.
+    assert not create("advbct-bound-only", ctx).needs_old_embeddings
+    assert not create("advbct", ctx, adversarial=False).needs_old_embeddings
+    assert create("advbct", ctx).needs_old_embeddings and create("advbct-adv-only", ctx).needs_old_embeddings
+    no_old = batch([unit(60), unit(10)], [0, 0], old=None)
+    assert set(create("advbct-bound-only", ctx)(no_old).parts) == {"bound", "violating", "radius"}
     fixed = create("advbct-fixed-radius", ctx)
     assert torch.equal(fixed.radii(), fixed.r_max)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from advbct.compat import CompatBatch, CompatContext, compute_class_statistics, create, list_methods, method_class
+from advbct.compat import CompatBatch, CompatContext, compute_class_statistics, create, list_methods
 from advbct.data.batches import BatchStream, Preprocessing, normalise
 from advbct.distributed import World
 from advbct.models.heads import SoftmaxHead
@@ -78,7 +78,7 @@ def test_compatibility_losses_never_wait_on_the_device(name, options):
     method = create(name, make_context(dim, classes), **options)
     new_emb = torch.randn(n, dim, requires_grad=True)
     classifier = torch.randn(classes, dim, requires_grad=True)
-    old_emb = torch.randn(n, dim) if method_class(name).needs_old_embeddings else None
+    old_emb = torch.randn(n, dim) if method.needs_old_embeddings else None
     labels = torch.arange(n) % classes
     with SyncRecorder() as recorder:
         out = method(CompatBatch(new_emb, labels, old_emb, 0.3, 1, 3, classifier))

@@ -186,6 +186,7 @@ class AdvBCT(CompatibilityMethod):
         if stats.num_classes != context.num_classes:
             raise ValueError(f"statistics cover {stats.num_classes} classes, training has {context.num_classes}")
         self.tau, self.use_boundary, self.use_adversarial, self.elastic = tau, boundary, adversarial, elastic
+        self.needs_old_embeddings = adversarial  # only the discriminator reads old embeddings
         self.normalise_discriminator_input = normalise_discriminator_input
         self.adversarial_scale = adversarial_scale
         self.register_buffer("centres", stats.centres.clone())

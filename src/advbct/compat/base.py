@@ -62,10 +62,14 @@ class CompatibilityMethod(nn.Module):
     ``batch_wide``: the loss is not a plain mean of per-sample terms over the batch (it normalises by a count
     that depends on the batch, compares samples with each other, or runs batch norm), so distributed training
     hands it the batch gathered from every rank. Per-sample losses leave it False and stay local.
+
+    ``needs_old_embeddings``: the loss reads the old model's embeddings of the batch, so training runs the old
+    model's forward pass on every step. A method may decide it per instance from its options (AdvBCT without its
+    adversarial term reads none), which is why training asks the built method rather than its class.
     """
 
     requires: ClassVar[tuple[str, ...]] = ()
-    needs_old_embeddings: ClassVar[bool] = True
+    needs_old_embeddings: bool = True
     batch_wide: ClassVar[bool] = False
 
     def forward(self, batch: CompatBatch) -> LossOutput:

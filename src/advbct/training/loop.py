@@ -271,7 +271,7 @@ def train_model(
         elif cfg.model.whitened_stem and not (resume and last_path.is_file()):
             model.whiten_stem(_whitening_sample(train_set.images[indices], prep, cfg.seed).to(device))
         method = _build_method(cfg, role, train_set.num_classes, old, stats).to(device)
-    needs_old = role == "new" and method_class(cfg.compat.method).needs_old_embeddings
+    needs_old = role == "new" and method.needs_old_embeddings
     batch_wide = world.distributed and role == "new" and method_class(cfg.compat.method).batch_wide
     old_net = old.model.to(device).eval().requires_grad_(False) if (old is not None and needs_old) else None
     if cfg.channels_last:

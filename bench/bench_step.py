@@ -1,24 +1,28 @@
 """Training-step time of every compatibility method, as a ratio to the independent model's step.
 
 Each method's step is the real one (new forward, classification, old forward where the method needs it,
-compatibility loss, backward, SGD) on random data; the median of ``--repeats`` timed samples after warm-up is
-reported, together with two baselines measured in the same run: the plain classification step and the
-classification step plus the old model's forward pass (the cost every method that reads old embeddings
-pays). The "loss overhead" column is the method's step over the latter, which is what the loss itself adds.
-The timed samples are taken in interleaved rounds (every step once per round), so drift in the machine's
-speed during the run falls on every row alike instead of on whichever rows ran last.
+compatibility loss, backward, SGD) on random data, together with two baselines measured in the same run: the plain
+classification step and the classification step plus the old model's forward pass (the cost every method that
+reads old embeddings pays). The "loss overhead" column is the method's step over the latter, which is what the loss
+itself adds. The timed samples are taken in interleaved rounds (every step once per round), and each ratio is the
+median of the rounds' own ratios: the two samples of a round ran seconds apart, so drift in the machine's speed
+cancels in their ratio. The interval beside it is the sign test's 95% interval for that median, and the last lines
+say which losses meet the ``--target`` overhead with that confidence, which miss it and which the run cannot decide.
 
 The "ops" column counts the operator calls of one step that do work (views excluded): on a GPU each is a kernel
 launch the host pays for in an eager step, which is what sets an eager step's pace there when the GPU waits on the
-host. It does not depend on the machine, so a CPU run shows what a loss adds to that cost.
+host. It does not depend on the machine, so a CPU run shows what a loss adds to that cost. ``--cuda-graph``
+captures every step once and times its replays (one launch per step, as ``cuda_graph`` training runs), so the
+figures are what the kernels cost on the GPU; the ops column then still counts the work inside the graph.
 
     python bench/bench_step.py                     # CPU, the quickstart model
-    python bench/bench_step.py --device cuda --preset paper-cifar100 --batch-size 512 [--compile]
+    python bench/bench_step.py --device cuda --preset paper-cifar100 --batch-size 512 [--compile | --cuda-graph]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -28,9 +32,18 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from advbct.cli import train_config
-from advbct.compat import CompatBatch, CompatContext, compute_class_statistics, create, list_methods, method_class
+from advbct.compat import (
+    CompatBatch,
+    CompatContext,
+    CompatibilityMethod,
+    compute_class_statistics,
+    create,
+    list_methods,
+)
 from advbct.data.batches import Preprocessing, apply_crop_flip, crop_flip_params, normalise
 from advbct.models.checkpoint import ModelMeta, build_model
+from advbct.reporting.timing import median_interval, paired_ratios
+from advbct.training.cuda_graph import CudaGraphStep, prepare_optimizer
 
 NUM_CLASSES = 100
 
@@ -82,10 +95,11 @@ def time_sample(step, per_sample: int, device: torch.device) -> float:
     return (time.perf_counter() - start) / per_sample
 
 
-def interleaved_medians(
+def interleaved_samples(
     steps: dict[str, Callable[[], None]], repeats: int, warmup: int, per_sample: int, device: torch.device
-) -> dict[str, float]:
-    """Median seconds per step of each named step, timed in ``repeats`` rounds that visit every step in turn."""
+) -> dict[str, list[float]]:
+    """Seconds per step of each named step, one sample per round in ``repeats`` rounds that visit every step in
+    turn (after ``warmup`` untimed calls of each)."""
     for step in steps.values():
         for _ in range(warmup):
             step()
@@ -93,7 +107,47 @@ def interleaved_medians(
     for _ in range(repeats):
         for name, step in steps.items():
             samples[name].append(time_sample(step, per_sample, device))
+    return samples
+
+
+def interleaved_medians(
+    steps: dict[str, Callable[[], None]], repeats: int, warmup: int, per_sample: int, device: torch.device
+) -> dict[str, float]:
+    """Median seconds per step of each named step over interleaved rounds (see ``interleaved_samples``)."""
+    samples = interleaved_samples(steps, repeats, warmup, per_sample, device)
     return {name: statistics.median(times) for name, times in samples.items()}
+
+
+# images, labels, training progress, epoch -> the step's outputs (progress and epoch are 0-d tensors in a graph)
+Body = Callable[[torch.Tensor, torch.Tensor, float | torch.Tensor, int | torch.Tensor], dict[str, torch.Tensor]]
+
+
+def print_table(
+    samples: dict[str, list[float]], ops: dict[str, int], needs_old: dict[str, bool], batch_size: int, target: float
+) -> None:
+    """One row per step: median ms and images/s, the paired ratios with the loss overhead's 95% interval, the
+    operator counts; then which losses meet ``target`` with that confidence."""
+    print(f"{'step':<22}{'ms':>9}{'img/s':>10}{'vs independent':>16}{'loss overhead':>15}{'interval':>18}"
+          f"{'ops':>7}{'loss ops':>12}")  # fmt: skip
+    verdicts: dict[str, list[str]] = {"yes": [], "undecided": [], "no": []}
+    for name, times in samples.items():
+        median = statistics.median(times)
+        vs_plain = median_interval(paired_ratios(times, samples["independent"])).median
+        row = f"{name:<22}{median * 1e3:9.1f}{batch_size / median:10.0f}{vs_plain:16.3f}"
+        if name in needs_old:
+            base = "+ old forward" if needs_old[name] else "independent"
+            overhead = median_interval([r - 1.0 for r in paired_ratios(times, samples[base])])
+            verdicts[overhead.verdict(target)].append(name)
+            added = ops[name] - ops[base]
+            interval = f"[{overhead.low:+.1%}, {overhead.high:+.1%}]"
+            row += f"{overhead.median:+15.1%}{interval:>18}{ops[name]:7d}{added:+6d} ({added / ops[base]:+.0%})"
+        else:
+            row += f"{'':>33}{ops[name]:7d}"
+        print(row)
+    coverage = median_interval(samples["independent"]).coverage
+    print(f"loss overhead at most {target:.0%} ({coverage:.1%} confidence from {len(samples['independent'])} rounds):")
+    for verdict, names in verdicts.items():
+        print(f"  {verdict}: {', '.join(names) or '-'}")
 
 
 def main() -> None:
@@ -101,14 +155,19 @@ def main() -> None:
     parser.add_argument("--preset", default="quickstart")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=7, help="interleaved rounds (11 or more for a 95%% interval)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps-per-sample", type=int, default=1, help="consecutive steps per timing sample")
     parser.add_argument("--methods", default=",".join(m for m in list_methods() if m != "independent"))
-    parser.add_argument("--compile", action="store_true", help="torch.compile the new and old networks first")
+    parser.add_argument("--target", type=float, default=0.05, help="the loss overhead to judge against (0.05 = 5%%)")
+    speedup = parser.add_mutually_exclusive_group()
+    speedup.add_argument("--compile", action="store_true", help="torch.compile the new and old networks first")
+    speedup.add_argument("--cuda-graph", action="store_true", help="capture each step once and time its replays")
     args = parser.parse_args()
 
     device = torch.device(args.device)
+    if args.cuda_graph and device.type != "cuda":
+        parser.error(f"--cuda-graph needs a CUDA device, not {device}")
     torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels once
     cfg = train_config("new", args.preset, None, None, None, args.device)
     torch.manual_seed(0)
@@ -134,53 +193,60 @@ def main() -> None:
     # Crops drawn once on the device, as training draws an epoch's at once: the step itself copies nothing over.
     crops = tuple(t.to(device) for t in crop_flip_params(args.batch_size, 4, torch.Generator().manual_seed(0)))
     use_amp = device.type == "cuda"
+    # A captured graph must not keep autocast's weight casts from capture time, as in cuda_graph training.
+    autocast = functools.partial(
+        torch.autocast, device.type, dtype=torch.bfloat16, enabled=use_amp, cache_enabled=not args.cuda_graph
+    )
 
-    def make_step(method_name: str | None, with_old: bool):
-        method = create(method_name, context).to(device) if method_name else None
+    def make_body(method: CompatibilityMethod | None, with_old: bool) -> Body:
         params = list(new.parameters()) + (list(method.parameters()) if method else [])
         opt = torch.optim.SGD([p for p in params if p.requires_grad], lr=0.01, momentum=0.9)
+        prepare_optimizer(opt, args.cuda_graph, device)
 
-        def step() -> None:
-            x_u8 = apply_crop_flip(images_u8, 4, crops)
-            x = normalise(x_u8, prep, cfg.channels_last)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+        def body(
+            images: torch.Tensor, targets: torch.Tensor, progress: float | torch.Tensor, epoch: int | torch.Tensor
+        ) -> dict[str, torch.Tensor]:
+            x = normalise(apply_crop_flip(images, 4, crops), prep, cfg.channels_last)
+            with autocast():
                 emb = new(x)
-                loss = F.cross_entropy(new.classify(emb.float(), labels).float(), labels)
+                loss = F.cross_entropy(new.classify(emb.float(), targets).float(), targets)
                 old_emb = None
                 if with_old:
                     with torch.no_grad():
                         old_emb = old(x).float()
                 if method is not None:
-                    batch = CompatBatch(emb.float(), labels, old_emb, 0.5, 0, 2, new.head.weight)
+                    batch = CompatBatch(emb.float(), targets, old_emb, progress, epoch, 2, new.head.weight)
                     loss = loss + method(batch).total
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            return {"loss": loss}
 
-        return step
+        return body
 
     names = args.methods.split(",")
-    needs_old = {name: method_class(name).needs_old_embeddings for name in names}
-    steps = {"independent": make_step(None, False), "+ old forward": make_step(None, True)}
-    steps.update({name: make_step(name, needs_old[name]) for name in names})
-    medians = interleaved_medians(steps, args.repeats, args.warmup, args.steps_per_sample, device)
-    ops = {name: count_ops(step) for name, step in steps.items()}
-    plain, with_old = medians["independent"], medians["+ old forward"]
-    compiled = ", torch.compile" if args.compile else ""
-    timing = f"median of {args.repeats} interleaved rounds x {args.steps_per_sample} steps"
-    print(f"device {device}, preset {args.preset}, batch {args.batch_size}{compiled}, {timing}")
-    print(f"{'step':<22}{'ms':>9}{'img/s':>10}{'vs independent':>16}{'loss overhead':>15}{'ops':>7}{'loss ops':>10}")
-    plain_row = f"{'independent':<22}{plain * 1e3:9.1f}{args.batch_size / plain:10.0f}{1.0:16.3f}{'':>15}"
-    print(f"{plain_row}{ops['independent']:7d}")
-    ratio = with_old / plain
-    old_row = f"{'+ old forward':<22}{with_old * 1e3:9.1f}{args.batch_size / with_old:10.0f}{ratio:16.3f}{'':>15}"
-    print(f"{old_row}{ops['+ old forward']:7d}")
-    for name in names:
-        t = medians[name]
-        base, base_name = (with_old, "+ old forward") if needs_old[name] else (plain, "independent")
-        added = ops[name] - ops[base_name]
-        row = f"{name:<22}{t * 1e3:9.1f}{args.batch_size / t:10.0f}{t / plain:16.3f}{t / base - 1:+15.1%}"
-        print(f"{row}{ops[name]:7d}{added:+5d} ({added / ops[base_name]:+.0%})")
+    if "independent" in names:
+        parser.error("--methods: independent is the baseline, timed in every run; list the others")
+    methods = {name: create(name, context).to(device) for name in names}
+    needs_old = {name: method.needs_old_embeddings for name, method in methods.items()}
+    bodies = {"independent": make_body(None, False), "+ old forward": make_body(None, True)}
+    bodies.update({name: make_body(method, needs_old[name]) for name, method in methods.items()})
+    # Eager steps get the progress and epoch as Python numbers, as eager training passes them.
+    eager = {name: functools.partial(body, images_u8, labels, 0.5, 0) for name, body in bodies.items()}
+    ops = {name: count_ops(step) for name, step in eager.items()}
+    if args.cuda_graph:
+        steps = {
+            name: functools.partial(CudaGraphStep(warmup=args.warmup), body, images_u8, labels, 0.5, 0)
+            for name, body in bodies.items()
+        }
+        warmup = args.warmup + 1  # the graph's eager warm-up calls, then the capture and its first replay
+    else:
+        steps, warmup = eager, args.warmup
+    samples = interleaved_samples(steps, args.repeats, warmup, args.steps_per_sample, device)
+    mode = ", torch.compile" if args.compile else ", CUDA graph replays" if args.cuda_graph else ""
+    timing = f"{args.repeats} interleaved rounds x {args.steps_per_sample} steps"
+    print(f"device {device}, preset {args.preset}, batch {args.batch_size}{mode}, {timing}")
+    print_table(samples, ops, needs_old, args.batch_size, args.target)
 
 
 if __name__ == "__main__":

@@ -78,11 +78,17 @@ if [ -s /tmp/gpu_fallback.env ]; then
   note "GPU test failures turn off: $(tr '\n' ' ' < /tmp/gpu_fallback.env)"
   . /tmp/gpu_fallback.env
 fi
-# By default every method graphed at batch 512 on the full-size folder: each loss's overhead over independent.
-ALL_METHODS=independent,l2,bct,lce,unibct,hot-refresh,advbct,advbct-adv-only,advbct-bound-only,advbct-fixed-radius
+# Every loss's overhead over the step with the old forward, all steps replayed from CUDA graphs (issue 3's figure).
+wanted graph_train && [ "$GRAPH" = true ] && phase bench_step_graph "${STEP_GRAPH_TIMEOUT:-120}" python3 \
+  bench/bench_step.py --device "$DEVICE" --preset "${BENCH_PRESET:-paper-cifar100}" --batch-size "$BATCH" \
+  --warmup 3 --repeats 21 --steps-per-sample 10 --cuda-graph
+cat "$LOGS/bench_step_graph.txt" >> "$LOGS/summary.txt" 2>/dev/null
+# Real training at batch 512 on the full-size folder (graphed unless a graph test failed): AdvBCT's images/s against
+# independent's (issue 6).
+TRAIN_MODE=$([ "$GRAPH" = true ] && echo graphed || echo eager)
 wanted graph_train && phase train_graph 240 python3 bench/bench_train_graph.py --data /tmp/cifar100_full \
-  --preset "${BENCH_PRESET:-paper-cifar100}" --device "$DEVICE" \
-  ${GRAPH_TRAIN_ARGS:---methods $ALL_METHODS --modes graphed --epochs 3 --rounds 1 -o optim.batch_size=$BATCH}
+  --preset "${BENCH_PRESET:-paper-cifar100}" --device "$DEVICE" ${GRAPH_TRAIN_ARGS:---methods independent,advbct \
+  --modes $TRAIN_MODE --epochs 3 --rounds 1 -o optim.batch_size=$BATCH}
 cat "$LOGS/train_graph.txt" >> "$LOGS/summary.txt" 2>/dev/null
 
 # 1c. A setting's new models trained JOBS at a time, in processes against threads (each on its own stream).

@@ -92,3 +92,17 @@ def test_radius_summary_refuses_statistics_without_radii():
     stats = compute_class_statistics(torch.tensor([[1.0, 0.0]]), torch.tensor([0]), 2, "m")
     with pytest.raises(StatisticsError, match="no class has a radius"):
         radius_summary(stats, tau=1.0)
+
+
+@pytest.mark.parametrize(
+    ("embeddings", "labels", "message"),
+    [
+        (torch.randn(5, 3), torch.zeros(4, dtype=torch.long), "5 embeddings but 4 labels"),
+        (torch.randn(5), torch.zeros(5, dtype=torch.long), r"shape \(N, D\)"),
+        (torch.randn(3, 2), torch.tensor([0, 1, 3]), r"labels must lie in 0..2, found 0..3"),
+        (torch.randn(3, 2), torch.tensor([0, -1, 2]), r"labels must lie in 0..2, found -1..2"),
+    ],
+)
+def test_bad_inputs_are_refused_with_what_is_wrong(embeddings, labels, message):
+    with pytest.raises(ValueError, match=message):
+        compute_class_statistics(embeddings, labels, 3)

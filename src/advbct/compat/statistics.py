@@ -115,6 +115,22 @@ def iqr_max_radius(dist: torch.Tensor, labels: torch.Tensor, num_classes: int) -
     )
 
 
+def _check_statistics_input(embeddings: torch.Tensor, labels: torch.Tensor, num_classes: int) -> None:
+    """Refuse inputs that would otherwise fail deep inside the computation or, worse, give silently wrong centres
+    (a label past ``num_classes`` would lengthen the class counts)."""
+    if embeddings.ndim != 2 or labels.ndim != 1:
+        raise ValueError(
+            f"class statistics need embeddings of shape (N, D) and labels of shape (N,), "
+            f"got {tuple(embeddings.shape)} and {tuple(labels.shape)}"
+        )
+    if embeddings.shape[0] != labels.shape[0]:
+        raise ValueError(f"class statistics got {embeddings.shape[0]} embeddings but {labels.shape[0]} labels")
+    if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(
+            f"class statistics: labels must lie in 0..{num_classes - 1}, found {int(labels.min())}..{int(labels.max())}"
+        )
+
+
 def compute_class_statistics(
     embeddings: torch.Tensor,
     labels: torch.Tensor,
@@ -123,6 +139,7 @@ def compute_class_statistics(
     class_names: tuple[str, ...] = (),
 ) -> ClassStatistics:
     """Centres, radii (max distance after dropping 1.5-IQR outliers for classes with >= 4 samples) and counts."""
+    _check_statistics_input(embeddings, labels, num_classes)
     feats = F.normalize(embeddings.double(), dim=1)
     labels = labels.long()
     counts = torch.bincount(labels, minlength=num_classes)

@@ -15,7 +15,8 @@ The "ops" column counts the operator calls of one step that do work (views exclu
 launch the host pays for in an eager step, which is what sets an eager step's pace there when the GPU waits on the
 host. It does not depend on the machine, so a CPU run shows what a loss adds to that cost. ``--cuda-graph``
 captures every step once and times its replays (one launch per step, as ``cuda_graph`` training runs), so the
-figures are what the kernels cost on the GPU; the ops column then still counts the work inside the graph.
+figures are what the kernels cost on the GPU. ``--compile`` compiles the networks and the losses as ``compile``
+training does, which fuses a loss's operations into a few kernels. Either way the ops column counts the eager step.
 
     python bench/bench_step.py                     # CPU, the quickstart model
     python bench/bench_step.py --device cuda --preset paper-cifar100 --batch-size 512 [--compile | --cuda-graph]
@@ -46,6 +47,7 @@ from advbct.data.batches import Preprocessing, apply_crop_flip, crop_flip_params
 from advbct.models.checkpoint import ModelMeta, build_model
 from advbct.reporting.timing import median_interval, paired_ratios
 from advbct.training.cuda_graph import CudaGraphStep, prepare_optimizer
+from advbct.training.loop import StepScalars
 
 NUM_CLASSES = 100
 
@@ -160,6 +162,10 @@ def print_table(
         print(f"  {verdict}: {', '.join(names) or '-'}")
 
 
+def _with_scalars(body: Body, images: torch.Tensor, labels: torch.Tensor, scalars: StepScalars) -> None:
+    body(images, labels, *scalars.set(0.5, 0))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="quickstart")
@@ -172,7 +178,7 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=0.05, help="the loss overhead to judge against (0.05 = 5%%)")
     parser.add_argument("--confidence", type=float, default=0.95, help="of all the losses' intervals together")
     speedup = parser.add_mutually_exclusive_group()
-    speedup.add_argument("--compile", action="store_true", help="torch.compile the new and old networks first")
+    speedup.add_argument("--compile", action="store_true", help="torch.compile the networks and the losses first")
     speedup.add_argument("--cuda-graph", action="store_true", help="capture each step once and time its replays")
     args = parser.parse_args()
 
@@ -187,9 +193,6 @@ def main() -> None:
     new = make_model(cfg, list(range(NUM_CLASSES))).to(device)
     if cfg.channels_last:
         old, new = old.to(memory_format=torch.channels_last), new.to(memory_format=torch.channels_last)
-    if args.compile:
-        new.compile()
-        old.compile()
     stats = compute_class_statistics(
         torch.randn(100 * len(old_classes), cfg.model.embedding_dim),
         torch.tensor(old_classes).repeat(100),
@@ -244,8 +247,18 @@ def main() -> None:
     bodies.update({name: make_body(method, needs_old[name]) for name, method in methods.items()})
     # Eager steps get the progress and epoch as Python numbers, as eager training passes them.
     eager = {name: functools.partial(body, images_u8, labels, 0.5, 0) for name, body in bodies.items()}
-    ops = {name: count_ops(step) for name, step in eager.items()}
-    if args.cuda_graph:
+    ops = {name: count_ops(step) for name, step in eager.items()}  # counted before anything compiles
+    if args.compile:
+        # Compiled as training compiles them: both networks and the loss, which reads the progress and the epoch
+        # from 0-d tensors (a Python number would compile it again for every new value).
+        for module in (new, old, *methods.values()):
+            module.compile()
+        scalars = StepScalars(device)
+        steps = {
+            name: functools.partial(_with_scalars, body, images_u8, labels, scalars) for name, body in bodies.items()
+        }
+        warmup = args.warmup
+    elif args.cuda_graph:
         steps = {
             name: functools.partial(CudaGraphStep(warmup=args.warmup), body, images_u8, labels, 0.5, 0)
             for name, body in bodies.items()

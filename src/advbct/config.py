@@ -102,7 +102,11 @@ class TrainConfig(_Section):
     eval_batch_size: int = Field(1024, ge=1)
     checkpoint_every: int = Field(0, ge=0, description="also save last.pt every N steps (0: once per epoch)")
     sync_batchnorm: bool = Field(True, description="under torchrun, batch norm statistics over all ranks")
-    compile: bool = Field(False, description="torch.compile the new and old networks' forward (first steps slower)")
+    compile: bool = Field(
+        False,
+        description="torch.compile the new and old networks and the compatibility loss (first steps slower; the "
+        "loss's few dozen small operations become a few fused kernels)",
+    )
     cuda_graph: bool = Field(
         False,
         description="replay each training step from a CUDA graph (one launch instead of hundreds of kernels per "

@@ -285,6 +285,7 @@ def train_model(
         # In place: the parameters and state-dict keys stay those of the plain module, so checkpoints and resume
         # do not depend on the option.
         model.compile()
+        method.compile()
         if old_net is not None:
             old_net.compile()
     params = [p for p in [*model.parameters(), *method.parameters()] if p.requires_grad]
@@ -334,6 +335,7 @@ def train_model(
         torch.autocast, device.type, dtype=torch.bfloat16, enabled=use_amp, cache_enabled=not cfg.cuda_graph
     )
     graphed = CudaGraphStep() if cfg.cuda_graph else None
+    scalars = StepScalars(device) if cfg.compile else None
     # Every batch has one shape, so cuDNN's one-off search for the fastest convolution kernels pays off.
     torch.backends.cudnn.benchmark = device.type == "cuda"
     # The old model usually shares the new one's normalisation; then its input is the batch already prepared.
@@ -385,7 +387,9 @@ def train_model(
                 images_u8 = images_u8.to(device, non_blocking=True)
                 labels = labels.to(device, non_blocking=True)
                 progress_fraction = global_step / max(1, total_steps - 1)
-                if graphed is None:
+                if scalars is not None:
+                    parts = train_step(images_u8, labels, *scalars.set(progress_fraction, epoch))
+                elif graphed is None:
                     parts = train_step(images_u8, labels, progress_fraction, epoch)
                 else:
                     parts = graphed(train_step, images_u8, labels, progress_fraction, epoch)
@@ -423,6 +427,21 @@ def train_model(
     return final_path
 
 
+class StepScalars:
+    """The training progress and the epoch as 0-d tensors on the device, refilled in place at every step. A
+    compiled loss reads them as inputs; handed Python numbers instead, it would compile again for every new value
+    (the progress changes at every step). Filling from a Python number launches a kernel and never waits on it."""
+
+    def __init__(self, device: torch.device):
+        self.progress = torch.zeros((), device=device)
+        self.epoch = torch.zeros((), device=device)
+
+    def set(self, progress: float, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        self.progress.fill_(progress)
+        self.epoch.fill_(epoch)
+        return self.progress, self.epoch
+
+
 class TrainStep(nn.Module):
     """The model and the compatibility method as one module, so DistributedDataParallel sees every trainable
     parameter of a step (backbone, heads, discriminator, radius weights) in one forward call."""
@@ -439,7 +458,7 @@ class TrainStep(nn.Module):
         head_labels: torch.Tensor,
         old_emb: torch.Tensor | None,
         progress: float | torch.Tensor,
-        epoch: int,
+        epoch: int | torch.Tensor,
         num_epochs: int,
         batch_wide: bool,
     ) -> tuple[torch.Tensor, LossOutput]:

@@ -81,7 +81,7 @@ fi
 # Every loss's overhead over the step with the old forward, all steps replayed from CUDA graphs (issue 3's figure).
 wanted graph_train && [ "$GRAPH" = true ] && phase bench_step_graph "${STEP_GRAPH_TIMEOUT:-120}" python3 \
   bench/bench_step.py --device "$DEVICE" --preset "${BENCH_PRESET:-paper-cifar100}" --batch-size "$BATCH" \
-  --warmup 3 --repeats 21 --steps-per-sample 10 --cuda-graph
+  --warmup 3 --repeats 31 --steps-per-sample 10 --cuda-graph
 cat "$LOGS/bench_step_graph.txt" >> "$LOGS/summary.txt" 2>/dev/null
 # Real training at batch 512 on the full-size folder (graphed unless a graph test failed): AdvBCT's images/s against
 # independent's (issue 6).

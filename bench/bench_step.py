@@ -142,7 +142,7 @@ def print_table(
     verdicts: dict[str, list[str]] = {"yes": [], "undecided": [], "no": []}
     for name, times in samples.items():
         median = statistics.median(times)
-        vs_plain = median_interval(paired_ratios(times, samples["independent"])).median
+        vs_plain = statistics.median(paired_ratios(times, samples["independent"]))
         row = f"{name:<22}{median * 1e3:9.1f}{batch_size / median:10.0f}{vs_plain:16.3f}"
         if name in needs_old:
             base = "+ old forward" if needs_old[name] else "independent"

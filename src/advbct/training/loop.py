@@ -429,8 +429,9 @@ def train_model(
 
 class StepScalars:
     """The training progress and the epoch as 0-d tensors on the device, refilled in place at every step. A
-    compiled loss reads them as inputs; handed Python numbers instead, it would compile again for every new value
-    (the progress changes at every step). Filling from a Python number launches a kernel and never waits on it."""
+    compiled loss reads them as inputs; handed Python numbers instead, it compiles again for every new value (the
+    progress changes at every step) until torch reaches its recompile limit and runs the loss eagerly from then on.
+    Filling from a Python number launches a kernel and never waits on it."""
 
     def __init__(self, device: torch.device):
         self.progress = torch.zeros((), device=device)

@@ -12,6 +12,8 @@ import threading
 
 import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 from advbct.data.images import DataError
 from advbct.serving.backfill import ImageRoot, run_backfill
@@ -240,3 +242,25 @@ def test_image_root_refuses_every_way_out_and_agrees_with_a_full_resolve(tmp_pat
         with pytest.raises(DataError, match="points outside the image root"):
             images.resolve(ref)
     assert images.resolve("a/b/x.png") == images.resolve("a/b/x.png")  # a cached folder answers the same
+
+
+def test_a_shared_embedder_is_never_converted_again_while_it_serves(three_models, image_root, monkeypatch):
+    # The search batcher and the backfill run one Embedder's model from two threads. Converting a module (.to,
+    # in place) rewrites every parameter's storage and strides, which a forward pass in the other thread may read
+    # half done; so the model takes its final form when the Embedder is built, and no call converts it after.
+    embedder = Embedder(three_models["new"])
+    files = sorted((image_root / "train").rglob("*.png"))[:6]
+    expected_files, expected_arrays = embedder.embed_files(files), embedder.embed_arrays(_arrays(files, embedder))
+
+    def refuse(module, *args, **kwargs):
+        raise AssertionError(f"{type(module).__name__} converted while shared")
+
+    monkeypatch.setattr(torch.nn.Module, "_apply", refuse)
+    np.testing.assert_array_equal(embedder.embed_files(files), expected_files)
+    np.testing.assert_array_equal(embedder.embed_arrays(_arrays(files, embedder)), expected_arrays)
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in embedder.model.parameters() if p.ndim == 4)
+
+
+def _arrays(files, embedder: Embedder) -> np.ndarray:
+    size = embedder.prep.image_size
+    return np.stack([np.asarray(Image.open(f).convert("RGB").resize((size, size))) for f in files])

@@ -19,6 +19,22 @@ from advbct.evaluation.metrics import label_retrieval_metrics
 Box = tuple[float, float, float, float]
 
 
+def ready_for_inference(model: nn.Module, device: torch.device, channels_last: bool = False) -> nn.Module:
+    """``model`` in eval mode on ``device``, its 4-D weights channels_last when asked, converted in place only where
+    it is not so already. A conversion rewrites every parameter's storage and strides in place, and a forward pass
+    running on the same model in another thread (the service's searches beside its backfill) reads them half
+    rewritten: the backfill then wrote non-finite or zero vectors, about one test run in six. A model already in the
+    wanted form is left untouched, so a shared one is converted once, before it is shared."""
+    if any(module.training for module in model.modules()):
+        model.eval()
+    params = list(model.parameters())
+    if any(p.device.type != device.type or device.index not in (None, p.device.index) for p in params):
+        model.to(device)
+    if channels_last and any(p.ndim == 4 and not p.is_contiguous(memory_format=torch.channels_last) for p in params):
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
 @torch.no_grad()
 def embed_images(
     model: nn.Module,
@@ -37,9 +53,7 @@ def embed_images(
             f"images are {tuple(images.shape[-2:])}, the model expects {prep.image_size}x{prep.image_size}"
         )
     world = current_world()
-    model = model.to(device).eval()
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = ready_for_inference(model, device, channels_last)
     own = images[world.rank :: world.size]
     out = []
     for start in range(0, own.shape[0], batch_size):
@@ -93,7 +107,7 @@ def embed_files(
     """
     if boxes is not None and len(boxes) != len(files):
         raise ValueError(f"{len(boxes)} boxes for {len(files)} files")
-    model = model.to(device).eval()
+    model = ready_for_inference(model, device)
     out = []
     for batch in _decoded_batches(files, boxes, prep.image_size, batch_size, workers, whole):
         images = normalise(batch.to(device, non_blocking=True), prep)

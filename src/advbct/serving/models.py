@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from advbct.data.batches import Preprocessing
 from advbct.data.images import ImageSet, load_image_folder
-from advbct.evaluation.protocol import embed_files, embed_images, evaluate_pairs
+from advbct.evaluation.protocol import embed_files, embed_images, evaluate_pairs, ready_for_inference
 from advbct.models.checkpoint import load_checkpoint
 
 
@@ -36,7 +36,9 @@ class Embedder:
         self.path = Path(path)
         self.model, self.meta = load_checkpoint(self.path)
         self.device = torch.device(device)
-        self.model = self.model.to(self.device).eval()
+        # In the form embed_images wants (channels_last), once, here: the search batcher and the backfill then share
+        # a model that no call converts again while the other runs it.
+        self.model = ready_for_inference(self.model, self.device, channels_last=True)
 
     @property
     def dim(self) -> int:

@@ -50,6 +50,7 @@ from advbct.training.cuda_graph import CudaGraphStep, prepare_optimizer
 from advbct.training.loop import StepScalars
 
 NUM_CLASSES = 100
+BASELINES = ("independent", "+ old forward")
 
 
 def make_model(cfg, head_classes: list[int]):
@@ -112,6 +113,34 @@ def interleaved_samples(
         for name, step in steps.items():
             samples[name].append(time_sample(step, per_sample, device))
     return samples
+
+
+def warm_up(steps: dict[str, Callable[[], None]], calls: int) -> dict[str, str]:
+    """Call each step ``calls`` times before any timing (cuDNN's kernel search, a graph's capture); return the steps
+    that raised, with the reason, so one method that cannot run (or be captured) costs its own row, not the run."""
+    failures = {}
+    for name, step in steps.items():
+        try:
+            for _ in range(calls):
+                step()
+        except Exception as exc:  # reported and left out by the caller
+            failures[name] = f"{type(exc).__name__}: {exc}"
+    return failures
+
+
+def leave_out(failures: dict[str, str], *tables: dict) -> None:
+    """Say why each failed step is left out and drop it from every table; a failed baseline ends the run, as no
+    ratio can be measured without it."""
+    for name, reason in failures.items():
+        if name in BASELINES:
+            raise SystemExit(f"the {name!r} baseline failed, so no ratio can be measured: {reason}")
+        print(f"{name}: left out, its step failed: {reason}")
+        for table in tables:
+            table.pop(name, None)
+
+
+def _record_ops(ops: dict[str, int], name: str, step: Callable[[], None]) -> None:
+    ops[name] = count_ops(step)
 
 
 def interleaved_medians(
@@ -247,7 +276,9 @@ def main() -> None:
     bodies.update({name: make_body(method, needs_old[name]) for name, method in methods.items()})
     # Eager steps get the progress and epoch as Python numbers, as eager training passes them.
     eager = {name: functools.partial(body, images_u8, labels, 0.5, 0) for name, body in bodies.items()}
-    ops = {name: count_ops(step) for name, step in eager.items()}  # counted before anything compiles
+    ops: dict[str, int] = {}  # counted before anything compiles; a step that fails here is left out
+    counting = {name: functools.partial(_record_ops, ops, name, step) for name, step in eager.items()}
+    leave_out(warm_up(counting, 1), bodies, eager, needs_old)
     if args.compile:
         # Compiled as training compiles them: both networks and the loss, which reads the progress and the epoch
         # from 0-d tensors (a Python number would compile it again for every new value).
@@ -266,7 +297,8 @@ def main() -> None:
         warmup = args.warmup + 1  # the graph's eager warm-up calls, then the capture and its first replay
     else:
         steps, warmup = eager, args.warmup
-    samples = interleaved_samples(steps, args.repeats, warmup, args.steps_per_sample, device)
+    leave_out(warm_up(steps, warmup), steps, needs_old)
+    samples = interleaved_samples(steps, args.repeats, 0, args.steps_per_sample, device)
     mode = ", torch.compile" if args.compile else ", CUDA graph replays" if args.cuda_graph else ""
     timing = f"{args.repeats} interleaved rounds x {args.steps_per_sample} steps"
     print(f"device {device}, preset {args.preset}, batch {args.batch_size}{mode}, {timing}")

@@ -298,6 +298,8 @@ def main() -> None:
     else:
         steps, warmup = eager, args.warmup
     leave_out(warm_up(steps, warmup), steps, needs_old)
+    if not needs_old:
+        raise SystemExit("every loss's step failed (see above); nothing to compare with the baselines")
     samples = interleaved_samples(steps, args.repeats, 0, args.steps_per_sample, device)
     mode = ", torch.compile" if args.compile else ", CUDA graph replays" if args.cuda_graph else ""
     timing = f"{args.repeats} interleaved rounds x {args.steps_per_sample} steps"

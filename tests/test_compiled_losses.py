@@ -12,7 +12,7 @@ from advbct import pipeline
 from advbct.cli import train_config
 from advbct.compat import CompatBatch, create, list_methods
 from advbct.training import loop as loop_module
-from advbct.training.loop import StepScalars
+from advbct.training.cuda_graph import StepScalars
 from test_host_sync import make_context
 
 SLOW_TO_COMPILE = {"advbct-adv-only", "advbct-bound-only", "advbct-fixed-radius", "bct", "l2", "lce", "unibct"}

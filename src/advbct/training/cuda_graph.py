@@ -57,6 +57,23 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
             group["lr"] = lr
 
 
+class StepScalars:
+    """The training progress and the epoch as 0-d tensors on the device, refilled in place at every step: the inputs
+    a captured step replays with (``CudaGraphStep``) and a compiled loss reads (``compile``). Handed Python numbers
+    instead, a compiled loss compiles again for every new value (the progress changes at every step) until torch
+    reaches its recompile limit and runs the loss eagerly from then on. Filling from a Python number launches a
+    kernel and never waits on it."""
+
+    def __init__(self, device: torch.device):
+        self.progress = torch.zeros((), device=device)
+        self.epoch = torch.zeros((), device=device)
+
+    def set(self, progress: float, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        self.progress.fill_(progress)
+        self.epoch.fill_(epoch)
+        return self.progress, self.epoch
+
+
 class CudaGraphStep:
     """Runs ``step(images, labels, progress, epoch)`` eagerly for the first ``warmup`` calls (on a side stream, as
     CUDA graph capture asks, so cuDNN's kernel search and the optimizer's momentum buffers are done before capture),
@@ -69,6 +86,7 @@ class CudaGraphStep:
     def __init__(self, warmup: int = 3):
         self.warmup_left = warmup
         self.inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.scalars: StepScalars | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
         self.outputs: dict[str, torch.Tensor] = {}
 
@@ -76,9 +94,14 @@ class CudaGraphStep:
         self, step: Step, images: torch.Tensor, labels: torch.Tensor, progress: float, epoch: int
     ) -> dict[str, torch.Tensor]:
         if self.inputs is None:
-            scalar = images.new_zeros((), dtype=torch.float)
-            self.inputs = (torch.empty_like(images), torch.empty_like(labels), scalar, scalar.clone())
-        static_images, static_labels, static_progress, static_epoch = self.inputs
+            self.scalars = StepScalars(images.device)
+            self.inputs = (
+                torch.empty_like(images),
+                torch.empty_like(labels),
+                self.scalars.progress,
+                self.scalars.epoch,
+            )
+        static_images, static_labels = self.inputs[:2]
         if images.shape != static_images.shape or labels.shape != static_labels.shape:
             raise ValueError(
                 f"cuda_graph needs batches of one shape: captured {tuple(static_images.shape)}, "
@@ -86,8 +109,7 @@ class CudaGraphStep:
             )
         static_images.copy_(images)
         static_labels.copy_(labels)
-        static_progress.fill_(progress)
-        static_epoch.fill_(epoch)
+        self.scalars.set(progress, epoch)
         if self.warmup_left > 0:
             self.warmup_left -= 1
             side = torch.cuda.Stream()

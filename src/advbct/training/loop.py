@@ -53,6 +53,7 @@ from advbct.models.checkpoint import (
 from advbct.models.embedding import EmbeddingModel
 from advbct.training.cuda_graph import (
     CudaGraphStep,
+    StepScalars,
     check_cuda_graph_setup,
     prepare_optimizer,
     set_learning_rate,
@@ -425,22 +426,6 @@ def train_model(
         (run_dir / "history.json").write_text(json.dumps(history, indent=2))
     world.barrier()
     return final_path
-
-
-class StepScalars:
-    """The training progress and the epoch as 0-d tensors on the device, refilled in place at every step. A
-    compiled loss reads them as inputs; handed Python numbers instead, it compiles again for every new value (the
-    progress changes at every step) until torch reaches its recompile limit and runs the loss eagerly from then on.
-    Filling from a Python number launches a kernel and never waits on it."""
-
-    def __init__(self, device: torch.device):
-        self.progress = torch.zeros((), device=device)
-        self.epoch = torch.zeros((), device=device)
-
-    def set(self, progress: float, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        self.progress.fill_(progress)
-        self.epoch.fill_(epoch)
-        return self.progress, self.epoch
 
 
 class TrainStep(nn.Module):

@@ -25,6 +25,7 @@ training does, which fuses a loss's operations into a few kernels. Either way th
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import statistics
 import time
@@ -240,8 +241,14 @@ def main() -> None:
         torch.autocast, device.type, dtype=torch.bfloat16, enabled=use_amp, cache_enabled=not args.cuda_graph
     )
 
+    models: list[torch.nn.Module] = []
+
     def make_body(method: CompatibilityMethod | None, with_old: bool) -> Body:
-        params = list(new.parameters()) + (list(method.parameters()) if method else [])
+        # Each step trains its own copy of the one initialised network, as each training run has its own model: no
+        # step moves the weights another step reads, and no two captured graphs write the same parameters' gradients.
+        net = copy.deepcopy(new)
+        models.append(net)
+        params = list(net.parameters()) + (list(method.parameters()) if method else [])
         opt = torch.optim.SGD([p for p in params if p.requires_grad], lr=0.01, momentum=0.9)
         prepare_optimizer(opt, args.cuda_graph, device)
 
@@ -250,14 +257,14 @@ def main() -> None:
         ) -> dict[str, torch.Tensor]:
             x = normalise(apply_crop_flip(images, 4, crops), prep, cfg.channels_last)
             with autocast():
-                emb = new(x)
-                loss = F.cross_entropy(new.classify(emb.float(), targets).float(), targets)
+                emb = net(x)
+                loss = F.cross_entropy(net.classify(emb.float(), targets).float(), targets)
                 old_emb = None
                 if with_old:
                     with torch.no_grad():
                         old_emb = old(x).float()
                 if method is not None:
-                    batch = CompatBatch(emb.float(), targets, old_emb, progress, epoch, 2, new.head.weight)
+                    batch = CompatBatch(emb.float(), targets, old_emb, progress, epoch, 2, net.head.weight)
                     loss = loss + method(batch).total
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -281,7 +288,7 @@ def main() -> None:
     if args.compile:
         # Compiled as training compiles them: both networks and the loss, which reads the progress and the epoch
         # from 0-d tensors (a Python number would compile it again for every new value).
-        for module in (new, old, *methods.values()):
+        for module in (*models, old, *methods.values()):
             module.compile()
         scalars = StepScalars(device)
         steps = {

@@ -101,13 +101,10 @@ def time_sample(step, per_sample: int, device: torch.device) -> float:
 
 
 def interleaved_samples(
-    steps: dict[str, Callable[[], None]], repeats: int, warmup: int, per_sample: int, device: torch.device
+    steps: dict[str, Callable[[], None]], repeats: int, per_sample: int, device: torch.device
 ) -> dict[str, list[float]]:
     """Seconds per step of each named step, one sample per round in ``repeats`` rounds that visit every step in
-    turn (after ``warmup`` untimed calls of each)."""
-    for step in steps.values():
-        for _ in range(warmup):
-            step()
+    turn. The steps are warmed up already (``warm_up``, or ``interleaved_medians``)."""
     samples: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):
         for name, step in steps.items():
@@ -146,8 +143,12 @@ def _record_ops(ops: dict[str, int], name: str, step: Callable[[], None]) -> Non
 def interleaved_medians(
     steps: dict[str, Callable[[], None]], repeats: int, warmup: int, per_sample: int, device: torch.device
 ) -> dict[str, float]:
-    """Median seconds per step of each named step over interleaved rounds (see ``interleaved_samples``)."""
-    samples = interleaved_samples(steps, repeats, warmup, per_sample, device)
+    """Median seconds per step of each named step over interleaved rounds (see ``interleaved_samples``), after
+    ``warmup`` untimed calls of each."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    samples = interleaved_samples(steps, repeats, per_sample, device)
     return {name: statistics.median(times) for name, times in samples.items()}
 
 
@@ -306,7 +307,7 @@ def main() -> None:
     leave_out(warm_up(steps, warmup), steps, needs_old)
     if not needs_old:
         raise SystemExit("every loss's step failed (see above); nothing to compare with the baselines")
-    samples = interleaved_samples(steps, args.repeats, 0, args.steps_per_sample, device)
+    samples = interleaved_samples(steps, args.repeats, args.steps_per_sample, device)
     mode = ", torch.compile" if args.compile else ", CUDA graph replays" if args.cuda_graph else ""
     timing = f"{args.repeats} interleaved rounds x {args.steps_per_sample} steps"
     print(f"device {device}, preset {args.preset}, batch {args.batch_size}{mode}, {timing}")

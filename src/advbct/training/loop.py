@@ -26,7 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from advbct.compat import ClassStatistics, CompatBatch, CompatContext, create, method_class
+from advbct.compat import ClassStatistics, CompatBatch, CompatContext, create
 from advbct.compat.base import LossOutput
 from advbct.config import ModelConfig, TrainConfig
 from advbct.data.allocation import Allocation
@@ -273,7 +273,7 @@ def train_model(
             model.whiten_stem(_whitening_sample(train_set.images[indices], prep, cfg.seed).to(device))
         method = _build_method(cfg, role, train_set.num_classes, old, stats).to(device)
     needs_old = role == "new" and method.needs_old_embeddings
-    batch_wide = world.distributed and role == "new" and method_class(cfg.compat.method).batch_wide
+    batch_wide = world.distributed and role == "new" and method.batch_wide
     old_net = old.model.to(device).eval().requires_grad_(False) if (old is not None and needs_old) else None
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)

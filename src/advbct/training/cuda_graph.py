@@ -85,7 +85,7 @@ class CudaGraphStep:
 
     def __init__(self, warmup: int = 3):
         self.warmup_left = warmup
-        self.inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.batch: tuple[torch.Tensor, torch.Tensor] | None = None  # the static images and labels
         self.scalars: StepScalars | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
         self.outputs: dict[str, torch.Tensor] = {}
@@ -93,15 +93,10 @@ class CudaGraphStep:
     def __call__(
         self, step: Step, images: torch.Tensor, labels: torch.Tensor, progress: float, epoch: int
     ) -> dict[str, torch.Tensor]:
-        if self.inputs is None:
+        if self.batch is None:
+            self.batch = (torch.empty_like(images), torch.empty_like(labels))
             self.scalars = StepScalars(images.device)
-            self.inputs = (
-                torch.empty_like(images),
-                torch.empty_like(labels),
-                self.scalars.progress,
-                self.scalars.epoch,
-            )
-        static_images, static_labels = self.inputs[:2]
+        static_images, static_labels = self.batch
         if images.shape != static_images.shape or labels.shape != static_labels.shape:
             raise ValueError(
                 f"cuda_graph needs batches of one shape: captured {tuple(static_images.shape)}, "
@@ -109,13 +104,13 @@ class CudaGraphStep:
             )
         static_images.copy_(images)
         static_labels.copy_(labels)
-        self.scalars.set(progress, epoch)
+        inputs = (static_images, static_labels, *self.scalars.set(progress, epoch))
         if self.warmup_left > 0:
             self.warmup_left -= 1
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                outputs = step(*self.inputs)
+                outputs = step(*inputs)
             torch.cuda.current_stream().wait_stream(side)
             return outputs
         if self.graph is None:
@@ -124,7 +119,7 @@ class CudaGraphStep:
             # another thread's capture in progress would not survive. Each on its own capture stream, as the
             # default one is shared by every graph of the process.
             with _CAPTURE, torch.cuda.graph(graph, stream=torch.cuda.Stream(), capture_error_mode="thread_local"):
-                self.outputs = step(*self.inputs)
+                self.outputs = step(*inputs)
             self.graph = graph
         self.graph.replay()
         return self.outputs

@@ -78,7 +78,8 @@ def three_models(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("ADVBCT_CACHE", str(base / "cache"))
         for seed, role in enumerate(("old", "new", "independent")):
-            overrides = ["data.dataset=image-folder", "device=cpu", f"seed={seed}", "optim.epochs=1"]
+            overrides = ["data.dataset=image-folder", "device=cpu", f"seed={seed}", "optim.epochs=1",
+                         "data.validation_per_class=0"]  # fmt: skip
             cfg = train_config("old", "smoke", None, overrides, str(folder), None)
             paths[role] = train_old(cfg, base / role, show_progress=False)
     return paths

@@ -84,6 +84,40 @@ def test_saved_allocation_is_reused_and_mismatch_refused(tmp_path):
         load_or_make_allocation(tmp_path / "a.json", labels, 10, "extended-data", 0.3, 0)
 
 
+@pytest.mark.parametrize("kind", ["extended-class", "extended-data"])
+def test_validation_split_is_held_out_of_both_models(kind, tmp_path):
+    labels = torch.arange(1000) % 20  # 50 images of each of 20 classes
+    a = make_allocation(labels, 20, kind, 0.3, seed=7, validation_per_class=5)
+    assert torch.bincount(labels[a.validation_indices], minlength=20).tolist() == [5] * 20
+    assert a.new_indices.numel() == 900
+    assert not torch.isin(a.validation_indices, a.new_indices).any()
+    assert not torch.isin(a.validation_indices, a.old_indices).any()
+    counts = torch.bincount(labels[a.old_indices], minlength=20)
+    if kind == "extended-class":  # all 45 remaining images of each old class
+        assert counts[list(a.old_classes)].tolist() == [45] * 6 and counts.sum() == 270
+    else:  # round(0.3 * 45) = 14 (13.5 rounds to even) of every class
+        assert counts.tolist() == [14] * 20
+    path = tmp_path / "a.json"
+    saved = load_or_make_allocation(path, labels, 20, kind, 0.3, 7, validation_per_class=5)
+    again = load_or_make_allocation(path, labels, 20, kind, 0.3, 7, validation_per_class=5)
+    assert torch.equal(saved.validation_indices, again.validation_indices)
+    assert torch.equal(saved.validation_indices, a.validation_indices)
+    with pytest.raises(DataError, match="validation per class"):
+        load_or_make_allocation(path, labels, 20, kind, 0.3, 7, validation_per_class=6)
+
+
+def test_no_validation_split_leaves_the_allocation_as_without_one():
+    labels = torch.arange(1000) % 20
+    plain = make_allocation(labels, 20, "extended-data", 0.3, seed=3)
+    assert plain.validation_indices.numel() == 0 and plain.new_indices.numel() == 1000
+
+
+def test_a_validation_split_that_leaves_a_class_empty_is_refused():
+    labels = torch.tensor([0] * 10 + [1] * 3)
+    with pytest.raises(DataError, match="class 1 \\(3 training images\\) nothing to train on"):
+        make_allocation(labels, 2, "extended-data", 0.3, seed=0, validation_per_class=3)
+
+
 def test_sample_per_class():
     labels = torch.tensor([0] * 10 + [1] * 3 + [2] * 6)
     idx = sample_per_class(labels, 4, seed=0)

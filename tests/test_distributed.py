@@ -68,7 +68,7 @@ def test_two_process_quickstart_writes_the_single_process_results(tmp_path):
 
 def _train_old_command(folder, out, nproc, checkpoint_every):
     overrides = ["data.dataset=image-folder", "device=cpu", "data.old_fraction=0.75", "optim.batch_size=16",
-                 "optim.epochs=2", f"checkpoint_every={checkpoint_every}"]  # fmt: skip
+                 "optim.epochs=2", "data.validation_per_class=0", f"checkpoint_every={checkpoint_every}"]  # fmt: skip
     args = ["-m", "advbct", "train-old", "--preset", "smoke", "--out", str(out), "--data", str(folder), "--no-progress"]
     args += [part for o in overrides for part in ("-o", o)]
     return torchrun(*args, nproc=nproc) if nproc > 1 else [sys.executable, *args]

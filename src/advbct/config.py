@@ -39,6 +39,9 @@ class DataConfig(_Section):
     allocation: AllocationKind = "extended-class"
     old_fraction: float = Field(0.3, gt=0.0, lt=1.0)
     allocation_seed: int = 0
+    validation_per_class: int = Field(
+        0, ge=0, description="training images per class set aside as a labelled validation split no model trains on"
+    )
     max_train_per_class: int | None = Field(None, ge=1)
     max_test_per_class: int | None = Field(None, ge=1)
     augment: bool = True

@@ -55,7 +55,13 @@ def prepare_allocation(cfg: DataConfig, train_set: ImageSet, path: Path) -> Allo
 
     def make() -> Allocation:
         return load_or_make_allocation(
-            path, train_set.labels, train_set.num_classes, cfg.allocation, cfg.old_fraction, cfg.allocation_seed
+            path,
+            train_set.labels,
+            train_set.num_classes,
+            cfg.allocation,
+            cfg.old_fraction,
+            cfg.allocation_seed,
+            cfg.validation_per_class,
         )
 
     if world.is_main:

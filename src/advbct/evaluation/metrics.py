@@ -27,17 +27,24 @@ def label_retrieval_metrics(
     exclude_same_index: bool = False,
     ks: tuple[int, ...] = (1, 5),
     chunk_size: int = 256,
+    own_gallery_index: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """mAP, mAP@R and top-k accuracy in percent, with cosine similarity on L2-normalised embeddings.
 
     ``exclude_same_index``: query i and gallery item i are the same image (a test set searched against
     itself, possibly embedded by two different models); that item is removed from query i's ranking.
+    ``own_gallery_index`` says the same for queries that are some of the gallery's images: query i is gallery
+    item ``own_gallery_index[i]``, which is removed from its ranking (a probe of a gallery's own images).
     Equal similarities (duplicate images) rank in gallery order, so a score never depends on the device's sort.
     """
     if query_emb.shape[1] != gallery_emb.shape[1]:
         raise ValueError(f"query embeddings have dim {query_emb.shape[1]}, gallery embeddings {gallery_emb.shape[1]}")
     if exclude_same_index and query_emb.shape[0] != gallery_emb.shape[0]:
         raise ValueError("exclude_same_index needs queries and gallery to be the same images")
+    if exclude_same_index:
+        own_gallery_index = torch.arange(query_emb.shape[0])
+    if own_gallery_index is not None and own_gallery_index.shape != (query_emb.shape[0],):
+        raise ValueError(f"own_gallery_index needs one entry per query, got {tuple(own_gallery_index.shape)}")
     for side, emb in (("query", query_emb), ("gallery", gallery_emb)):
         if not bool(torch.isfinite(emb).all()):
             raise ValueError(f"{side} embeddings contain NaN or inf (a diverged model?); nothing can be ranked")
@@ -52,10 +59,11 @@ def label_retrieval_metrics(
         sims = block @ g.T
         relevant = gallery_labels.unsqueeze(0) == query_labels[start : start + chunk_size].unsqueeze(1)
         counted = torch.ones_like(relevant)
-        if exclude_same_index:
+        if own_gallery_index is not None:
             rows = torch.arange(block.shape[0], device=sims.device)
-            relevant[rows, rows + start] = False
-            counted[rows, rows + start] = False
+            own = own_gallery_index[start : start + chunk_size].to(sims.device)
+            relevant[rows, own] = False
+            counted[rows, own] = False
         positions = relevant_positions(sims, relevant, counted)
         n_rel = relevant.sum(1)
         has_relevant = n_rel > 0
@@ -132,3 +140,27 @@ def average_precision_from_positions(positions: torch.Tensor, n_rel: torch.Tenso
     within_r = positions <= n_rel.unsqueeze(1)
     ap_at_r = torch.where(within_r, precision, 0.0).sum(1) / denominator
     return ap, ap_at_r
+
+
+def metrics_from_rankings(ranked: torch.Tensor, own: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """mAP and top-1 (percent) of rankings that a search engine returned, for queries that are gallery items.
+
+    ``ranked`` (Q, K): gallery positions best first, for instance the ids of a vector database's hits; ``own``
+    (Q,): each query's own position, left out of its ranking wherever it appears; ``labels``: every gallery
+    item's class. A relevant item beyond the K returned counts as never found, so with K the gallery size these
+    are exactly :func:`label_retrieval_metrics`' mAP and top-1.
+    """
+    if ranked.ndim != 2 or own.shape != (ranked.shape[0],):
+        raise ValueError(f"rankings {tuple(ranked.shape)} and own positions {tuple(own.shape)} do not match")
+    kept = ranked != own.unsqueeze(1)
+    relevant = (labels[ranked] == labels[own].unsqueeze(1)) & kept
+    position = torch.cumsum(kept, 1).to(torch.float64)
+    precision = torch.where(relevant, torch.cumsum(relevant, 1) / position, 0.0)
+    n_relevant = torch.bincount(labels, minlength=int(labels.max()) + 1)[labels[own]] - 1
+    scored = n_relevant > 0
+    if not bool(scored.any()):
+        raise ValueError("no query has a relevant gallery item; nothing to score")
+    ap = precision.sum(1) / n_relevant.clamp(min=1)
+    first_kept = kept.to(torch.int8).argmax(1)
+    top1 = relevant[torch.arange(ranked.shape[0]), first_kept]
+    return {"map": 100.0 * float(ap[scored].mean()), "top1": 100.0 * float(top1[scored].float().mean())}

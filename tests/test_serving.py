@@ -260,3 +260,20 @@ def test_a_shared_embedder_is_never_converted_again_while_it_serves(three_models
     np.testing.assert_array_equal(embedder.embed_files(files), expected_files)
     np.testing.assert_array_equal(embedder.embed_arrays(arrays), expected_arrays)
     assert all(p.is_contiguous(memory_format=torch.channels_last) for p in embedder.model.parameters() if p.ndim == 4)
+
+
+def test_an_ordered_backfill_re_embeds_the_order_first_and_stops_at_its_limit(
+    three_models, image_root, tmp_path, gallery_db
+):
+    registry = tmp_path / "models.json"
+    build_gallery(three_models, image_root, gallery_db, registry)
+    new = Embedder(ModelRegistry(registry).active.path)
+    store = gallery_db.open(new.dim)
+    order = [int(i) for i in torch.randperm(40, generator=torch.Generator().manual_seed(5))]
+    first = run_backfill(store, new, 2, image_root, batch_size=4, order=order, limit=10)
+    assert first.state == "stopped" and first.done == 10 and first.remaining == 30
+    at_target = {int(r["id"]) for r in store.get(list(range(40))) if r["generation"] == 2}
+    assert at_target == set(order[:10]), "exactly the first ten of the order"
+    rest = run_backfill(store, new, 2, image_root, batch_size=4, order=order)
+    assert rest.state == "finished" and rest.done == 30, "the first ten are passed over, not re-embedded"
+    assert store.generations() == {2: 40}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -86,12 +86,16 @@ def run_backfill(
     progress: BackfillProgress | None = None,
     on_batch: Callable[[BackfillProgress], None] | None = None,
     page_size: int | None = None,
+    order: Sequence[int] | None = None,
+    limit: int | None = None,
 ) -> BackfillProgress:
     """Re-embed this worker's stale items in batches until none is left (or ``stop`` is set).
 
     Stale items are listed a page (``page_size`` items, by default the most the store returns at once) at a time,
     because each filtered query scans the collection; writer threads check and upsert earlier batches while the
     next is decoded and embedded (several on a server, whose strongly consistent check waits for a time tick).
+    ``order``: item ids to re-embed first, in that order (those not stale are passed over); the rest follow in
+    storage order. ``limit``: stop after this many items, leaving the rest for a later run.
     """
     if embedder.dim != store.dim:
         raise DataError(f"the model embeds to {embedder.dim} dimensions, the gallery holds {store.dim}")
@@ -103,18 +107,19 @@ def run_backfill(
     if buckets is not None:
         stale_filter += f" and bucket in {buckets}"
     # A filtered count scans the whole collection (seconds for 100,000 items in Milvus Lite). When the first page
-    # holds every stale item its length is the count; otherwise the count runs beside the work. What is left is
-    # that count minus what this run wrote.
+    # of the storage-order listing holds every stale item its length is the count; otherwise the count runs beside
+    # the work. What is left is that count minus what this run wrote.
     initial: list[int] = []
     page_size = page_size or store.page_limit
-    page = store.stale(target_generation, page_size, buckets)
+    pages = _stale_pages(store, target_generation, page_size, buckets, order)
+    page = next(pages)
 
     def count_stale() -> None:
         initial.append(store.count(stale_filter))
         progress.remaining = max(0, initial[0] - progress.done)
 
     counter = None
-    if len(page) < page_size:
+    if order is None and len(page) < page_size:
         initial.append(len(page))
         progress.remaining = len(page)
     else:
@@ -162,11 +167,16 @@ def run_backfill(
     for thread in threads:
         thread.start()
     exhausted = False
+    queued = 0
     try:
         while not (stop is not None and stop.is_set()) and not failure:
             if not page:
                 exhausted = True
                 break
+            if limit is not None:
+                page = page[: max(0, limit - queued)]
+                if not page:
+                    break
             for offset in range(0, len(page), batch_size):
                 while pause is not None and pause.is_set() and not (stop is not None and stop.is_set()):
                     progress.state = "paused"
@@ -178,8 +188,9 @@ def run_backfill(
                 ids, refs = [int(r["id"]) for r in rows], [r["ref"] for r in rows]
                 vectors = embedder.embed_files([root.resolve(ref) for ref in refs])
                 writes.put((ids, refs, vectors))
+                queued += len(rows)
             writes.join()  # the next page must not list items of this one that are still being written
-            page = store.stale(target_generation, page_size, buckets)
+            page = next(pages)
     finally:
         for _ in threads:
             writes.put(None)
@@ -193,3 +204,20 @@ def run_backfill(
     progress.remaining = 0 if exhausted else store.count(stale_filter)
     progress.state = "finished" if exhausted else "stopped"
     return progress
+
+
+def _stale_pages(
+    store: GalleryStore, target_generation: int, page_size: int, buckets: list[int] | None, order: Sequence[int] | None
+) -> Iterator[list[dict]]:
+    """Pages of stale items, each listed only once the page before it is written: first those of ``order`` (in
+    that order, this worker's buckets only), then whatever the store still lists as stale. Ends with an empty page."""
+    if order is not None:
+        wanted = [int(i) for i in order if buckets is None or int(i) % BUCKETS in buckets]
+        for start in range(0, len(wanted), page_size):
+            ids = wanted[start : start + page_size]
+            by_id = {int(row["id"]): row for row in store.get(ids) if int(row["generation"]) != target_generation}
+            page = [by_id[i] for i in ids if i in by_id]
+            if page:
+                yield page
+    while True:
+        yield store.stale(target_generation, page_size, buckets)

@@ -84,6 +84,14 @@ def compatibility_gate(old: Embedder, new: Embedder, validation: ImageSet) -> di
     return numbers
 
 
+def describe_gate(numbers: dict) -> str:
+    """The gate's decision in one line, with the numbers it was made on."""
+    return (
+        f"M(n,o) {numbers['new/old']:.2f}, M(n,n) {numbers['new/new']:.2f}, M(o,o) {numbers['old/old']:.2f} "
+        "(both must exceed M(o,o))"
+    )
+
+
 class ModelRegistry:
     """Generations and the active one, in ``path`` (JSON)."""
 
@@ -95,10 +103,6 @@ class ModelRegistry:
         tmp = self.path.with_name(self.path.name + f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(self.state, indent=2))
         tmp.replace(self.path)
-
-    def reload(self) -> None:
-        if self.path.is_file():
-            self.state = json.loads(self.path.read_text())
 
     @property
     def generations(self) -> list[Generation]:
@@ -130,12 +134,26 @@ class ModelRegistry:
         return self._append(Embedder(path, device), None)
 
     def upgrade(
-        self, path: str | Path, validation_folder: str | Path, device: str = "cpu", force: bool = False
+        self,
+        path: str | Path,
+        validation: str | Path | ImageSet,
+        device: str = "cpu",
+        force: bool = False,
     ) -> Generation:
         """Gate the candidate against the active generation; register it and make it active only if it passes.
 
+        ``validation``: a labelled image folder, or images already decoded (a run's validation split).
         ``force`` is the operator's override: the gate still runs and its numbers are recorded with the generation.
         """
+        numbers = self.check_gate(path, validation, device)
+        if not numbers["passed"] and not force:
+            where = validation if not isinstance(validation, ImageSet) else "the validation split"
+            raise GateRefused(f"{path} fails the compatibility gate on {where}: {describe_gate(numbers)}")
+        numbers["forced"] = force and not numbers["passed"]
+        return self._append(Embedder(path, device), numbers)
+
+    def check_gate(self, path: str | Path, validation: str | Path | ImageSet, device: str = "cpu") -> dict:
+        """The gate's numbers for a candidate against the active generation; registers nothing."""
         current = self.active
         if current is None:
             raise GateRefused("no active generation to upgrade from; register the first model")
@@ -143,15 +161,9 @@ class ModelRegistry:
         if candidate.meta.model_id in {g.model_id for g in self.generations}:
             raise GateRefused(f"{path} is already registered")
         old = Embedder(current.path, device)
-        validation = load_image_folder(validation_folder, old.prep.image_size)
-        numbers = compatibility_gate(old, candidate, validation)
-        numbers["forced"] = force and not numbers["passed"]
-        if not numbers["passed"] and not force:
-            raise GateRefused(
-                f"{path} fails the compatibility gate on {validation_folder}: M(n,o) {numbers['new/old']:.2f}, "
-                f"M(n,n) {numbers['new/new']:.2f}, M(o,o) {numbers['old/old']:.2f} (both must exceed M(o,o))"
-            )
-        return self._append(candidate, numbers)
+        if not isinstance(validation, ImageSet):
+            validation = load_image_folder(validation, old.prep.image_size)
+        return compatibility_gate(old, candidate, validation)
 
     def reserve_ids(self, count: int) -> int:
         """The first of ``count`` fresh item ids; the counter is saved before any item is written."""

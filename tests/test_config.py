@@ -13,7 +13,7 @@ def test_presets_load_and_validate():
         assert cfg.old.data == cfg.new.data
 
 
-def test_cpu_large_is_the_quickstart_with_more_epochs():
+def test_cpu_large_is_the_quickstart_with_a_longer_old_model():
     quick, large = (quickstart_config(name, None, None, None, None) for name in ("quickstart", "cpu-large"))
     for role in ("old", "new"):
         q, g = getattr(quick, role), getattr(large, role)
@@ -23,7 +23,7 @@ def test_cpu_large_is_the_quickstart_with_more_epochs():
     assert large.new.data.allocation == "extended-data" and large.new.data.max_train_per_class is None
     assert large.new.model.whitened_stem and large.new.optim.label_smoothing == 0.2
     assert (large.old.optim.epochs, large.new.optim.epochs) == (16, 15)
-    assert (quick.old.optim.epochs, quick.new.optim.epochs) == (10, 5)
+    assert (quick.old.optim.epochs, quick.new.optim.epochs) == (8, 16)
     assert large.new.compat.method == "advbct" and large.new.compat.options == {}
 
 

@@ -51,36 +51,6 @@ def check_results_dict(report):
     return report
 
 
-def test_quickstart_cli_on_image_folder(tiny_folder, tmp_path):
-    out = tmp_path / "run"
-    result = run_cli(
-        "quickstart",
-        "--preset",
-        "smoke",
-        "--data",
-        str(tiny_folder),
-        "--out",
-        str(out),
-        "--no-progress",
-        "-o",
-        "common.data.dataset=image-folder",
-        "-o",
-        "common.device=cpu",
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    check_results(out / "results.json")
-    for part in (
-        "old/model.pt",
-        "old/stats.pt",
-        "old/allocation.json",
-        "advbct/model.pt",
-        "independent/model.pt",
-    ):
-        assert (out / part).is_file(), part
-    assert list((out / "advbct" / "tb").iterdir()), "TensorBoard events written"
-    assert "M(n,o)  cross test" in result.stdout
-
-
 def test_step_commands_and_refusals(tiny_folder, tmp_path):
     common = [
         "--preset",

@@ -36,6 +36,7 @@ from advbct.distributed import current_world, init_from_environment, shutdown
 from advbct.landmark_eval import PAPER_TESTS, evaluate_benchmarks, parse_benchmarks, print_landmark_report
 from advbct.models.checkpoint import CheckpointError
 from advbct.pipeline import JobMode
+from advbct.quickstart import quickstart as run_quickstart
 from advbct.reporting import comparison_table, print_report
 from advbct.serving.cli import backfill_cmd, index_app, rollback_cmd, serve_cmd, upgrade_cmd
 from advbct.table_bench import DEFAULT_METHODS, SETTINGS, run_bench
@@ -233,10 +234,11 @@ def quickstart_cmd(
     device: DeviceOpt = None,
     no_progress: QuietOpt = False,
 ) -> None:
-    """The whole upgrade path on CIFAR-100: old -> stats -> AdvBCT -> independent -> evaluation."""
+    """The main job on CIFAR-100: an old model serving a Milvus gallery, AdvBCT trained, gated and put live at
+    once, the gallery backfilled behind it; the offline table, the backfill curves and the verdict."""
     cfg = _run(quickstart_config, preset, config, overrides, data, device)
-    _run(pipeline.quickstart, cfg, out, console, not no_progress)
-    console.print(f"results: {out / 'results.json'}")
+    _run(run_quickstart, cfg, out, console, not no_progress)
+    console.print(f"results: {out / 'results.json'}, plot: {out / 'backfill.png'}, gallery: {out / 'gallery'}")
 
 
 @app.command("compare")

@@ -122,11 +122,33 @@ class TrainConfig(_Section):
     )
 
 
+class LiveConfig(_Section):
+    """The quickstart's live half: which new model is deployed on the gallery, and how its answers are checked."""
+
+    candidate: str = Field("advbct", description="the new model put live: 'advbct' or 'independent'")
+    force: bool = Field(False, description="deploy the candidate even when the gate refuses it (numbers recorded)")
+    backfill_seed: int = Field(0, description="seed of the random order in which the gallery is re-embedded")
+    probe_queries: int = Field(100, ge=1, description="test images whose live answers are checked")
+    check_fractions: list[float] = Field(
+        default_factory=lambda: [0.0, 0.5, 1.0], description="backfilled fractions at which the probe is checked"
+    )
+
+    @model_validator(mode="after")
+    def _fractions_in_range(self) -> LiveConfig:
+        if any(not 0.0 <= f <= 1.0 for f in self.check_fractions):
+            raise ValueError(f"check_fractions must lie in [0, 1], got {self.check_fractions}")
+        if self.candidate not in ("advbct", "independent"):
+            raise ValueError(f"candidate must be 'advbct' or 'independent', got {self.candidate!r}")
+        return self
+
+
 class QuickstartConfig(_Section):
-    """The whole upgrade path: old -> stats -> AdvBCT new -> independent new -> eval."""
+    """The whole upgrade path: old -> stats -> AdvBCT new -> independent new -> eval, and the live upgrade."""
 
     old: TrainConfig
     new: TrainConfig
+    live: LiveConfig = Field(default_factory=LiveConfig)
+    jobs: int = Field(1, ge=1, description="new models trained at once, each in a process of its own")
 
     @model_validator(mode="after")
     def _same_data(self) -> QuickstartConfig:

@@ -6,7 +6,6 @@ The CLI is a thin layer over these, so notebooks and tests drive exactly what us
 from __future__ import annotations
 
 import inspect
-import json
 import multiprocessing
 import os
 from collections.abc import Callable, Mapping
@@ -35,8 +34,7 @@ from advbct.data.sources import load_split
 from advbct.distributed import current_world, resolve_device
 from advbct.evaluation.protocol import embed_images, evaluate_pairs, upgrade_report
 from advbct.models.checkpoint import load_checkpoint, load_comparable_checkpoints
-from advbct.reporting.tables import print_report
-from advbct.training.loop import OldModel, shared_progress, train_model
+from advbct.training.loop import OldModel, report_epochs_as_lines, shared_progress, train_model
 
 ALLOCATION_FILE = "allocation.json"
 # How ``jobs`` > 1 new models train at once: in processes of their own, or in threads of this process, each
@@ -213,16 +211,6 @@ def options_for(method: str, options: dict) -> dict:
     return {key: value for key, value in options.items() if key in parameters}
 
 
-def quickstart(cfg: QuickstartConfig, out: Path, console: Console | None = None, show_progress: bool = True) -> dict:
-    """old -> stats -> AdvBCT new -> independent new -> eval; finished steps are skipped on a re-run."""
-    reports = compare(cfg, out, ["advbct"], console, show_progress)
-    report = reports["advbct"]
-    if current_world().is_main:
-        (out / "results.json").write_text(json.dumps(report, indent=2))
-        print_report(report, console or Console())
-    return report
-
-
 @dataclass(frozen=True)
 class NewModelRun:
     """One new model to train: ``method`` into ``out/<method>``, against the old model and statistics given.
@@ -309,7 +297,7 @@ def train_methods(
     return {"old": old_path, **{run.method: path for run, path in zip(runs, paths, strict=True)}}
 
 
-def _executor(workers: int, job_mode: JobMode) -> Executor:
+def _executor(workers: int, job_mode: JobMode, show_progress: bool) -> Executor:
     """Processes are spawned (CUDA cannot be forked) and share the machine's cores. Threads share this process,
     and each trains on a CUDA stream of its own (``_on_own_stream``): kernels of different runs can then
     overlap on one GPU, where those of separate processes take turns. Threads pay off with ``cuda_graph``, whose
@@ -317,7 +305,16 @@ def _executor(workers: int, job_mode: JobMode) -> Executor:
     if job_mode == "threads":
         return ThreadPoolExecutor(workers)
     context = multiprocessing.get_context("spawn")
-    return ProcessPoolExecutor(workers, mp_context=context, initializer=set_threads, initargs=(workers,))
+    return ProcessPoolExecutor(
+        workers, mp_context=context, initializer=_start_worker, initargs=(workers, show_progress)
+    )
+
+
+def _start_worker(workers: int, show_progress: bool) -> None:
+    """A training process of a pool: its share of the cores, and a printed line per epoch for progress."""
+    set_threads(workers)
+    if show_progress:
+        report_epochs_as_lines()
 
 
 @dataclass(frozen=True)
@@ -341,7 +338,7 @@ def _run_concurrently(
     console.print(f"[bold]{what}:[/] {labels} ({workers} at a time, in {job_mode})")
     paths: dict[int, Path] = {}
     bars = show_progress and job_mode == "threads"
-    with shared_progress(bars), _executor(workers, job_mode) as pool:
+    with shared_progress(bars), _executor(workers, job_mode, show_progress) as pool:
         run = _on_own_stream if job_mode == "threads" else _run_task
         futures = {pool.submit(run, task, bars): i for i, task in enumerate(tasks)}
         for future in as_completed(futures):

@@ -82,3 +82,59 @@ def comparison_table(reports: dict[str, dict], title: str) -> Table:
             "yes" if report["criterion"] else "no",
         )
     return table
+
+
+def backfill_table(backfill: dict) -> Table:
+    """mAP and top-1 of each curve at every re-embedded fraction, with its area and lowest point."""
+    curves = backfill["curves"]
+    table = Table(title="Backfill curve: new-model queries against a partly re-embedded gallery (test split)")
+    table.add_column("re-embedded", justify="right")
+    for name in curves:
+        table.add_column(f"{name} mAP", justify="right")
+        table.add_column(f"{name} top-1", justify="right")
+    fractions = next(iter(curves.values()))["fractions"]
+    for i, fraction in enumerate(fractions):
+        cells = [f"{x:.2f}" for c in curves.values() for x in (c["map"][i], c["top1"][i])]
+        table.add_row(f"{100 * fraction:.0f}%", *cells)
+    table.add_row("AUC", *[x for c in curves.values() for x in (f"{c['auc_map']:.2f}", "")])
+    table.add_row("lowest", *[x for c in curves.values() for x in (f"{c['min_map']:.2f}", "")])
+    return table
+
+
+def verdict(report: dict) -> str:
+    """One line: whether the upgrade went live at once, and what the backfill brings."""
+    tests, gate = report["tests"], report["gate"]
+    old, cross, new = (tests[k]["map"] for k in ("old/old", "new/old", "new/new"))
+    if gate["generation"] is None:
+        return (
+            f"upgrade refused by the gate on the validation split: M(n,o) {gate['new/old']:.2f}, "
+            f"M(n,n) {gate['new/new']:.2f}, M(o,o) {gate['old/old']:.2f}; generation 1 still serves"
+        )
+    compared = ">" if cross > old else "<="
+    state = "live at once" if not gate.get("forced") else "forced live although the gate refused it"
+    line = f"upgrade {state}: M(n,o) {cross:.2f} {compared} M(o,o) {old:.2f}; after the backfill M(n,n) {new:.2f}"
+    curve = report["backfill"]["curves"].get(gate["candidate"])
+    if curve is not None:
+        regress = "never below" if curve["min_map"] >= old else "falls below"
+        line += f"; during it {regress} M(o,o) (lowest {curve['min_map']:.2f})"
+    return line
+
+
+def print_live_report(report: dict, console: Console) -> None:
+    """The gate's numbers, the backfill curves, the live check and the verdict."""
+    gate = report["gate"]
+    decision = "passed" if gate["passed"] else "refused"
+    console.print(
+        f"gate ({gate['candidate']}, validation split): M(o,o) {gate['old/old']:.2f}, M(n,n) {gate['new/new']:.2f}, "
+        f"M(n,o) {gate['new/old']:.2f}: {decision}"
+    )
+    console.print(backfill_table(report["backfill"]))
+    live = report["backfill"]["live"]
+    if live is not None and live["max_difference"] is not None:
+        fractions = ", ".join(f"{100 * p['fraction']:.0f}%" for p in live["points"])
+        console.print(
+            f"live Milvus answers at {fractions} re-embedded ({live['probe_queries']} probe queries) match the "
+            f"exact curve within {live['max_difference']:.3f} points"
+        )
+    style = "green" if report["upgrade_ok"] and gate["generation"] is not None else "yellow"
+    console.print(f"[bold {style}]{verdict(report)}[/]")

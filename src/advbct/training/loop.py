@@ -415,6 +415,9 @@ def train_model(
                 "seconds": elapsed,
             }
             history.append(summary)
+            if _EpochLines.enabled and world.is_main:
+                losses = " ".join(f"{k}={v:.3f}" for k, v in summary.items() if k in ("loss", "cls", "adv", "bound"))
+                print(f"  {role} {meta.method}: epoch {epoch + 1}/{epochs} {losses} ({elapsed:.0f} s)", flush=True)
             if writer is not None:
                 writer.add_scalar("train/images_per_s", summary["images_per_s"], epoch)
             save_state(epoch + 1, 0)
@@ -483,6 +486,17 @@ def _tensorboard(path: Path):
     from torch.utils.tensorboard import SummaryWriter
 
     return SummaryWriter(str(path))
+
+
+class _EpochLines:
+    """Whether this process reports each finished epoch as one printed line: runs in processes of their own
+    cannot share the parent's progress display, and a line per epoch still shows that they move."""
+
+    enabled = False
+
+
+def report_epochs_as_lines() -> None:
+    _EpochLines.enabled = True
 
 
 class _SharedDisplay:

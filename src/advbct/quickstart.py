@@ -1,0 +1,112 @@
+"""The main job, the paper's scenario end to end: an old model serving a Milvus gallery, a compatible new model
+trained, gated on the validation split and put live at once, the backfill re-embedding the gallery behind it.
+
+old model -> old-class statistics -> the test images indexed by the old model (generation 1) -> the AdvBCT and
+independent new models -> the gate -> generation 2 live against the old gallery -> the backfill, with live checks
+-> the offline table, the exact backfill curves and the verdict. Finished steps are skipped on a re-run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from advbct.config import QuickstartConfig
+from advbct.data.allocation import load_allocation
+from advbct.data.images import ImageSet
+from advbct.data.sources import load_split
+from advbct.distributed import current_world, resolve_device, shutdown
+from advbct.evaluation.backfill import backfill_curve, backfill_order
+from advbct.evaluation.protocol import evaluate_pairs
+from advbct.live import LiveGallery, backfill_with_checks, deploy, index_gallery, live_check, probe_queries
+from advbct.pipeline import (
+    ALLOCATION_FILE,
+    embed_test_set,
+    method_pairs,
+    method_reports,
+    plan_new_models,
+    train_new_models,
+)
+from advbct.reporting.backfill_plot import plot_backfill
+from advbct.reporting.tables import print_live_report, print_report
+
+METHOD = "advbct"
+GALLERY = "gallery"
+
+
+def validation_split(cfg: QuickstartConfig, out: Path) -> ImageSet:
+    """The training images that the allocation set aside: no model trained on them."""
+    allocation = load_allocation(out / "old" / ALLOCATION_FILE)
+    if allocation.validation_indices.numel() == 0:
+        raise ValueError("the quickstart gates on a validation split: set common.data.validation_per_class > 0")
+    return load_split(cfg.old.data, "train").subset(allocation.validation_indices)
+
+
+def quickstart(cfg: QuickstartConfig, out: Path, console: Console | None = None, show_progress: bool = True) -> dict:
+    """Run (or finish) the main job in ``out``; its report, also written to ``out/results.json``."""
+    console = console or Console()
+    main = current_world().is_main
+    old_path, runs = plan_new_models(cfg, out, [METHOD], console, show_progress)
+    test_set = load_split(cfg.old.data, "test")
+    gallery = None
+    if main:
+        console.print("[bold]gallery[/]: the test images in Milvus Lite, embedded by the old model (generation 1)")
+        gallery = index_gallery(out / GALLERY, old_path, test_set, console, show_progress)
+    paths = dict(zip([r.method for r in runs], train_new_models(runs, console, show_progress, cfg.jobs), strict=True))
+    paths["old"] = old_path
+    console.print("[bold]evaluation[/] (test split)")
+    embeddings, labels = embed_test_set(paths, device=cfg.new.device)
+    tests = evaluate_pairs(embeddings, labels, method_pairs([METHOD]), resolve_device(cfg.new.device))
+    report = method_reports(tests, [METHOD])[METHOD]
+    # The live half is one serving process, as a deployment is: the other ranks are done with the offline table.
+    shutdown()
+    if not main:
+        return report
+    try:
+        report.update(live_upgrade(cfg, out, gallery, paths, embeddings, labels, console, show_progress))
+    finally:
+        gallery.close()
+    (out / "results.json").write_text(json.dumps(report, indent=2))
+    plot_backfill(report, out / "backfill.png")
+    print_report(report, console)
+    print_live_report(report, console)
+    return report
+
+
+def live_upgrade(
+    cfg: QuickstartConfig,
+    out: Path,
+    gallery: LiveGallery,
+    paths: dict[str, Path],
+    embeddings: dict[str, torch.Tensor],
+    labels: torch.Tensor,
+    console: Console,
+    show_progress: bool,
+) -> dict:
+    """The gate, the deployment and the backfill with its live checks; the ``gate`` and ``backfill`` blocks."""
+    live = cfg.live
+    candidate = METHOD if live.candidate == METHOD else "independent"
+    console.print(f"[bold]compatibility gate[/]: {candidate} against the old model on the validation split")
+    gate = deploy(gallery, paths[candidate], validation_split(cfg, out), live.force)
+    order = backfill_order(len(labels), live.backfill_seed)
+    curves = {
+        name: backfill_curve(embeddings[name], embeddings["old"], embeddings[name], labels, order).to_json()
+        for name in (METHOD, "independent")
+    }
+    backfill: dict = {"order": "random", "seed": live.backfill_seed, "curves": curves, "live": None}
+    if gate["generation"] is not None:
+        probe = probe_queries(len(labels), live.probe_queries, live.backfill_seed)
+        checks = backfill_with_checks(gallery, order, live.check_fractions, probe, labels, console, show_progress)
+        emb = embeddings[candidate]
+        backfill["live"] = {"model": candidate, **live_check(checks, emb, embeddings["old"], emb, labels, order, probe)}
+    gate = {**gate, "candidate": candidate, "split": "validation"}
+    return {"gate": gate, "backfill": backfill, "gallery": {"items": len(labels), **gallery_state(gallery)}}
+
+
+def gallery_state(gallery: LiveGallery) -> dict:
+    active = gallery.registry.active
+    counts = gallery.store.generations()
+    return {"active_generation": active.number, "by_generation": {str(g): n for g, n in counts.items()}}

@@ -1,0 +1,122 @@
+"""The main job end to end through the real CLI on real PNG files and a real Milvus Lite gallery: a refused
+upgrade that leaves generation 1 serving untouched, then the same run folder deployed and backfilled, its
+backfill curve recomputed here from embeddings of the gallery's own files."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from advbct.serving.models import Embedder, ModelRegistry
+from advbct.serving.store import GalleryStore
+from test_pipeline import check_results_dict, run_cli
+
+
+def _quickstart(folder, out, *overrides):
+    args = ["quickstart", "--preset", "smoke", "--data", str(folder), "--out", str(out), "--no-progress",
+            "-o", "common.data.dataset=image-folder", "-o", "common.device=cpu"]  # fmt: skip
+    for item in overrides:
+        args += ["-o", item]
+    return run_cli(*args)
+
+
+def _gallery_files(out):
+    """The gallery's item files by id (the test images' positions) and their labels (sorted class folders)."""
+    root = out / "gallery" / "images"
+    files = sorted(root.rglob("*.png"), key=lambda p: int(p.stem))
+    classes = sorted({f.parent.name for f in files})
+    return files, torch.tensor([classes.index(f.parent.name) for f in files])
+
+
+def _stored(out, dim):
+    """Every stored item's generation and vector. The Milvus Lite server this opens is stopped afterwards: it
+    holds the file until then, and the next command (another process) must open it."""
+    from milvus_lite.server_manager import server_manager_instance
+
+    path = str(out / "gallery" / "gallery.db")
+    store = GalleryStore(path, dim)
+    try:
+        rows = store.get(list(range(store.count())), with_vectors=True)
+    finally:
+        store.close()
+        server_manager_instance.release_server(path)
+    return {int(r["id"]): (int(r["generation"]), np.asarray(r["vector"])) for r in rows}
+
+
+def _reference_map(queries, gallery, labels):
+    """mAP and top-1 by an explicit ranking per query, each query's own item left out."""
+    q = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    g = gallery / np.linalg.norm(gallery, axis=1, keepdims=True)
+    aps, tops = [], []
+    for i in range(len(q)):
+        ranked = [j for j in np.argsort(-(g @ q[i]), kind="stable") if j != i]
+        relevant = np.array([labels[j] == labels[i] for j in ranked])
+        if not relevant.any():
+            continue
+        hits = np.cumsum(relevant)
+        aps.append(np.sum(hits[relevant] / (np.flatnonzero(relevant) + 1)) / relevant.sum())
+        tops.append(float(relevant[0]))
+    return 100 * np.mean(aps), 100 * np.mean(tops)
+
+
+def test_refused_then_forced_upgrade_through_the_whole_flow(tiny_folder, tmp_path):
+    out = tmp_path / "run"
+    refused = _quickstart(tiny_folder, out, "live.candidate=independent")
+    assert refused.returncode == 0, refused.stdout + refused.stderr
+    assert "upgrade refused by the gate on the validation split" in refused.stdout
+    assert "M(n,o)  cross test" in refused.stdout
+    for part in ("old/stats.pt", "old/allocation.json", "independent/model.pt", "gallery/gallery.db"):
+        assert (out / part).exists(), part
+    assert list((out / "advbct" / "tb").iterdir()), "TensorBoard events written"
+    report = json.loads((out / "results.json").read_text())
+    check_results_dict(report)
+    gate = report["gate"]
+    assert gate["candidate"] == "independent" and gate["split"] == "validation"
+    assert gate["passed"] is False and gate["generation"] is None
+    assert gate["passed"] == (gate["new/old"] > gate["old/old"] and gate["new/new"] > gate["old/old"])
+    assert report["backfill"]["live"] is None
+    assert report["gallery"] == {"items": 30, "active_generation": 1, "by_generation": {"1": 30}}
+    registry = ModelRegistry(out / "gallery" / "gallery.db.models.json")
+    assert [g.number for g in registry.generations] == [1] and registry.active.number == 1
+    files, labels = _gallery_files(out)
+    old = Embedder(out / "old" / "model.pt").embed_files(files)
+    stored = _stored(out, old.shape[1])
+    assert sorted(stored) == list(range(30)), "every test image once"
+    for i, (generation, vector) in stored.items():
+        assert generation == 1
+        np.testing.assert_allclose(vector, old[i], atol=1e-5)
+
+    # The same folder again: the models are kept, the AdvBCT model is deployed (forced: the smoke models are too
+    # small to pass the gate reliably) and the gallery backfilled to generation 2.
+    trained = {part: (out / part).stat().st_mtime_ns for part in ("old/model.pt", "advbct/model.pt")}
+    forced = _quickstart(tiny_folder, out, "live.force=true")
+    assert forced.returncode == 0, forced.stdout + forced.stderr
+    assert {part: (out / part).stat().st_mtime_ns for part in trained} == trained, "finished models are kept"
+    report = json.loads((out / "results.json").read_text())
+    assert report["gate"]["generation"] == 2 and report["gate"]["forced"] == (not report["gate"]["passed"])
+    assert report["gallery"] == {"items": 30, "active_generation": 2, "by_generation": {"2": 30}}
+    assert (out / "backfill.png").stat().st_size > 0
+    new = Embedder(out / "advbct" / "model.pt").embed_files(files)
+    for i, (generation, vector) in _stored(out, new.shape[1]).items():
+        assert generation == 2
+        np.testing.assert_allclose(vector, new[i], atol=1e-5)
+    independent = Embedder(out / "independent" / "model.pt").embed_files(files)
+
+    order = torch.randperm(30, generator=torch.Generator().manual_seed(0)).numpy()
+    curves = report["backfill"]["curves"]
+    for name, queries in (("advbct", new), ("independent", independent)):
+        curve = curves[name]
+        for fraction, map_, top1 in zip(curve["fractions"], curve["map"], curve["top1"], strict=True):
+            gallery = old.copy()
+            chosen = order[: round(fraction * 30)]
+            gallery[chosen] = queries[chosen]
+            expected_map, expected_top1 = _reference_map(queries, gallery, labels.numpy())
+            assert map_ == pytest.approx(expected_map, abs=1e-3), (name, fraction)
+            assert top1 == pytest.approx(expected_top1, abs=1e-3), (name, fraction)
+        assert curve["auc_map"] == pytest.approx(np.mean(curve["map"]))
+        assert curve["min_map"] == pytest.approx(min(curve["map"]))
+    live = report["backfill"]["live"]
+    assert [p["fraction"] for p in live["points"]] == [0.0, 0.5, 1.0] and live["not_measured"] == []
+    assert live["max_difference"] < 1e-3
+    assert report["tests"]["new/old"]["map"] == pytest.approx(curves["advbct"]["map"][0], abs=1e-3)

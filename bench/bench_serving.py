@@ -47,7 +47,8 @@ sys.path.insert(0, str(REPO / "tests"))
 from advbct.cli import train_config  # noqa: E402
 from advbct.pipeline import train_old  # noqa: E402
 from advbct.serving.backfill import BackfillProgress, run_backfill  # noqa: E402
-from advbct.serving.models import Embedder, ModelRegistry  # noqa: E402
+from advbct.serving.models import Embedder  # noqa: E402
+from advbct.serving.registry import ModelRegistry  # noqa: E402
 from advbct.serving.store import GalleryStore  # noqa: E402
 from conftest import start_milvus_server, write_image_folder  # noqa: E402
 
@@ -127,7 +128,7 @@ def run(args: argparse.Namespace, work: Path, uri: str) -> None:
     old_path = briefly_trained_model(root, work / "old", 0, args.dim, args.model)
     new_path = briefly_trained_model(root, work / "new", 1, args.dim, args.model)
 
-    registry = ModelRegistry(work / "models.json")
+    registry = ModelRegistry(work / "registry.sqlite")
     registry.register_first(old_path)
     # A collection of its own, so a benchmark on a shared server never touches another gallery.
     store = GalleryStore(uri, args.dim, collection=f"bench_{uuid.uuid4().hex}")
@@ -154,7 +155,7 @@ def run(args: argparse.Namespace, work: Path, uri: str) -> None:
     print(f"search top-10, {args.searches} queries: p50 {statistics.median(latencies_ms):.2f} ms, p99 {p99:.2f} ms")
 
     started = time.perf_counter()
-    registry.upgrade(new_path, root / "test", force=True)
+    registry.upgrade(new_path, root / "test", force=True, reason="benchmark: speed, not quality")
     new = Embedder(registry.active.path)
     first = store.search(new.embed_files(files[:1]), 10)
     to_first_query = time.perf_counter() - started

@@ -5,8 +5,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -171,6 +174,39 @@ def build_gallery(three_models, image_root, db: GalleryDb, registry):
                      "--model", str(three_models["old"]), "--registry", str(registry))  # fmt: skip
     assert add.returncode == 0, add.stderr
     forced = run_advbct("upgrade", "--model", str(three_models["new"]), "--validation", str(image_root / "test"),
-                        "--db", db.uri, "--registry", str(registry), "--force")  # fmt: skip
+                        "--db", db.uri, "--registry", str(registry), "--force",
+                        "--reason", "tiny test models")  # fmt: skip
     assert forced.returncode == 0, forced.stderr
     assert json.loads(forced.stdout)["gate"]["forced"] is True
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def service(three_models, image_root, tmp_path):
+    """A real uvicorn server on localhost over a Milvus Lite gallery at generation 2 (generation 1 indexed):
+    (client, service, image root)."""
+    import httpx
+    import uvicorn
+
+    from advbct.serving.api import ServiceConfig, create_app
+
+    db, registry = GalleryDb(str(tmp_path / "gallery.db")), tmp_path / "registry.sqlite"
+    build_gallery(three_models, image_root, db, registry)  # generation 1 indexed, generation 2 registered (forced)
+    config = ServiceConfig(db.uri, registry, image_root, max_upload_bytes=60_000, backfill_batch=4)
+    app = create_app(config)
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+        yield client, app.state.service, image_root
+    server.should_exit = True
+    thread.join(timeout=10)

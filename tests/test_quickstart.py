@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from advbct.serving.models import Embedder, ModelRegistry
+from advbct.serving.models import Embedder
+from advbct.serving.registry import ModelRegistry
 from advbct.serving.store import GalleryStore
 from test_pipeline import check_results_dict, run_cli
 
@@ -77,7 +78,7 @@ def test_refused_then_forced_upgrade_through_the_whole_flow(tiny_folder, tmp_pat
     assert gate["passed"] == (gate["new/old"] > gate["old/old"] and gate["new/new"] > gate["old/old"])
     assert report["backfill"]["live"] is None
     assert report["gallery"] == {"items": 30, "active_generation": 1, "by_generation": {"1": 30}}
-    registry = ModelRegistry(out / "gallery" / "gallery.db.models.json")
+    registry = ModelRegistry(out / "gallery" / "gallery.db.registry.sqlite")
     assert [g.number for g in registry.generations] == [1] and registry.active.number == 1
     files, labels = _gallery_files(out)
     old = Embedder(out / "old" / "model.pt").embed_files(files)

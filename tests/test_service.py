@@ -5,49 +5,18 @@ import io
 import json
 import re
 import shutil
-import socket
 import subprocess
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 import websocket
 from PIL import Image
 
 from advbct.cli import train_config
 from advbct.pipeline import train_old
-from advbct.serving.api import ServiceConfig, create_app
-from conftest import GalleryDb, build_gallery
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def service(three_models, image_root, tmp_path):
-    db, registry = GalleryDb(str(tmp_path / "gallery.db")), tmp_path / "models.json"
-    build_gallery(three_models, image_root, db, registry)  # generation 1 indexed, generation 2 registered (forced)
-    config = ServiceConfig(db.uri, registry, image_root, max_upload_bytes=60_000, backfill_batch=4)
-    app = create_app(config)
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
-        yield client, app.state.service, image_root
-    app.state.service.stop_backfill()
-    server.should_exit = True
-    thread.join(timeout=10)
 
 
 def _png(source) -> bytes:

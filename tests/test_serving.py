@@ -16,7 +16,8 @@ import torch
 
 from advbct.data.images import DataError
 from advbct.serving.backfill import ImageRoot, run_backfill
-from advbct.serving.models import Embedder, GateRefused, ModelRegistry
+from advbct.serving.models import Embedder, GateRefused
+from advbct.serving.registry import ModelRegistry
 from advbct.serving.store import GalleryStore, StoreError
 from conftest import build_gallery
 
@@ -50,13 +51,13 @@ def test_store_rules(gallery_db):
 
 
 def test_gate_refuses_an_incompatible_model_and_changes_nothing(three_models, image_root, tmp_path):
-    registry = ModelRegistry(tmp_path / "models.json")
+    registry = ModelRegistry(tmp_path / "registry.sqlite")
     registry.register_first(three_models["old"])
-    before = (tmp_path / "models.json").read_bytes()
+    before = registry.generations
     with pytest.raises(GateRefused, match=r"fails the compatibility gate .* M\(n,o\) \d+\.\d+, M\(n,n\) .* M\(o,o\)"):
         registry.upgrade(three_models["new"], image_root / "test")
-    assert (tmp_path / "models.json").read_bytes() == before
-    assert ModelRegistry(tmp_path / "models.json").active.number == 1
+    assert ModelRegistry(tmp_path / "registry.sqlite").generations == before
+    assert ModelRegistry(tmp_path / "registry.sqlite").active.number == 1
 
 
 def _expected_vectors(model, image_root, files):
@@ -64,7 +65,7 @@ def _expected_vectors(model, image_root, files):
 
 
 def test_backfill_killed_mid_way_resumes_with_nothing_lost_or_doubled(three_models, image_root, tmp_path, gallery_db):
-    registry = tmp_path / "models.json"
+    registry = tmp_path / "registry.sqlite"
     build_gallery(three_models, image_root, gallery_db, registry)
     command = [sys.executable, "-m", "advbct", "backfill", *gallery_db.args, "--registry", str(registry),
                "--image-root", str(image_root), "--batch-size", "3"]  # fmt: skip
@@ -95,7 +96,7 @@ def test_backfill_killed_mid_way_resumes_with_nothing_lost_or_doubled(three_mode
 
 
 def test_searches_during_backfill_never_fail_or_miss_an_item(three_models, image_root, tmp_path, gallery_db):
-    registry = tmp_path / "models.json"
+    registry = tmp_path / "registry.sqlite"
     build_gallery(three_models, image_root, gallery_db, registry)
     models = ModelRegistry(registry)
     new = Embedder(models.active.path)
@@ -125,7 +126,7 @@ def test_searches_during_backfill_never_fail_or_miss_an_item(three_models, image
 
 @pytest.mark.parametrize("gallery_db", ["lite"], indirect=True)  # the same logic as on a server
 def test_rollback_with_part_of_the_gallery_re_embedded(three_models, image_root, tmp_path, gallery_db):
-    registry = tmp_path / "models.json"
+    registry = tmp_path / "registry.sqlite"
     build_gallery(three_models, image_root, gallery_db, registry)
     models = ModelRegistry(registry)
     store = gallery_db.open(Embedder(models.active.path).dim)
@@ -147,7 +148,7 @@ def test_rollback_with_part_of_the_gallery_re_embedded(three_models, image_root,
 
 @pytest.mark.parametrize("gallery_db", ["lite"], indirect=True)  # the same logic as on a server
 def test_two_workers_split_the_gallery_by_id_bucket(three_models, image_root, tmp_path, gallery_db):
-    registry = tmp_path / "models.json"
+    registry = tmp_path / "registry.sqlite"
     build_gallery(three_models, image_root, gallery_db, registry)
     new = Embedder(ModelRegistry(registry).active.path)
     store = gallery_db.open(new.dim)
@@ -181,7 +182,7 @@ def test_items_already_at_the_target_are_neither_rewritten_nor_counted(
     """Items that reach the target generation after the backfill listed them (a stale listing, another writer)
     are skipped at write time, so `done` counts each item once and their vectors stay as they are; also with the
     several writer threads a server gets."""
-    registry = tmp_path / "models.json"
+    registry = tmp_path / "registry.sqlite"
     build_gallery(three_models, image_root, gallery_db, registry)
     new = Embedder(ModelRegistry(registry).active.path)
     store = gallery_db.open(new.dim)
@@ -207,7 +208,7 @@ def test_items_already_at_the_target_are_neither_rewritten_nor_counted(
 def test_worker_processes_split_a_server_gallery(three_models, image_root, tmp_path, gallery_db):
     """Two `advbct backfill` processes on the two shards of one gallery at once. This needs a Milvus server: a
     Milvus Lite file can be opened by one process only, so there workers can only be threads."""
-    registry = tmp_path / "models.json"
+    registry = tmp_path / "registry.sqlite"
     build_gallery(three_models, image_root, gallery_db, registry)
     command = [sys.executable, "-m", "advbct", "backfill", *gallery_db.args, "--registry", str(registry),
                "--image-root", str(image_root), "--batch-size", "3", "--workers", "2"]  # fmt: skip
@@ -265,7 +266,7 @@ def test_a_shared_embedder_is_never_converted_again_while_it_serves(three_models
 def test_an_ordered_backfill_re_embeds_the_order_first_and_stops_at_its_limit(
     three_models, image_root, tmp_path, gallery_db
 ):
-    registry = tmp_path / "models.json"
+    registry = tmp_path / "registry.sqlite"
     build_gallery(three_models, image_root, gallery_db, registry)
     new = Embedder(ModelRegistry(registry).active.path)
     store = gallery_db.open(new.dim)

@@ -4,7 +4,7 @@ checked against the exact backfill curve at a few points.
 
 Everything goes through the serving components a deployment uses (``GalleryStore``, ``ModelRegistry``,
 ``run_backfill``), so the folder it leaves is a gallery ``advbct serve`` can open: ``gallery.db`` (Milvus Lite),
-``gallery.db.models.json`` (the generations) and ``images/`` (the items' files, PNG, as the references name them).
+``gallery.db.registry.sqlite`` (the generations) and ``images/`` (the items' files, PNG, as the references name them).
 Item ids are the test images' positions, so a search hit names the test image it found.
 """
 
@@ -24,7 +24,8 @@ from advbct.evaluation.backfill import backfill_curve, refreshed_count
 from advbct.evaluation.metrics import metrics_from_rankings
 from advbct.models.checkpoint import load_checkpoint
 from advbct.serving.backfill import BackfillProgress, run_backfill
-from advbct.serving.models import Embedder, ModelRegistry
+from advbct.serving.models import Embedder
+from advbct.serving.registry import ModelRegistry
 from advbct.serving.store import GalleryStore
 
 GALLERY_DB = "gallery.db"
@@ -74,7 +75,7 @@ def index_gallery(
 ) -> LiveGallery:
     """Generation 1: the old model registered and every image embedded and added (finished work is kept)."""
     folder.mkdir(parents=True, exist_ok=True)
-    registry = ModelRegistry(folder / f"{GALLERY_DB}.models.json")
+    registry = ModelRegistry(folder / f"{GALLERY_DB}.registry.sqlite")
     if registry.active is None:
         registry.register_first(old_path)
         registry.reserve_ids(len(images))
@@ -108,7 +109,9 @@ def deploy(gallery: LiveGallery, candidate: Path, validation: ImageSet, force: b
         return {**(registered.gate or {}), "generation": registered.number}
     numbers = gallery.registry.check_gate(candidate, validation)
     if numbers["passed"] or force:
-        generation = gallery.registry.upgrade(candidate, validation, force=force)
+        generation = gallery.registry.upgrade(
+            candidate, validation, force=force, reason="live.force=true in the run's config"
+        )
         return {**generation.gate, "generation": generation.number}
     return {**numbers, "forced": False, "generation": None}
 

@@ -99,8 +99,8 @@ def decode_image(
     try:
         with Image.open(path) as img:
             return square_rgb(img, size, box, whole)
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise DataError(f"cannot decode image {path}: {exc}") from exc
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise DataError(f"cannot decode image {path}: {exc}") from None
 
 
 def _cache_key(files: list[tuple[Path, int]], classes: tuple[str, ...], size: int) -> str:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import io
 import threading
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,9 +26,10 @@ from advbct.data.images import DataError, square_rgb
 from advbct.models.checkpoint import CheckpointError
 from advbct.serving.backfill import BackfillProgress, ImageRoot, run_backfill
 from advbct.serving.batcher import MicroBatcher
-from advbct.serving.models import Embedder, GateRefused, ModelRegistry
+from advbct.serving.models import Embedder, GateRefused
 from advbct.serving.page import PAGE
-from advbct.serving.store import GalleryStore, StoreError
+from advbct.serving.registry import Generation, ModelRegistry
+from advbct.serving.store import MAX_K, GalleryStore, StoreError
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,7 @@ class UpgradeRequest(BaseModel):
     path: str
     validation: str
     force: bool = False
+    reason: str | None = None
 
 
 class AddByPath(BaseModel):
@@ -57,20 +61,37 @@ class Service:
     def __init__(self, config: ServiceConfig):
         self.config = config
         self.registry = ModelRegistry(config.registry)
-        if self.registry.active is None:
+        active = self.registry.active
+        if active is None:
             raise DataError(f"no model registered in {config.registry}; add items with --model first")
         self.lock = threading.Lock()
-        self._activate()
+        self.embedder, self.generation = Embedder(active.path, config.device), active.number
+        self.batcher = MicroBatcher(self.embedder, self.generation)
         self.store = GalleryStore(config.db, self.embedder.dim, config.collection)
         self.backfill_thread: threading.Thread | None = None
         self.stop, self.pause = threading.Event(), threading.Event()
-        self.progress = BackfillProgress(self.registry.active.number)
+        self.progress = BackfillProgress(self.generation)
         self._counts: dict[int, int] = {}
         self._counted_at, self._counted_state = float("-inf"), ""
 
-    def _activate(self) -> None:
-        self.embedder = Embedder(self.registry.active.path, self.config.device)
-        self.batcher = MicroBatcher(self.embedder)
+    def follow_registry(self) -> None:
+        """Serve the generation the registry names active, whoever changed it (this server, or a CLI upgrade or
+        rollback on the same registry): a change is picked up at the next request."""
+        if self.registry.active_number == self.generation:
+            return
+        with self.lock:
+            active = self.registry.active
+            if active is not None and active.number != self.generation:
+                self.switch_to(active)
+
+    def switch_to(self, generation: Generation) -> None:
+        """Make ``generation`` the query model and re-target the backfill at it; a paused backfill stays paused.
+        The caller holds ``self.lock``."""
+        paused = self.pause.is_set()
+        self.stop_backfill()
+        self.embedder, self.generation = Embedder(generation.path, self.config.device), generation.number
+        self.batcher.swap(self.embedder, self.generation)
+        self.start_backfill(paused=paused)
 
     def decode(self, data: bytes, name: str) -> np.ndarray:
         if len(data) > self.config.max_upload_bytes:
@@ -80,15 +101,20 @@ class Service:
                 if image.width * image.height > self.config.max_pixels:
                     raise HTTPException(413, f"{name} has {image.width}x{image.height} pixels; too large")
                 return square_rgb(image, self.embedder.prep.image_size)
+        except Image.DecompressionBombError:
+            raise HTTPException(413, f"{name} claims more pixels than the limit of {self.config.max_pixels}") from None
         except (UnidentifiedImageError, OSError, ValueError) as exc:
             raise HTTPException(400, f"{name} is not a readable image: {exc}") from None
 
-    def start_backfill(self) -> None:
+    def start_backfill(self, paused: bool = False) -> None:
         if self.backfill_thread is not None and self.backfill_thread.is_alive():
             return
         self.stop.clear()
-        self.pause.clear()
-        target = self.registry.active.number
+        if paused:
+            self.pause.set()
+        else:
+            self.pause.clear()
+        target = self.generation
         self.progress = BackfillProgress(target)
         embedder = self.embedder
 
@@ -96,10 +122,10 @@ class Service:
             try:
                 run_backfill(self.store, embedder, target, self.config.image_root, self.config.backfill_batch,
                              stop=self.stop, pause=self.pause, progress=self.progress)  # fmt: skip
-            except (DataError, StoreError) as exc:
-                self.progress.state, self.progress.failed = "failed", [str(exc)]
+            except Exception as exc:  # whatever stops it, the state says so and why; the service stays up
+                self.progress.state, self.progress.failed = "failed", [f"{type(exc).__name__}: {exc}"]
 
-        self.backfill_thread = threading.Thread(target=work, daemon=True)
+        self.backfill_thread = threading.Thread(target=work, name="advbct-backfill", daemon=True)
         self.backfill_thread.start()
 
     def generation_counts(self, max_age_s: float = 2.0) -> dict[int, int]:
@@ -117,10 +143,21 @@ class Service:
         if self.backfill_thread is not None:
             self.backfill_thread.join()
 
+    def close(self) -> None:
+        """Stop the backfill and the batcher: what the server's shutdown runs."""
+        self.stop_backfill()
+        self.batcher.close()
+
 
 def create_app(config: ServiceConfig) -> FastAPI:
     service = Service(config)
-    app = FastAPI(title="advbct retrieval service")
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        service.close()
+
+    app = FastAPI(title="advbct retrieval service", lifespan=lifespan)
     app.state.service = service
 
     @app.get("/", response_class=HTMLResponse)
@@ -129,23 +166,25 @@ def create_app(config: ServiceConfig) -> FastAPI:
 
     @app.get("/health")
     def health() -> dict:
-        return {"status": "ok", "items": service.store.count(), "active": service.registry.active.number}
+        service.follow_registry()
+        return {"status": "ok", "items": service.store.count(), "active": service.generation}
 
     @app.get("/models")
     def models() -> dict:
+        service.follow_registry()
         generations = [g.__dict__ for g in service.registry.generations]
-        return {"active": service.registry.active.number, "generations": generations}
+        return {"active": service.generation, "generations": generations}
 
     @app.post("/models")
     def upgrade(request: UpgradeRequest) -> dict:
         with service.lock:
             try:
-                generation = service.registry.upgrade(request.path, request.validation, config.device, request.force)
+                generation = service.registry.upgrade(
+                    request.path, request.validation, config.device, request.force, request.reason
+                )
             except (GateRefused, DataError, CheckpointError, FileNotFoundError) as exc:
                 raise HTTPException(422, str(exc)) from None
-            service.stop_backfill()
-            service._activate()
-            service.start_backfill()
+            service.switch_to(generation)
         return {"generation": generation.number, "gate": generation.gate}
 
     @app.post("/models/rollback")
@@ -155,19 +194,18 @@ def create_app(config: ServiceConfig) -> FastAPI:
                 generation = service.registry.rollback()
             except GateRefused as exc:
                 raise HTTPException(409, str(exc)) from None
-            service.stop_backfill()
-            service._activate()
-            service.start_backfill()
+            service.switch_to(generation)
         return {"active": generation.number}
 
     @app.post("/search")
     def search(image: UploadFile = File(...), k: int = Form(10)) -> dict:
-        if not 1 <= k <= 1000:
-            raise HTTPException(400, "k must be between 1 and 1000")
+        if not 1 <= k <= MAX_K:
+            raise HTTPException(400, f"k must be between 1 and {MAX_K}")
         pixels = service.decode(image.file.read(), image.filename or "upload")
-        vector = service.batcher.embed(pixels[None])
+        service.follow_registry()
+        vector, generation = service.batcher.embed(pixels[None])
         hits = service.store.search(vector, k)[0]
-        return {"active": service.registry.active.number, "hits": [h.__dict__ for h in hits]}
+        return {"active": generation, "hits": [h.__dict__ for h in hits]}
 
     @app.post("/items")
     def add_upload(image: UploadFile = File(...)) -> dict:
@@ -180,11 +218,14 @@ def create_app(config: ServiceConfig) -> FastAPI:
         path = uploads / f"{item_id}{suffix}"
         path.write_bytes(data)
         ref = str(path.relative_to(config.image_root))
-        service.store.add([item_id], [ref], service.batcher.embed(pixels[None]), service.registry.active.number)
+        service.follow_registry()
+        service.store.add([item_id], [ref], *service.batcher.embed(pixels[None]))
         return {"ids": [item_id]}
 
     @app.post("/items/by-path")
     def add_paths(request: AddByPath) -> dict:
+        if not request.paths:
+            raise HTTPException(400, "paths is empty: name at least one image file under the image root")
         images = ImageRoot(config.image_root)
         try:
             files = [images.resolve(p) for p in request.paths]
@@ -198,7 +239,8 @@ def create_app(config: ServiceConfig) -> FastAPI:
         start = service.registry.reserve_ids(len(files))
         ids = list(range(start, start + len(files)))
         refs = [str(p.relative_to(images.root)) for p in files]
-        service.store.add(ids, refs, service.batcher.embed(np.stack(arrays)), service.registry.active.number)
+        service.follow_registry()
+        service.store.add(ids, refs, *service.batcher.embed(np.stack(arrays)))
         return {"ids": ids}
 
     @app.delete("/items/{item_id}")
@@ -218,9 +260,10 @@ def create_app(config: ServiceConfig) -> FastAPI:
 
     @app.get("/backfill")
     def backfill_status() -> dict:
+        service.follow_registry()
         p = service.progress
         by_generation = service.generation_counts()
-        stale = sum(n for g, n in by_generation.items() if g != service.registry.active.number)
+        stale = sum(n for g, n in by_generation.items() if g != service.generation)
         return {
             "state": p.state,
             "target_generation": p.target_generation,
@@ -229,6 +272,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
             "items_per_s": p.items_per_s,
             "by_generation": by_generation,
             "failed": p.failed,
+            "skipped": p.skipped,
         }
 
     @app.post("/backfill/{action}")

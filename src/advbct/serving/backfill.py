@@ -16,7 +16,9 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from advbct.data.images import DataError
+import numpy as np
+
+from advbct.data.images import DataError, decode_image
 from advbct.serving.models import Embedder
 from advbct.serving.store import BUCKETS, GalleryStore
 
@@ -36,11 +38,41 @@ class BackfillProgress:
     state: str = "idle"
     started_at: float = field(default_factory=time.time)
     failed: list[str] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)  # {"id", "ref", "reason"}: items that could not be decoded
+
+    @property
+    def skipped_ids(self) -> set[int]:
+        return {int(item["id"]) for item in self.skipped}
+
+
+def embed_decodable(
+    embedder: Embedder, root: ImageRoot, ids: list[int], refs: list[str], progress: BackfillProgress
+) -> tuple[list[int], list[str], np.ndarray]:
+    """The batch embedded, less any item whose file is missing or cannot be decoded: those are recorded in
+    ``progress.skipped`` (their old vectors stay searchable) instead of stopping the whole backfill.
+
+    Only a batch that failed is decoded again one file at a time, to find the culprits."""
+    try:
+        return ids, refs, embedder.embed_files([root.resolve(ref) for ref in refs])
+    except DataError:
+        pass
+    keep: list[int] = []
+    for index, (item_id, ref) in enumerate(zip(ids, refs, strict=True)):
+        try:
+            decode_image(root.resolve(ref), embedder.prep.image_size)
+            keep.append(index)
+        except (DataError, OSError) as exc:
+            progress.skipped.append({"id": item_id, "ref": ref, "reason": str(exc)})
+    ids, refs = [ids[i] for i in keep], [refs[i] for i in keep]
+    vectors = embedder.embed_files([root.resolve(ref) for ref in refs]) if ids else np.zeros((0, embedder.dim))
+    return ids, refs, vectors
 
 
 def shard_buckets(worker: int, workers: int) -> list[int] | None:
+    if workers < 1 or workers > BUCKETS:
+        raise DataError(f"--workers {workers}: the gallery splits into 1 to {BUCKETS} workers")
     if not 0 <= worker < workers:
-        raise ValueError(f"worker {worker} is not in 0..{workers - 1}")
+        raise DataError(f"--worker {worker} is not in 0..{workers - 1} (--workers {workers})")
     return None if workers == 1 else [b for b in range(BUCKETS) if b % workers == worker]
 
 
@@ -111,7 +143,7 @@ def run_backfill(
     # the work. What is left is that count minus what this run wrote.
     initial: list[int] = []
     page_size = page_size or store.page_limit
-    pages = _stale_pages(store, target_generation, page_size, buckets, order)
+    pages = _stale_pages(store, target_generation, page_size, buckets, order, progress)
     page = next(pages)
 
     def count_stale() -> None:
@@ -185,9 +217,11 @@ def run_backfill(
                 if (stop is not None and stop.is_set()) or failure:
                     break
                 rows = page[offset : offset + batch_size]
-                ids, refs = [int(r["id"]) for r in rows], [r["ref"] for r in rows]
-                vectors = embedder.embed_files([root.resolve(ref) for ref in refs])
-                writes.put((ids, refs, vectors))
+                ids, refs, vectors = embed_decodable(
+                    embedder, root, [int(r["id"]) for r in rows], [r["ref"] for r in rows], progress
+                )
+                if ids:
+                    writes.put((ids, refs, vectors))
                 queued += len(rows)
             writes.join()  # the next page must not list items of this one that are still being written
             page = next(pages)
@@ -201,23 +235,29 @@ def run_backfill(
     store.flush()
     if failure:
         raise failure[0]
-    progress.remaining = 0 if exhausted else store.count(stale_filter)
+    progress.remaining = 0 if exhausted else store.count(stale_filter) - len(progress.skipped)
     progress.state = "finished" if exhausted else "stopped"
     return progress
 
 
 def _stale_pages(
-    store: GalleryStore, target_generation: int, page_size: int, buckets: list[int] | None, order: Sequence[int] | None
+    store: GalleryStore,
+    target_generation: int,
+    page_size: int,
+    buckets: list[int] | None,
+    order: Sequence[int] | None,
+    progress: BackfillProgress,
 ) -> Iterator[list[dict]]:
     """Pages of stale items, each listed only once the page before it is written: first those of ``order`` (in
-    that order, this worker's buckets only), then whatever the store still lists as stale. Ends with an empty page."""
+    that order, this worker's buckets only), then whatever the store still lists as stale, less the items skipped
+    as undecodable. Ends with an empty page."""
     if order is not None:
         wanted = [int(i) for i in order if buckets is None or int(i) % BUCKETS in buckets]
         for start in range(0, len(wanted), page_size):
             ids = wanted[start : start + page_size]
             by_id = {int(row["id"]): row for row in store.get(ids) if int(row["generation"]) != target_generation}
-            page = [by_id[i] for i in ids if i in by_id]
+            page = [by_id[i] for i in ids if i in by_id and i not in progress.skipped_ids]
             if page:
                 yield page
     while True:
-        yield store.stale(target_generation, page_size, buckets)
+        yield store.stale(target_generation, page_size, buckets, exclude=progress.skipped_ids)

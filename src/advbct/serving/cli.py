@@ -1,6 +1,6 @@
 """CLI for the gallery: ``advbct index add|search|stats``, ``advbct upgrade``, ``advbct rollback``,
-``advbct backfill``. Item ids are assigned in file order after the largest id in use; an item's reference is
-its path relative to the image root."""
+``advbct backfill``. An item's reference is its path relative to the image root; its id comes from the
+registry's counter. Bad input is one line on stderr and exit status 2."""
 
 from __future__ import annotations
 
@@ -16,15 +16,16 @@ from rich.console import Console
 from advbct.data.images import IMAGE_SUFFIXES, DataError
 from advbct.models.checkpoint import CheckpointError
 from advbct.serving.backfill import BackfillProgress, run_backfill
-from advbct.serving.models import Embedder, GateRefused, ModelRegistry
-from advbct.serving.store import GalleryStore, StoreError, is_server_uri
+from advbct.serving.models import Embedder, GateRefused
+from advbct.serving.registry import ModelRegistry
+from advbct.serving.store import MAX_K, GalleryStore, StoreError, is_server_uri
 
 index_app = typer.Typer(add_completion=False, no_args_is_help=True, help="The gallery in Milvus.")
 console = Console()
 errors = Console(stderr=True, soft_wrap=True)
 
 DbOpt = Annotated[str, typer.Option("--db", help="Milvus Lite file or Milvus URI (http://host:19530)")]
-RegistryOpt = Annotated[Path | None, typer.Option("--registry", help="model registry JSON (default: <db>.models.json)")]
+RegistryOpt = Annotated[Path | None, typer.Option("--registry", help="model registry (default: <db>.registry.sqlite)")]
 RootOpt = Annotated[Path, typer.Option("--image-root", help="folder that item references are relative to")]
 CollectionOpt = Annotated[
     str, typer.Option("--collection", help="the gallery's collection (several galleries can share one Milvus server)")
@@ -37,7 +38,7 @@ def registry_path(db: str, registry: Path | None) -> Path:
         return registry
     if is_server_uri(db):
         raise DataError("a Milvus server URI needs --registry PATH for the model registry file")
-    return Path(db + ".models.json")
+    return Path(db + ".registry.sqlite")
 
 
 SERVING_ERRORS = (DataError, GateRefused, StoreError, CheckpointError, FileNotFoundError)
@@ -76,7 +77,7 @@ def add_cmd(
     image_root: RootOpt = Path("."),
     model: Annotated[Path | None, typer.Option("--model", help="first generation's checkpoint (new gallery)")] = None,
     registry: RegistryOpt = None,
-    batch_size: Annotated[int, typer.Option("--batch-size")] = 256,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 256,
     device: DeviceOpt = "cpu",
 ) -> None:
     """Embed images with the active model and add them to the gallery."""
@@ -92,13 +93,32 @@ def add_cmd(
         files = [images] if images.is_file() else _image_files(images)
         if not files:
             raise DataError(f"no image files at {images}")
-        refs = [_reference(f, image_root) for f in files]
-        start = models.reserve_ids(len(files))
-        for offset in range(0, len(files), batch_size):
-            chunk = files[offset : offset + batch_size]
-            ids = list(range(start + offset, start + offset + len(chunk)))
-            store.add(ids, refs[offset : offset + batch_size], embedder.embed_files(chunk), active.number)
-        console.print(f"added {len(files)} items (ids {start}..{start + len(files) - 1}) at generation {active.number}")
+        added, present = add_files(store, models, embedder, active.number, files, image_root, batch_size)
+        console.print(f"added {added} items at generation {active.number}; {present} were in the gallery already")
+
+
+def add_files(
+    store: GalleryStore, models: ModelRegistry, embedder: Embedder, generation: int,
+    files: list[Path], image_root: Path, batch_size: int,
+) -> tuple[int, int]:  # fmt: skip
+    """Add the files no stored item names yet, a batch at a time; (added, already present).
+
+    Idempotent by image reference: a run stopped by an undecodable file or a crash keeps the batches it
+    committed, and running it again adds only the rest, never a second copy."""
+    added = present = 0
+    for offset in range(0, len(files), batch_size):
+        chunk = files[offset : offset + batch_size]
+        refs = [_reference(f, image_root) for f in chunk]
+        stored = store.stored_refs(refs)
+        todo = [(f, r) for f, r in zip(chunk, refs, strict=True) if r not in stored]
+        present += len(chunk) - len(todo)
+        if not todo:
+            continue
+        vectors = embedder.embed_files([f for f, _ in todo])
+        start = models.reserve_ids(len(todo))
+        store.add(list(range(start, start + len(todo))), [r for _, r in todo], vectors, generation)
+        added += len(todo)
+    return added, present
 
 
 def _reference(path: Path, image_root: Path) -> str:
@@ -115,14 +135,14 @@ def search_cmd(
     db: DbOpt = "gallery.db",
     collection: CollectionOpt = "gallery",
     registry: RegistryOpt = None,
-    k: Annotated[int, typer.Option("-k")] = 10,
+    k: Annotated[int, typer.Option("-k", min=1, max=MAX_K)] = 10,
     device: DeviceOpt = "cpu",
 ) -> None:
     """Top-k gallery items for a query image, embedded by the active model."""
     with refused_as_exit():
         _, embedder, store = open_gallery(db, registry, device, collection)
         hits = store.search(embedder.embed_files([image]), k)[0]
-    console.print(json.dumps([h.__dict__ for h in hits], indent=1))
+    print(json.dumps([h.__dict__ for h in hits], indent=1))
 
 
 @index_app.command("stats")
@@ -136,7 +156,7 @@ def stats_cmd(
     with refused_as_exit():
         models, _, store = open_gallery(db, registry, device, collection)
         stats = {"items": store.count(), "by_generation": store.generations(), "active": models.active.number}
-    console.print(json.dumps(stats))
+    print(json.dumps(stats))
 
 
 def upgrade_cmd(
@@ -145,19 +165,20 @@ def upgrade_cmd(
     db: DbOpt = "gallery.db",
     registry: RegistryOpt = None,
     force: Annotated[bool, typer.Option("--force", help="register even if the gate fails (numbers recorded)")] = False,
+    reason: Annotated[str | None, typer.Option("--reason", help="why the gate is overridden (with --force)")] = None,
     device: DeviceOpt = "cpu",
 ) -> None:
     """Register a new generation behind the compatibility gate; it serves queries at once."""
     with refused_as_exit():
-        generation = ModelRegistry(registry_path(db, registry)).upgrade(model, validation, device, force)
-    console.print(json.dumps({"generation": generation.number, "gate": generation.gate}))
+        generation = ModelRegistry(registry_path(db, registry)).upgrade(model, validation, device, force, reason)
+    print(json.dumps({"generation": generation.number, "gate": generation.gate}))
 
 
 def rollback_cmd(db: DbOpt = "gallery.db", registry: RegistryOpt = None) -> None:
     """Make the previous generation active again (backfill then re-embeds towards it)."""
     with refused_as_exit():
         generation = ModelRegistry(registry_path(db, registry)).rollback()
-    console.print(json.dumps({"active": generation.number}))
+    print(json.dumps({"active": generation.number}))
 
 
 def backfill_cmd(
@@ -165,7 +186,7 @@ def backfill_cmd(
     collection: CollectionOpt = "gallery",
     image_root: RootOpt = Path("."),
     registry: RegistryOpt = None,
-    batch_size: Annotated[int, typer.Option("--batch-size")] = 256,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 256,
     worker: Annotated[int, typer.Option("--worker", help="this worker's index")] = 0,
     workers: Annotated[int, typer.Option("--workers", help="number of workers splitting the gallery")] = 1,
     device: DeviceOpt = "cpu",
@@ -180,7 +201,8 @@ def backfill_cmd(
                               "items_per_s": round(progress.items_per_s, 1)}), flush=True)  # fmt: skip
 
         progress = run_backfill(store, embedder, target, image_root, batch_size, worker, workers, on_batch=report)
-    console.print(json.dumps({"state": progress.state, "done": progress.done, "remaining": progress.remaining}))
+    summary = {"state": progress.state, "done": progress.done, "remaining": progress.remaining}
+    print(json.dumps({**summary, "skipped": progress.skipped}))
 
 
 def serve_cmd(
@@ -189,7 +211,7 @@ def serve_cmd(
     image_root: RootOpt = Path("."),
     registry: RegistryOpt = None,
     host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port")] = 8000,
+    port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 8000,
     device: DeviceOpt = "cpu",
     backfill: Annotated[bool, typer.Option("--backfill/--no-backfill", help="start the backfill at once")] = True,
 ) -> None:

@@ -14,14 +14,19 @@ pymilvus is imported when a gallery is opened, so the training commands run wher
 
 from __future__ import annotations
 
+import json
+import logging
 import re
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 
 BUCKETS = 64
+MAX_K = 1000  # the most hits one search returns, over HTTP and in the CLI alike
 MAX_REF_LENGTH = 2048
 COLLECTION_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")
 
@@ -53,6 +58,24 @@ def normalised(vectors: np.ndarray, dim: int) -> np.ndarray:
     return vectors / norms
 
 
+def _connect(client_class: type, uri: str):
+    """A client on ``uri``; failing that, a StoreError that says why in one line. The usual cause for a Milvus
+    Lite file is another process holding it (a running ``advbct serve``): Lite opens a file in one process only."""
+    quiet = logging.getLogger("milvus_lite.server_manager")  # it logs a traceback before pymilvus raises
+    quiet.disabled, was = True, quiet.disabled
+    try:
+        return client_class(uri)
+    except Exception as exc:  # pymilvus raises several unrelated types here; each is reported the same way
+        if is_server_uri(uri):
+            raise StoreError(f"cannot reach Milvus at {uri}: {str(exc).splitlines()[0]}") from None
+        raise StoreError(
+            f"cannot open the Milvus Lite file {uri}: another process (a running `advbct serve`?) may hold it; "
+            "stop that process, or send the request to its HTTP API"
+        ) from None
+    finally:
+        quiet.disabled = was
+
+
 class GalleryStore:
     """One Milvus collection of gallery items."""
 
@@ -74,7 +97,10 @@ class GalleryStore:
         # (about 200 ms), so a backfill's check-then-upsert per batch is pipelined over several threads there;
         # Milvus Lite answers at once and shares this process's cores, where more writers only compete.
         self.concurrent_writes = 4 if server else 1
-        self.client = MilvusClient(uri)
+        # Milvus Lite takes one write (and its flush) at a time: two request threads flushing at once fail with
+        # "current_seq is monotonic". A server orders concurrent writes itself.
+        self._writing: AbstractContextManager = nullcontext() if server else threading.Lock()
+        self.client = _connect(MilvusClient, uri)
         if self.client.has_collection(collection):
             have = self._stored_dim()
             if have != dim:
@@ -120,6 +146,13 @@ class GalleryStore:
     def existing(self, ids: Sequence[int]) -> set[int]:
         return set(self.generation_of(ids))
 
+    def stored_refs(self, refs: Sequence[str]) -> set[str]:
+        """Which of ``refs`` some stored item already names: what makes adding a folder again add only the rest."""
+        if not refs:
+            return set()
+        rows = self.client.query(self.collection, filter=f"ref in {json.dumps(list(refs))}", output_fields=["ref"])
+        return {row["ref"] for row in rows}
+
     def generation_of(self, ids: Sequence[int]) -> dict[int, int]:
         """The generation of each stored item among ``ids`` (ids not stored are absent)."""
         if not ids:
@@ -136,8 +169,9 @@ class GalleryStore:
         taken = self.existing(ids)
         if taken:
             raise StoreError(f"ids already in the gallery: {sorted(taken)[:10]}")
-        self.client.insert(self.collection, self._rows(ids, refs, vectors, generation))
-        self.flush()
+        with self._writing:
+            self.client.insert(self.collection, self._rows(ids, refs, vectors, generation))
+            self.flush()
 
     def replace(
         self, ids: Sequence[int], refs: Sequence[str], vectors: np.ndarray, generation: int, flush: bool = True
@@ -145,9 +179,10 @@ class GalleryStore:
         """Re-embedded items: an upsert by primary key, so doing it twice leaves one copy of each.
 
         ``flush=False`` leaves the rows in the growing segment (a bulk writer flushes every few batches)."""
-        self.client.upsert(self.collection, self._rows(ids, refs, vectors, generation))
-        if flush:
-            self.flush()
+        with self._writing:
+            self.client.upsert(self.collection, self._rows(ids, refs, vectors, generation))
+            if flush:
+                self.flush()
 
     def flush(self) -> None:
         if self.flushes_writes:
@@ -157,8 +192,9 @@ class GalleryStore:
         missing = set(int(i) for i in ids) - self.existing(ids)
         if missing:
             raise StoreError(f"unknown ids: {sorted(missing)[:10]}")
-        self.client.delete(self.collection, ids=[int(i) for i in ids])
-        self.flush()
+        with self._writing:
+            self.client.delete(self.collection, ids=[int(i) for i in ids])
+            self.flush()
 
     def get(self, ids: Sequence[int], with_vectors: bool = False) -> list[dict]:
         fields = ["id", "ref", "generation", "embedded_at", *(["vector"] if with_vectors else [])]
@@ -184,11 +220,16 @@ class GalleryStore:
                 return sorted(seen)
             seen.add(int(rows[0]["generation"]))
 
-    def stale(self, generation: int, limit: int, buckets: Sequence[int] | None = None) -> list[dict]:
-        """Up to ``limit`` items embedded by another generation than ``generation`` (in the given id buckets)."""
+    def stale(
+        self, generation: int, limit: int, buckets: Sequence[int] | None = None, exclude: Collection[int] = ()
+    ) -> list[dict]:
+        """Up to ``limit`` items embedded by another generation than ``generation`` (in the given id buckets),
+        other than those of ``exclude``."""
         clause = f"generation != {int(generation)}"
         if buckets is not None:
             clause += f" and bucket in {[int(b) for b in buckets]}"
+        if exclude:
+            clause += f" and id not in {sorted(int(i) for i in exclude)}"
         return self.client.query(self.collection, filter=clause, output_fields=["id", "ref", "generation"], limit=limit)
 
     def search(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:

@@ -1,0 +1,195 @@
+"""The serving side under the failures users meet: concurrent writers, a CLI beside a running server, hostile
+images, bad options, a file another process holds, a folder added twice."""
+
+import json
+import struct
+import subprocess
+import sys
+import threading
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from advbct.data.images import DataError
+from advbct.serving.models import Embedder
+from advbct.serving.registry import ModelRegistry
+from advbct.serving.store import GalleryStore
+from conftest import GalleryDb, build_gallery, run_advbct
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A 65-byte PNG whose header claims ``width`` x ``height`` pixels: a decompression bomb's shape."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def test_concurrent_uploads_get_unique_ids_and_are_all_stored(service):
+    client, state, root = service
+    image = sorted((root / "train").rglob("*.png"))[0].read_bytes()
+
+    def upload(i: int) -> list[int]:
+        response = client.post("/items", files={"image": (f"u{i}.png", image)})
+        assert response.status_code == 200, response.text
+        return response.json()["ids"]
+
+    with ThreadPoolExecutor(8) as pool:
+        ids = [i for batch in pool.map(upload, range(16)) for i in batch]
+    assert len(set(ids)) == 16 and min(ids) == 40
+    assert {int(r["id"]) for r in state.store.get(ids)} == set(ids)
+    assert client.get("/health").json()["items"] == 56
+
+
+def test_a_cli_rollback_and_upgrade_beside_the_server_are_seen_and_never_erased(service, three_models, tmp_path):
+    client, state, root = service
+    registry = str(state.config.registry)
+    rollback = run_advbct("rollback", "--db", state.config.db, "--registry", registry)
+    assert rollback.returncode == 0, rollback.stderr
+    assert client.get("/health").json()["active"] == 1
+    image = sorted((root / "train").rglob("*.png"))[0].read_bytes()
+    added = client.post("/items", files={"image": ("after.png", image)}).json()["ids"][0]
+    assert ModelRegistry(registry).active.number == 1, "a registry write by the server keeps the CLI's rollback"
+    assert state.store.get([added])[0]["generation"] == 1
+
+    forward = run_advbct("upgrade", "--model", str(three_models["new"]), "--validation", str(root / "test"),
+                         "--db", state.config.db, "--registry", registry, "--force",
+                         "--reason", "roll forward")  # fmt: skip
+    assert forward.returncode == 0, forward.stderr
+    models = client.get("/models").json()
+    assert models["active"] == 2 and len(models["generations"]) == 2, "a roll-forward reuses generation 2"
+
+
+def test_twenty_upgrade_and_rollback_cycles_leave_the_thread_count_flat(service, three_models):
+    client, _, root = service
+
+    def ours() -> list[str]:
+        return sorted(t.name for t in threading.enumerate() if t.name.startswith("advbct-"))
+
+    for _ in range(20):
+        assert client.post("/models/rollback").status_code == 200
+        forward = client.post("/models", json={"path": str(three_models["new"]), "validation": str(root / "test"),
+                                               "force": True, "reason": "cycle test"})  # fmt: skip
+        assert forward.status_code == 200, forward.text
+    assert client.get("/models").json()["active"] == 2
+    assert ours() in (["advbct-batcher"], ["advbct-backfill", "advbct-batcher"]), ours()
+
+
+def test_a_paused_backfill_stays_paused_through_a_rollback(service):
+    client, state, _ = service
+    client.post("/backfill/pause")
+    assert client.post("/models/rollback").status_code == 200
+    assert state.pause.is_set()
+
+
+def test_bombs_and_an_empty_path_list_get_a_4xx(service):
+    client, _, _ = service
+    for width, height in [(100_000, 100_000), (10_000, 10_000)]:
+        bomb = client.post("/search", files={"image": ("bomb.png", png_header_only(width, height))})
+        assert bomb.status_code == 413, bomb.text
+        assert "pixels" in bomb.json()["detail"]
+    empty = client.post("/items/by-path", json={"paths": []})
+    assert empty.status_code == 400 and "empty" in empty.json()["detail"]
+    assert client.get("/health").json()["items"] == 40
+
+
+def _one_line_error(result: subprocess.CompletedProcess, *words: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    for word in words:
+        assert word in result.stderr, result.stderr
+
+
+def test_bad_cli_options_and_a_bomb_exit_2_without_a_traceback(three_models, image_root, tmp_path):
+    db = GalleryDb(str(tmp_path / "gallery.db"))
+    add = run_advbct("index", "add", str(image_root / "train"), *db.args, "--image-root", str(image_root),
+                     "--model", str(three_models["old"]))  # fmt: skip
+    assert add.returncode == 0, add.stderr
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png_header_only(100_000, 100_000))
+    _one_line_error(run_advbct("index", "search", str(bomb), *db.args), "bomb.png")
+    _one_line_error(run_advbct("index", "search", str(bomb), *db.args, "-k", "1000000000"), "-k")
+    _one_line_error(run_advbct("backfill", *db.args, "--workers", "0"), "--workers 0")
+    _one_line_error(run_advbct("backfill", *db.args, "--worker", "5", "--workers", "2"), "--worker 5")
+    _one_line_error(run_advbct("backfill", *db.args, "--batch-size", "0"), "--batch-size")
+    _one_line_error(run_advbct("serve", *db.args, "--port", "80000"), "--port")
+
+
+def test_a_lite_file_held_by_another_process_is_refused_in_one_line(three_models, image_root, tmp_path):
+    db = GalleryDb(str(tmp_path / "gallery.db"))
+    add = run_advbct("index", "add", str(image_root / "train"), *db.args, "--image-root", str(image_root),
+                     "--model", str(three_models["old"]))  # fmt: skip
+    assert add.returncode == 0, add.stderr
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"from pymilvus import MilvusClient; c = MilvusClient({db.uri!r}); print('open', "
+         "flush=True); import time; time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        _one_line_error(run_advbct("index", "stats", *db.args), "another process")
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_adding_a_folder_again_adds_only_what_is_missing(three_models, image_root, tmp_path):
+    db = GalleryDb(str(tmp_path / "gallery.db"))
+    folder = image_root / "train"
+    files = sorted(folder.rglob("*.png"))
+    broken = folder / "zz_broken.png"
+    broken.write_bytes(b"not an image")
+    args = ["index", "add", str(folder), *db.args, "--image-root", str(image_root), "--batch-size", "16"]
+    first = run_advbct(*args, "--model", str(three_models["old"]))
+    _one_line_error(first, "zz_broken.png")
+    broken.unlink()
+    second = run_advbct(*args)
+    assert second.returncode == 0, second.stderr
+    third = run_advbct(*args)
+    assert third.returncode == 0 and "added 0 items" in third.stdout, third.stdout
+    store = GalleryStore(db.uri, Embedder(three_models["old"]).dim)
+    refs = [r["ref"] for r in store.get(list(range(store.count() + 16)))]
+    assert sorted(refs) == sorted(str(f.relative_to(image_root)) for f in files)
+    store.close()
+
+
+def test_the_registry_serialises_id_reservations_across_processes(tmp_path):
+    path = tmp_path / "registry.sqlite"
+    ModelRegistry(path)
+    script = (f"from advbct.serving.registry import ModelRegistry\nr = ModelRegistry({str(path)!r})\n"
+              "print(*[r.reserve_ids(3) for _ in range(50)])")  # fmt: skip
+    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True) for _ in range(4)]
+    starts = [int(s) for p in procs for s in p.communicate(timeout=120)[0].split()]
+    assert sorted(starts) == list(range(0, 600, 3)), "every block of three ids handed out once"
+    assert ModelRegistry(path).reserve_ids(1) == 600
+
+
+def test_an_undecodable_item_is_skipped_listed_and_the_rest_re_embedded(three_models, image_root, tmp_path):
+    db, registry = GalleryDb(str(tmp_path / "gallery.db")), tmp_path / "registry.sqlite"
+    build_gallery(three_models, image_root, db, registry)
+    victim = sorted((image_root / "train").rglob("*.png"))[7]  # ids follow the sorted files
+    victim.write_bytes(b"truncated")
+    ref = str(victim.relative_to(image_root))
+    run = run_advbct("backfill", *db.args, "--registry", str(registry), "--image-root", str(image_root),
+                     "--batch-size", "4")  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    summary = json.loads(run.stdout[run.stdout.rindex('{"state"') :])
+    assert summary["state"] == "finished" and summary["done"] == 39
+    assert [(s["id"], s["ref"]) for s in summary["skipped"]] == [(7, ref)]
+    assert "cannot decode" in summary["skipped"][0]["reason"]
+    store = db.open(Embedder(ModelRegistry(registry).active.path).dim)
+    assert store.generations() == {1: 1, 2: 39}
+    assert store.get([7])[0]["generation"] == 1, "the undecodable item keeps its old vector, still searchable"
+
+
+def test_forcing_past_the_gate_needs_a_reason_and_records_it(three_models, image_root, tmp_path):
+    registry = ModelRegistry(tmp_path / "registry.sqlite")
+    registry.register_first(three_models["old"])
+    with pytest.raises(DataError, match="needs a reason"):
+        registry.upgrade(three_models["new"], image_root / "test", force=True)
+    generation = registry.upgrade(three_models["new"], image_root / "test", force=True, reason="load test")
+    assert generation.gate["forced"] and generation.gate["reason"] == "load test" and generation.gate["forced_by"]
+    assert ModelRegistry(tmp_path / "registry.sqlite").active.gate == generation.gate

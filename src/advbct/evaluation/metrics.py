@@ -154,13 +154,13 @@ def metrics_from_rankings(ranked: torch.Tensor, own: torch.Tensor, labels: torch
         raise ValueError(f"rankings {tuple(ranked.shape)} and own positions {tuple(own.shape)} do not match")
     kept = ranked != own.unsqueeze(1)
     relevant = (labels[ranked] == labels[own].unsqueeze(1)) & kept
-    position = torch.cumsum(kept, 1).to(torch.float64)
-    precision = torch.where(relevant, torch.cumsum(relevant, 1) / position, 0.0)
+    place = torch.cumsum(kept, 1).to(torch.float64)
+    positions = torch.sort(torch.where(relevant, place, float("inf")), dim=1).values
     n_relevant = torch.bincount(labels, minlength=int(labels.max()) + 1)[labels[own]] - 1
     scored = n_relevant > 0
     if not bool(scored.any()):
         raise ValueError("no query has a relevant gallery item; nothing to score")
-    ap = precision.sum(1) / n_relevant.clamp(min=1)
+    ap, _ = average_precision_from_positions(positions, n_relevant)
     first_kept = kept.to(torch.int8).argmax(1)
     top1 = relevant[torch.arange(ranked.shape[0]), first_kept]
     return {"map": 100.0 * float(ap[scored].mean()), "top1": 100.0 * float(top1[scored].float().mean())}

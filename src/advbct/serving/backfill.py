@@ -256,7 +256,8 @@ def _stale_pages(
         for start in range(0, len(wanted), page_size):
             ids = wanted[start : start + page_size]
             by_id = {int(row["id"]): row for row in store.get(ids) if int(row["generation"]) != target_generation}
-            page = [by_id[i] for i in ids if i in by_id and i not in progress.skipped_ids]
+            skipped = progress.skipped_ids
+            page = [by_id[i] for i in ids if i in by_id and i not in skipped]
             if page:
                 yield page
     while True:

@@ -138,18 +138,18 @@ class ModelRegistry:
         """
         if force and not (reason or "").strip():
             raise DataError("forcing a model past the compatibility gate needs a reason (--reason TEXT)")
-        numbers = self.check_gate(path, validation, device)
+        candidate = Embedder(path, device)
+        numbers = self._gate(candidate, validation)
         if not numbers["passed"] and not force:
             where = validation if not isinstance(validation, ImageSet) else "the validation split"
             raise GateRefused(f"{path} fails the compatibility gate on {where}: {describe_gate(numbers)}")
         numbers["forced"] = force and not numbers["passed"]
         if numbers["forced"]:
             numbers["forced_by"], numbers["reason"] = getpass.getuser(), reason
-        embedder = Embedder(path, device)
-        registered = next((g for g in self.generations if g.model_id == embedder.meta.model_id), None)
+        registered = next((g for g in self.generations if g.model_id == candidate.meta.model_id), None)
         if registered is not None:
             return self._activate(registered)
-        return self._append(embedder, numbers)
+        return self._append(candidate, numbers)
 
     def _activate(self, generation: Generation) -> Generation:
         with self._transaction(write=True) as db:
@@ -158,13 +158,15 @@ class ModelRegistry:
 
     def check_gate(self, path: str | Path, validation: str | Path | ImageSet, device: str = "cpu") -> dict:
         """The gate's numbers for a candidate against the active generation; registers nothing."""
+        return self._gate(Embedder(path, device), validation)
+
+    def _gate(self, candidate: Embedder, validation: str | Path | ImageSet) -> dict:
         current = self.active
         if current is None:
             raise GateRefused("no active generation to upgrade from; register the first model")
-        candidate = Embedder(path, device)
         if candidate.meta.model_id == current.model_id:
-            raise GateRefused(f"{path} is the active generation ({current.number}) already")
-        old = Embedder(current.path, device)
+            raise GateRefused(f"{candidate.path} is the active generation ({current.number}) already")
+        old = Embedder(current.path, str(candidate.device))
         if not isinstance(validation, ImageSet):
             validation = load_image_folder(validation, old.prep.image_size)
         return compatibility_gate(old, candidate, validation)

@@ -1,12 +1,26 @@
-"""The backfill curve: a hand-worked gallery, and the live-ranking metrics against the exact ones."""
+"""The backfill curve: hand-worked galleries for the curve, the orders, the calibrated merge and the negative flips,
+and the live-ranking metrics against the exact ones."""
+
+import math
 
 import numpy as np
 import pytest
 import torch
 
 from advbct.evaluation import label_retrieval_metrics
-from advbct.evaluation.backfill import backfill_curve, backfill_order, mixed_gallery, refreshed_count
-from advbct.evaluation.metrics import metrics_from_rankings
+from advbct.evaluation.backfill import (
+    GalleryState,
+    PlattScaling,
+    ScoreCalibration,
+    backfill_curve,
+    backfill_order,
+    fit_calibration,
+    fit_platt,
+    negative_flip_rate,
+    refreshed_count,
+    refreshed_mask,
+)
+from advbct.evaluation.metrics import QueryScores, label_retrieval_scores, metrics_from_rankings
 from advbct.evaluation.search import exact_search
 
 # Four items of two classes. The new model puts class 0 near the x-axis and class 1 near the y-axis; the old
@@ -29,27 +43,139 @@ def test_curve_on_a_hand_worked_gallery():
     assert curve.to_json()["auc_map"] == pytest.approx(curve.auc_map)
 
 
-def test_mixed_gallery_takes_the_first_fraction_of_the_order_from_the_new_embeddings():
-    mixed = mixed_gallery(OLD, NEW, ORDER, 0.5)
-    assert torch.equal(mixed, torch.stack([NEW[0], OLD[1], NEW[2], OLD[3]]))
+def mixed_gallery(old, new, order, fraction):
+    """The mixed gallery as a tensor, for the references below."""
+    return torch.where(refreshed_mask(old.shape[0], order, fraction).unsqueeze(1), new, old)
+
+
+def random_order(n, seed):
+    return backfill_order("random", GalleryState(torch.zeros(n, 2), seed=seed))
+
+
+def test_the_first_fraction_of_the_order_is_re_embedded():
+    assert torch.equal(refreshed_mask(4, ORDER, 0.5), torch.tensor([True, False, True, False]))
     assert refreshed_count(10, 0.25) == 2 and refreshed_count(10, 0.35) == 4
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         refreshed_count(10, 1.5)
     with pytest.raises(ValueError, match="each of the 4 gallery items once"):
-        mixed_gallery(OLD, NEW, ORDER[:3], 0.5)
+        refreshed_mask(4, ORDER[:3], 0.5)
+    with pytest.raises(ValueError, match="each of the 4 gallery items once"):
+        refreshed_mask(4, torch.tensor([0, 0, 1, 2]), 0.5)
 
 
-def test_order_is_a_seeded_permutation():
-    a, b = backfill_order(50, 3), backfill_order(50, 3)
-    assert torch.equal(a, b) and not torch.equal(a, backfill_order(50, 4))
+def test_random_order_is_a_seeded_permutation():
+    a, b = random_order(50, 3), random_order(50, 3)
+    assert torch.equal(a, b) and not torch.equal(a, random_order(50, 4))
     assert torch.equal(a.sort().values, torch.arange(50))
+
+
+# Three stored old embeddings, two old classes whose classifier rows and centres are the axes.
+OLD3 = torch.tensor([[2.0, 0.0], [1.0, 1.0], [1.0, 0.1]])
+AXES = torch.eye(2)
+
+
+def test_uncertainty_order_puts_the_least_certain_old_prediction_first():
+    # Logits (2, 0), (1, 1), (1, 0.1): item 1's softmax is uniform (entropy ln 2, the most), item 2's
+    # (0.71, 0.29) is less sure than item 0's (0.88, 0.12).
+    order = backfill_order("uncertainty", GalleryState(OLD3, old_classifier=lambda emb: emb @ AXES.T))
+    assert order.tolist() == [1, 2, 0]
+
+
+def test_centre_distance_order_puts_the_farthest_from_any_centre_first():
+    # Normalised: item 0 = (1, 0) sits on centre 0 (distance 0); item 1 = (0.707, 0.707) is 0.765 from both;
+    # item 2 = (0.995, 0.0995) is 0.0998 from centre 0.
+    order = backfill_order("centre-distance", GalleryState(OLD3, old_centres=AXES))
+    assert order.tolist() == [1, 2, 0]
+
+
+def test_oracle_order_puts_the_largest_change_first_and_ties_in_gallery_order():
+    # Normalised new minus old: item 0 moves 90 degrees (sqrt 2), item 1 not at all, item 2 by 90 degrees too.
+    new = torch.tensor([[0.0, 1.0], [1.0, 1.0], [-0.1, 1.0]])
+    old = torch.tensor([[1.0, 0.0], [1.0, 1.0], [1.0, 0.1]])
+    assert backfill_order("oracle", GalleryState(old, new=new)).tolist() == [0, 2, 1]
+
+
+def test_orders_name_what_they_miss():
+    with pytest.raises(ValueError, match="classifier"):
+        backfill_order("uncertainty", GalleryState(OLD3))
+    with pytest.raises(ValueError, match="unknown backfill order 'fifo'"):
+        backfill_order("fifo", GalleryState(OLD3))
+
+
+def test_calibrated_merge_ranks_a_relevant_old_item_above_an_irrelevant_new_one():
+    # Item 0 is the query (re-embedded, class 0). Item 1, class 0, still holds its old vector, at cosine 0.5 from
+    # the query; item 2, class 1, is re-embedded at cosine 0.7. Raw cosine ranks 2 before 1: AP 1/2, top-1 wrong.
+    # Calibrated: item 1's log-odds 10 * 0.5 - 3 = 2 beat item 2's 10 * 0.7 - 8 = -1: AP 1, top-1 right.
+    query = torch.tensor([[1.0, 0.0]])
+    new = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.7, math.sqrt(1 - 0.49)]])
+    old = torch.tensor([[0.0, 1.0], [0.5, math.sqrt(1 - 0.25)], [0.0, 1.0]])
+    labels, order, probe = torch.tensor([0, 0, 1]), torch.tensor([0, 2, 1]), torch.tensor([0])
+    calibration = ScoreCalibration(same=PlattScaling(10.0, -8.0), cross=PlattScaling(10.0, -3.0))
+    raw = backfill_curve(query, old, new, labels, order, (2 / 3,), probe)
+    merged = backfill_curve(query, old, new, labels, order, (2 / 3,), probe, calibration=calibration)
+    assert raw.map == pytest.approx((50.0,)) and raw.top1 == (0.0,)
+    assert merged.map == pytest.approx((100.0,)) and merged.top1 == (100.0,)
+    assert (raw.merge, merged.merge) == ("raw", "calibrated")
+
+
+def test_calibration_changes_nothing_on_a_gallery_of_one_generation():
+    gen = torch.Generator().manual_seed(5)
+    old, new, labels = torch.randn(30, 4, generator=gen), torch.randn(30, 4, generator=gen), torch.arange(30) % 3
+    calibration = ScoreCalibration(same=PlattScaling(4.0, -9.0), cross=PlattScaling(20.0, 1.0))
+    order = random_order(30, 0)
+    raw = backfill_curve(new, old, new, labels, order, (0.0, 1.0))
+    merged = backfill_curve(new, old, new, labels, order, (0.0, 1.0), calibration=calibration)
+    assert merged.map == pytest.approx(raw.map) and merged.top1 == pytest.approx(raw.top1)
+
+
+def test_platt_fit_recovers_two_known_rates():
+    # Similarity 0.2 with 1 of 4 pairs relevant, 0.6 with 3 of 4: the logistic fit passes through both rates, so
+    # scale = (logit 0.75 - logit 0.25) / 0.4 = 5 ln 3 and bias = logit 0.25 - 0.2 scale = -2 ln 3.
+    sims = torch.tensor([0.2] * 4 + [0.6] * 4)
+    relevant = torch.tensor([True, False, False, False, True, True, True, False])
+    fit = fit_platt(sims, relevant)
+    assert fit.scale == pytest.approx(5 * math.log(3), rel=1e-3)
+    assert fit.bias == pytest.approx(-2 * math.log(3), rel=1e-3)
+    with pytest.raises(ValueError, match="both relevant and irrelevant"):
+        fit_platt(sims, torch.zeros(8, dtype=torch.bool))
+
+
+def test_calibration_from_a_split_reads_same_model_pairs_as_more_telling():
+    # The new model separates the classes (each class on its own axis plus small noise); the old one barely does.
+    gen = torch.Generator().manual_seed(2)
+    labels = torch.arange(60) % 3
+    new = torch.eye(3)[labels] + 0.1 * torch.randn(60, 3, generator=gen)
+    old = 0.2 * torch.eye(3)[labels] + torch.randn(60, 3, generator=gen)
+    calibration = fit_calibration(new, new, old, labels)
+    assert calibration.same.scale > calibration.cross.scale > 0
+    assert ScoreCalibration.from_json(calibration.to_json()) == calibration
+
+
+def test_negative_flips_by_hand():
+    # Before: queries 0 and 1 right at top-1. After: query 0 still right, 1 wrong, 2 newly right, 3 unscored.
+    def scores(top1, scored):
+        hits = torch.tensor(top1)
+        return QueryScores(hits.double(), hits.double(), {1: hits}, torch.tensor(scored))
+
+    before = scores([True, True, False, True], [True, True, True, True])
+    after = scores([True, False, True, False], [True, True, True, False])
+    assert negative_flip_rate(before, after) == pytest.approx(100 / 3)
+
+
+def test_curve_counts_negative_flips_against_the_old_system():
+    # Against a baseline that is right everywhere (the new model on its own gallery), the old gallery (t = 0)
+    # gets every top-1 wrong (see the hand-worked curve above): 100% flips; from t = 0.5 on, none.
+    baseline = label_retrieval_scores(NEW, LABELS, NEW, LABELS, exclude_same_index=True, ks=(1,))
+    curve = backfill_curve(NEW, OLD, NEW, LABELS, ORDER, (0.0, 0.5, 1.0), baseline=baseline)
+    assert curve.negative_flips == pytest.approx((100.0, 0.0, 0.0))
+    assert curve.max_negative_flips == pytest.approx(100.0)
 
 
 def test_curve_ends_are_the_cross_and_self_tests():
     gen = torch.Generator().manual_seed(0)
     old, new = torch.randn(60, 8, generator=gen), torch.randn(60, 8, generator=gen)
     labels = torch.arange(60) % 5
-    curve = backfill_curve(new, old, new, labels, backfill_order(60, 0))
+    curve = backfill_curve(new, old, new, labels, random_order(60, 0))
     cross = label_retrieval_metrics(new, labels, old, labels, exclude_same_index=True)
     own = label_retrieval_metrics(new, labels, new, labels, exclude_same_index=True)
     assert curve.fractions == tuple(i / 10 for i in range(11))
@@ -71,7 +197,7 @@ def test_a_probe_of_queries_scores_as_the_reference_does():
     gen = torch.Generator().manual_seed(1)
     old, new = torch.randn(40, 6, generator=gen), torch.randn(40, 6, generator=gen)
     labels = torch.arange(40) % 4
-    probe, order = torch.tensor([3, 17, 22, 39]), backfill_order(40, 2)
+    probe, order = torch.tensor([3, 17, 22, 39]), random_order(40, 2)
     curve = backfill_curve(new[probe], old, new, labels, order, fractions=(0.3,), query_items=probe)
     gallery = mixed_gallery(old, new, order, 0.3).numpy()
     refs = [_reference_ap(new[i].numpy(), int(i), gallery, labels.numpy()) for i in probe]

@@ -45,20 +45,43 @@ def _stored(out, dim):
     return {int(r["id"]): (int(r["generation"]), np.asarray(r["vector"])) for r in rows}
 
 
-def _reference_map(queries, gallery, labels):
-    """mAP and top-1 by an explicit ranking per query, each query's own item left out."""
+def _reference_scores(queries, gallery, labels, refreshed=None, calibration=None):
+    """mAP, top-1 and each query's top-1 hit by an explicit ranking per query, each query's own item left out.
+    With ``calibration`` (the report's Platt parameters), re-embedded items score by the "same" scaling of their
+    cosine and the others by the "cross" one."""
     q = queries / np.linalg.norm(queries, axis=1, keepdims=True)
     g = gallery / np.linalg.norm(gallery, axis=1, keepdims=True)
-    aps, tops = [], []
+    aps, hits_at_1 = [], []
     for i in range(len(q)):
-        ranked = [j for j in np.argsort(-(g @ q[i]), kind="stable") if j != i]
+        score = g @ q[i]
+        if calibration is not None:
+            same, cross = calibration["same"], calibration["cross"]
+            score = np.where(refreshed, same["scale"] * score + same["bias"], cross["scale"] * score + cross["bias"])
+        ranked = [j for j in np.argsort(-score, kind="stable") if j != i]
         relevant = np.array([labels[j] == labels[i] for j in ranked])
-        if not relevant.any():
-            continue
-        hits = np.cumsum(relevant)
-        aps.append(np.sum(hits[relevant] / (np.flatnonzero(relevant) + 1)) / relevant.sum())
-        tops.append(float(relevant[0]))
-    return 100 * np.mean(aps), 100 * np.mean(tops)
+        hits_at_1.append(bool(relevant[0]) if relevant.any() else None)
+        if relevant.any():
+            hits = np.cumsum(relevant)
+            aps.append(np.sum(hits[relevant] / (np.flatnonzero(relevant) + 1)) / relevant.sum())
+    tops = [h for h in hits_at_1 if h is not None]
+    return 100 * np.mean(aps), 100 * np.mean(tops), hits_at_1
+
+
+def _check_curve(curve, queries, old, labels, order, old_hits, calibration=None):
+    """Every point of a report's curve against the explicit ranking of the mixed gallery."""
+    for fraction, map_, top1, flips in zip(
+        curve["fractions"], curve["map"], curve["top1"], curve["negative_flips"], strict=True
+    ):
+        gallery, refreshed = old.copy(), np.zeros(len(old), dtype=bool)
+        refreshed[order[: round(fraction * len(old))]] = True
+        gallery[refreshed] = queries[refreshed]
+        expected_map, expected_top1, hits = _reference_scores(queries, gallery, labels, refreshed, calibration)
+        flipped = sum(1 for before, after in zip(old_hits, hits, strict=True) if before and after is False)
+        assert map_ == pytest.approx(expected_map, abs=1e-3), fraction
+        assert top1 == pytest.approx(expected_top1, abs=1e-3), fraction
+        assert flips == pytest.approx(100 * flipped / sum(h is not None for h in hits), abs=1e-3), fraction
+    assert curve["auc_map"] == pytest.approx(np.mean(curve["map"]))
+    assert curve["min_map"] == pytest.approx(min(curve["map"]))
 
 
 def test_refused_then_forced_upgrade_through_the_whole_flow(tiny_folder, tmp_path):
@@ -105,19 +128,19 @@ def test_refused_then_forced_upgrade_through_the_whole_flow(tiny_folder, tmp_pat
     independent = Embedder(out / "independent" / "model.pt").embed_files(files)
 
     order = torch.randperm(30, generator=torch.Generator().manual_seed(0)).numpy()
-    curves = report["backfill"]["curves"]
+    backfill = report["backfill"]
+    assert backfill["headline"] == "random/raw"
+    assert set(backfill["curves"]["advbct"]) == {
+        f"{o}/{m}" for o in ("random", "uncertainty", "centre-distance", "oracle") for m in ("raw", "calibrated")
+    }
+    _, _, old_hits = _reference_scores(old, old, labels.numpy())
     for name, queries in (("advbct", new), ("independent", independent)):
-        curve = curves[name]
-        for fraction, map_, top1 in zip(curve["fractions"], curve["map"], curve["top1"], strict=True):
-            gallery = old.copy()
-            chosen = order[: round(fraction * 30)]
-            gallery[chosen] = queries[chosen]
-            expected_map, expected_top1 = _reference_map(queries, gallery, labels.numpy())
-            assert map_ == pytest.approx(expected_map, abs=1e-3), (name, fraction)
-            assert top1 == pytest.approx(expected_top1, abs=1e-3), (name, fraction)
-        assert curve["auc_map"] == pytest.approx(np.mean(curve["map"]))
-        assert curve["min_map"] == pytest.approx(min(curve["map"]))
+        curves = backfill["curves"][name]
+        _check_curve(curves["random/raw"], queries, old, labels.numpy(), order, old_hits)
+        calibration = backfill["calibration"][name]
+        _check_curve(curves["random/calibrated"], queries, old, labels.numpy(), order, old_hits, calibration)
     live = report["backfill"]["live"]
     assert [p["fraction"] for p in live["points"]] == [0.0, 0.5, 1.0] and live["not_measured"] == []
     assert live["max_difference"] < 1e-3
-    assert report["tests"]["new/old"]["map"] == pytest.approx(curves["advbct"]["map"][0], abs=1e-3)
+    headline = backfill["curves"]["advbct"]["random/raw"]
+    assert report["tests"]["new/old"]["map"] == pytest.approx(headline["map"][0], abs=1e-3)

@@ -65,7 +65,7 @@ def write_item_files(images: ImageSet, root: Path, refs: list[str]) -> None:
             Image.fromarray(image.permute(1, 2, 0).numpy()).save(path)
 
 
-def _progress(console: Console, show: bool) -> Progress:
+def progress_bars(console: Console, show: bool) -> Progress:
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     return Progress(*columns, console=console, disable=not show, transient=True)
 
@@ -90,7 +90,7 @@ def index_gallery(
     for start in range(0, len(images), 4096):
         stored |= gallery.store.existing(list(range(start, min(start + 4096, len(images)))))
     missing = [i for i in range(len(images)) if i not in stored]
-    with _progress(console, show_progress) as bars:
+    with progress_bars(console, show_progress) as bars:
         task = bars.add_task("indexing the gallery (old model)", total=len(missing))
         for start in range(0, len(missing), batch_size):
             ids = missing[start : start + batch_size]
@@ -153,7 +153,7 @@ def backfill_with_checks(
     path = gallery.folder / LIVE_CHECKS
     checks: dict[str, dict] = json.loads(path.read_text()) if path.is_file() else {}
     total = len(labels)
-    with _progress(console, show_progress) as bars:
+    with progress_bars(console, show_progress) as bars:
         task = bars.add_task(f"backfill to generation {active.number}", total=total)
         for fraction in sorted({*fractions, 1.0}):
             key = f"{fraction:g}"

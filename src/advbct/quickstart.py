@@ -14,14 +14,33 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from advbct.compat.statistics import load_statistics
 from advbct.config import QuickstartConfig
 from advbct.data.allocation import load_allocation
 from advbct.data.images import ImageSet
 from advbct.data.sources import load_split
 from advbct.distributed import current_world, resolve_device, shutdown
-from advbct.evaluation.backfill import backfill_curve, backfill_order
-from advbct.evaluation.protocol import evaluate_pairs
-from advbct.live import LiveGallery, backfill_with_checks, deploy, index_gallery, live_check, probe_queries
+from advbct.evaluation.backfill import (
+    MERGES,
+    ORDER_POLICIES,
+    GalleryState,
+    ScoreCalibration,
+    backfill_curve,
+    backfill_order,
+    fit_calibration,
+)
+from advbct.evaluation.metrics import label_retrieval_scores
+from advbct.evaluation.protocol import embed_images, evaluate_pairs
+from advbct.live import (
+    LiveGallery,
+    backfill_with_checks,
+    deploy,
+    index_gallery,
+    live_check,
+    probe_queries,
+    progress_bars,
+)
+from advbct.models.checkpoint import load_checkpoint
 from advbct.pipeline import (
     ALLOCATION_FILE,
     embed_test_set,
@@ -35,6 +54,9 @@ from advbct.reporting.tables import print_live_report, print_report
 
 METHOD = "advbct"
 GALLERY = "gallery"
+# How the live service ranks a mixed gallery: one cosine search over both generations. The curves under the
+# calibrated merge are computed beside it for comparison.
+SERVICE_MERGE = "raw"
 
 
 def validation_split(cfg: QuickstartConfig, out: Path) -> ImageSet:
@@ -90,13 +112,12 @@ def live_upgrade(
     live = cfg.live
     candidate = METHOD if live.candidate == METHOD else "independent"
     console.print(f"[bold]compatibility gate[/]: {candidate} against the old model on the validation split")
-    gate = deploy(gallery, paths[candidate], validation_split(cfg, out), live.force)
-    order = backfill_order(len(labels), live.backfill_seed)
-    curves = {
-        name: backfill_curve(embeddings[name], embeddings["old"], embeddings[name], labels, order).to_json()
-        for name in (METHOD, "independent")
-    }
-    backfill: dict = {"order": "random", "seed": live.backfill_seed, "curves": curves, "live": None}
+    validation = validation_split(cfg, out)
+    gate = deploy(gallery, paths[candidate], validation, live.force)
+    console.print("[bold]backfill curves[/] (test split; every order and merge for AdvBCT)")
+    calibrations = fit_calibrations(paths, validation, cfg.new.device)
+    backfill = offline_curves(paths, embeddings, labels, calibrations, live.backfill_seed, console, show_progress)
+    order = backfill_order("random", GalleryState(embeddings["old"], seed=live.backfill_seed))
     if gate["generation"] is not None:
         probe = probe_queries(len(labels), live.probe_queries, live.backfill_seed)
         checks = backfill_with_checks(gallery, order, live.check_fractions, probe, labels, console, show_progress)
@@ -104,6 +125,61 @@ def live_upgrade(
         backfill["live"] = {"model": candidate, **live_check(checks, emb, embeddings["old"], emb, labels, order, probe)}
     gate = {**gate, "candidate": candidate, "split": "validation"}
     return {"gate": gate, "backfill": backfill, "gallery": {"items": len(labels), **gallery_state(gallery)}}
+
+
+def fit_calibrations(paths: dict[str, Path], validation: ImageSet, device: str) -> dict[str, ScoreCalibration]:
+    """Each new model's score calibration against its own and the old model's embeddings, from the validation
+    split (the test split is what the curves report, so it never tunes them)."""
+    dev = resolve_device(device)
+    embedded = {}
+    for name in ("old", METHOD, "independent"):
+        model, meta = load_checkpoint(paths[name])
+        embedded[name] = embed_images(model, validation.images, meta.prep, dev)
+    return {
+        name: fit_calibration(embedded[name], embedded[name], embedded["old"], validation.labels)
+        for name in (METHOD, "independent")
+    }
+
+
+def old_gallery_state(old_path: Path, old_embeddings: torch.Tensor, seed: int) -> GalleryState:
+    """What the old gallery offers an order policy: the old embeddings, the old classifier and class centres."""
+    model, meta = load_checkpoint(old_path)
+    head = model.head.eval()
+    stats = load_statistics(old_path.parent / "stats.pt", expected_model_id=meta.model_id)
+    return GalleryState(old_embeddings, seed, old_classifier=head, old_centres=stats.centres)
+
+
+def offline_curves(
+    paths: dict[str, Path],
+    embeddings: dict[str, torch.Tensor],
+    labels: torch.Tensor,
+    calibrations: dict[str, ScoreCalibration],
+    seed: int,
+    console: Console,
+    show_progress: bool,
+) -> dict:
+    """The exact backfill curves: AdvBCT under every order policy and both merges, the independent model in
+    random order under both merges; negative flips counted against the old system's own answers."""
+    old = embeddings["old"]
+    baseline = label_retrieval_scores(old, labels, old, labels, exclude_same_index=True, ks=(1,))
+    state = old_gallery_state(paths["old"], old, seed)
+    plans = [(METHOD, o, m) for o in ORDER_POLICIES for m in MERGES] + [("independent", "random", m) for m in MERGES]
+    curves: dict[str, dict] = {METHOD: {}, "independent": {}}
+    with progress_bars(console, show_progress) as bars:
+        for name, order_name, merge in bars.track(plans, description="backfill curves"):
+            new = embeddings[name]
+            order = backfill_order(order_name, GalleryState(**{**state.__dict__, "new": new}))
+            calibration = calibrations[name] if merge == "calibrated" else None
+            curve = backfill_curve(new, old, new, labels, order, baseline=baseline, calibration=calibration,
+                                   order_name=order_name)  # fmt: skip
+            curves[name][f"{order_name}/{merge}"] = curve.to_json()
+    return {
+        "seed": seed,
+        "headline": f"random/{SERVICE_MERGE}",
+        "curves": curves,
+        "calibration": {name: c.to_json() for name, c in calibrations.items()},
+        "live": None,
+    }
 
 
 def gallery_state(gallery: LiveGallery) -> dict:

@@ -14,9 +14,34 @@ either way.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+SimilarityBlock = Callable[[int, int], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class QueryScores:
+    """Each query's scores (the functional form, as torchmetrics keeps one): AP and AP@R in [0, 1], whether the
+    k-th best item was relevant for each k, and whether the query had any relevant item at all (those without
+    are left out of every average, as in the standard protocols). Per-query values are what paired comparisons
+    need: negative flips, bootstrap intervals."""
+
+    ap: torch.Tensor
+    ap_at_r: torch.Tensor
+    hits: dict[int, torch.Tensor]
+    scored: torch.Tensor
+
+    def means(self) -> dict[str, float]:
+        """mAP, mAP@R and top-k accuracy in percent over the scored queries."""
+        if not bool(self.scored.any()):
+            raise ValueError("no query has a relevant gallery item; nothing to score")
+        kept = {"map": self.ap, "map_at_r": self.ap_at_r, **{f"top{k}": hit for k, hit in self.hits.items()}}
+        return {name: 100.0 * float(v[self.scored].double().mean()) for name, v in kept.items()}
 
 
 def label_retrieval_metrics(
@@ -37,45 +62,74 @@ def label_retrieval_metrics(
     item ``own_gallery_index[i]``, which is removed from its ranking (a probe of a gallery's own images).
     Equal similarities (duplicate images) rank in gallery order, so a score never depends on the device's sort.
     """
+    return label_retrieval_scores(
+        query_emb, query_labels, gallery_emb, gallery_labels, exclude_same_index, ks, chunk_size, own_gallery_index
+    ).means()
+
+
+def label_retrieval_scores(
+    query_emb: torch.Tensor,
+    query_labels: torch.Tensor,
+    gallery_emb: torch.Tensor,
+    gallery_labels: torch.Tensor,
+    exclude_same_index: bool = False,
+    ks: tuple[int, ...] = (1, 5),
+    chunk_size: int = 256,
+    own_gallery_index: torch.Tensor | None = None,
+) -> QueryScores:
+    """:func:`label_retrieval_metrics` query by query."""
     if query_emb.shape[1] != gallery_emb.shape[1]:
         raise ValueError(f"query embeddings have dim {query_emb.shape[1]}, gallery embeddings {gallery_emb.shape[1]}")
     if exclude_same_index and query_emb.shape[0] != gallery_emb.shape[0]:
         raise ValueError("exclude_same_index needs queries and gallery to be the same images")
     if exclude_same_index:
         own_gallery_index = torch.arange(query_emb.shape[0])
-    if own_gallery_index is not None and own_gallery_index.shape != (query_emb.shape[0],):
-        raise ValueError(f"own_gallery_index needs one entry per query, got {tuple(own_gallery_index.shape)}")
-    for side, emb in (("query", query_emb), ("gallery", gallery_emb)):
-        if not bool(torch.isfinite(emb).all()):
-            raise ValueError(f"{side} embeddings contain NaN or inf (a diverged model?); nothing can be ranked")
+    check_finite(query=query_emb, gallery=gallery_emb)
     q = F.normalize(query_emb.float(), dim=1)
     g = F.normalize(gallery_emb.float(), dim=1)
-    gallery_labels = gallery_labels.to(g.device)
-    query_labels = query_labels.to(q.device)
-    sums = {"map": 0.0, "map_at_r": 0.0, **{f"top{k}": 0.0 for k in ks}}
-    scored = 0
-    for start in range(0, q.shape[0], chunk_size):
-        block = q[start : start + chunk_size]
-        sims = block @ g.T
-        relevant = gallery_labels.unsqueeze(0) == query_labels[start : start + chunk_size].unsqueeze(1)
+    return scores_from_similarity(
+        lambda start, end: q[start:end] @ g.T, query_labels, gallery_labels, ks, chunk_size, own_gallery_index
+    )
+
+
+def check_finite(**embeddings: torch.Tensor) -> None:
+    """Refuse NaN or inf before ranking: a diverged model would otherwise score as a plausible number."""
+    for side, emb in embeddings.items():
+        if not bool(torch.isfinite(emb).all()):
+            raise ValueError(f"{side} embeddings contain NaN or inf (a diverged model?); nothing can be ranked")
+
+
+def scores_from_similarity(
+    similarity: SimilarityBlock,
+    query_labels: torch.Tensor,
+    gallery_labels: torch.Tensor,
+    ks: tuple[int, ...] = (1, 5),
+    chunk_size: int = 256,
+    own_gallery_index: torch.Tensor | None = None,
+) -> QueryScores:
+    """Per-query scores of any ranking given as a similarity (higher first): ``similarity(start, end)`` returns
+    the (end - start, gallery) block of queries ``start:end``. Cosine on one gallery, or scores merged across
+    the generations of a mixed gallery, are both just a block function."""
+    num_queries = query_labels.shape[0]
+    if own_gallery_index is not None and own_gallery_index.shape != (num_queries,):
+        raise ValueError(f"own_gallery_index needs one entry per query, got {tuple(own_gallery_index.shape)}")
+    parts: list[tuple[torch.Tensor, ...]] = []
+    for start in range(0, num_queries, chunk_size):
+        sims = similarity(start, min(start + chunk_size, num_queries))
+        labels = gallery_labels.to(sims.device)
+        relevant = labels.unsqueeze(0) == query_labels[start : start + chunk_size].to(sims.device).unsqueeze(1)
         counted = torch.ones_like(relevant)
         if own_gallery_index is not None:
-            rows = torch.arange(block.shape[0], device=sims.device)
+            rows = torch.arange(sims.shape[0], device=sims.device)
             own = own_gallery_index[start : start + chunk_size].to(sims.device)
             relevant[rows, own] = False
             counted[rows, own] = False
         positions = relevant_positions(sims, relevant, counted)
         n_rel = relevant.sum(1)
-        has_relevant = n_rel > 0
         ap, ap_at_r = average_precision_from_positions(positions, n_rel)
-        sums["map"] += ap[has_relevant].sum().item()
-        sums["map_at_r"] += ap_at_r[has_relevant].sum().item()
-        for k in ks:
-            sums[f"top{k}"] += (positions[:, 0] <= k)[has_relevant].sum().item()
-        scored += int(has_relevant.sum())
-    if scored == 0:
-        raise ValueError("no query has a relevant gallery item; nothing to score")
-    return {name: 100.0 * value / scored for name, value in sums.items()}
+        parts.append((ap.cpu(), ap_at_r.cpu(), (n_rel > 0).cpu(), *(positions[:, 0].cpu() <= k for k in ks)))
+    columns = [torch.cat(column) for column in zip(*parts, strict=True)]
+    return QueryScores(columns[0], columns[1], dict(zip(ks, columns[3:], strict=True)), columns[2])
 
 
 def relevant_positions(sims: torch.Tensor, relevant: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:

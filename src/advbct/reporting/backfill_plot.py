@@ -12,28 +12,53 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-LABELS = {"advbct": "AdvBCT (compatible)", "independent": "independent (no compatible training)"}
+LABELS = {"advbct": "AdvBCT", "independent": "independent (no compatible training)"}
 
 
-def backfill_figure(report: dict) -> plt.Figure:
-    """The curves of the report's ``backfill`` block, M(o,o) and M(n,n) as lines, the live checks as points."""
-    tests, backfill = report["tests"], report["backfill"]
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
-    for name, curve in backfill["curves"].items():
-        label = f"{LABELS.get(name, name)}, AUC {curve['auc_map']:.2f}"
-        ax.plot([100 * f for f in curve["fractions"]], curve["map"], marker="o", ms=3, label=label)
+def _reference_lines(ax: plt.Axes, tests: dict) -> None:
     ax.axhline(tests["old/old"]["map"], color="grey", ls="--", lw=1, label=f"M(o,o) {tests['old/old']['map']:.2f}")
     ax.axhline(tests["new/new"]["map"], color="tab:blue", ls=":", lw=1, label=f"M(n,n) {tests['new/new']['map']:.2f}")
+
+
+def _draw(ax: plt.Axes, curve: dict, label: str, **style: object) -> None:
+    xs = [100 * f for f in curve["fractions"]]
+    ax.plot(xs, curve["map"], marker="o", ms=3, label=f"{label}, AUC {curve['auc_map']:.2f}", **style)
+
+
+def _merges_panel(ax: plt.Axes, report: dict) -> None:
+    """Both models in random order, raw cosine (solid) and calibrated merge (dashed), and the live checks."""
+    backfill = report["backfill"]
+    for colour, (name, curves) in zip(("tab:blue", "tab:orange"), backfill["curves"].items(), strict=False):
+        for merge, ls in (("raw", "-"), ("calibrated", "--")):
+            if f"random/{merge}" in curves:
+                _draw(ax, curves[f"random/{merge}"], f"{LABELS.get(name, name)}, {merge}", color=colour, ls=ls)
     live = backfill.get("live")
     if live and live["points"]:
         xs = [100 * p["fraction"] for p in live["points"]]
         ax.scatter(xs, [p["map"] for p in live["points"]], marker="x", color="black", zorder=3,
                    label=f"live Milvus answers ({live['probe_queries']} probe queries)")  # fmt: skip
-    ax.set_xlabel("gallery re-embedded by the new model (%)")
-    ax.set_ylabel("mAP of new-model queries (%)")
-    ax.set_title("Retrieval quality during the backfill (test split)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    ax.set_title("Random order: raw cosine vs calibrated merge")
+
+
+def _orders_panel(ax: plt.Axes, report: dict) -> None:
+    """AdvBCT under every order policy, calibrated merge."""
+    for key, curve in report["backfill"]["curves"].get("advbct", {}).items():
+        if key.endswith("/calibrated"):
+            _draw(ax, curve, key.split("/")[0])
+    ax.set_title("AdvBCT, calibrated merge: which items first")
+
+
+def backfill_figure(report: dict) -> plt.Figure:
+    """Two panels of the report's ``backfill`` block, with M(o,o) and M(n,n) as lines."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4), dpi=120, sharey=True)
+    _merges_panel(axes[0], report)
+    _orders_panel(axes[1], report)
+    for ax in axes:
+        _reference_lines(ax, report["tests"])
+        ax.set_xlabel("gallery re-embedded by the new model (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    axes[0].set_ylabel("mAP of new-model queries (%, test split)")
     fig.tight_layout()
     return fig
 

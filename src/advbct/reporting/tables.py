@@ -84,10 +84,15 @@ def comparison_table(reports: dict[str, dict], title: str) -> Table:
     return table
 
 
+def headline_curves(backfill: dict) -> dict[str, dict]:
+    """Each model's curve in the order and merge the live service uses."""
+    return {name: curves[backfill["headline"]] for name, curves in backfill["curves"].items()}
+
+
 def backfill_table(backfill: dict) -> Table:
-    """mAP and top-1 of each curve at every re-embedded fraction, with its area and lowest point."""
-    curves = backfill["curves"]
-    table = Table(title="Backfill curve: new-model queries against a partly re-embedded gallery (test split)")
+    """mAP and top-1 of each model's headline curve at every re-embedded fraction, with its area and lowest point."""
+    curves = headline_curves(backfill)
+    table = Table(title=f"Backfill curve ({backfill['headline']}): new-model queries, partly re-embedded gallery")
     table.add_column("re-embedded", justify="right")
     for name in curves:
         table.add_column(f"{name} mAP", justify="right")
@@ -96,8 +101,22 @@ def backfill_table(backfill: dict) -> Table:
     for i, fraction in enumerate(fractions):
         cells = [f"{x:.2f}" for c in curves.values() for x in (c["map"][i], c["top1"][i])]
         table.add_row(f"{100 * fraction:.0f}%", *cells)
-    table.add_row("AUC", *[x for c in curves.values() for x in (f"{c['auc_map']:.2f}", "")])
+    table.add_row("AUC", *[x for c in curves.values() for x in (f"{c['auc_map']:.2f}", f"{c['auc_top1']:.2f}")])
     table.add_row("lowest", *[x for c in curves.values() for x in (f"{c['min_map']:.2f}", "")])
+    return table
+
+
+def backfill_policy_table(backfill: dict, old_map: float) -> Table:
+    """Every curve of the report by order and merge: its areas, lowest point and worst negative-flip rate."""
+    table = Table(title="Backfill orders and merges (test split; areas are means over 0, 10, ..., 100%)")
+    for name in ("model", "order / merge", "AUC mAP", "AUC top-1", "lowest mAP", "worst flips %"):
+        table.add_column(name, justify="left" if name in ("model", "order / merge") else "right")
+    for model, curves in backfill["curves"].items():
+        for key, c in curves.items():
+            lowest = f"{c['min_map']:.2f}" if c["min_map"] >= old_map else f"[red]{c['min_map']:.2f}[/]"
+            flips = "-" if c["max_negative_flips"] is None else f"{c['max_negative_flips']:.2f}"
+            table.add_row(model, key, f"{c['auc_map']:.2f}", f"{c['auc_top1']:.2f}", lowest, flips)
+    table.caption = f"M(o,o) = {old_map:.2f}; a lowest point below it in red"
     return table
 
 
@@ -113,7 +132,7 @@ def verdict(report: dict) -> str:
     compared = ">" if cross > old else "<="
     state = "live at once" if not gate.get("forced") else "forced live although the gate refused it"
     line = f"upgrade {state}: M(n,o) {cross:.2f} {compared} M(o,o) {old:.2f}; after the backfill M(n,n) {new:.2f}"
-    curve = report["backfill"]["curves"].get(gate["candidate"])
+    curve = headline_curves(report["backfill"]).get(gate["candidate"])
     if curve is not None:
         regress = "never below" if curve["min_map"] >= old else "falls below"
         line += f"; during it {regress} M(o,o) (lowest {curve['min_map']:.2f})"
@@ -129,6 +148,7 @@ def print_live_report(report: dict, console: Console) -> None:
         f"M(n,o) {gate['new/old']:.2f}: {decision}"
     )
     console.print(backfill_table(report["backfill"]))
+    console.print(backfill_policy_table(report["backfill"], report["tests"]["old/old"]["map"]))
     live = report["backfill"]["live"]
     if live is not None and live["max_difference"] is not None:
         fractions = ", ".join(f"{100 * p['fraction']:.0f}%" for p in live["points"])

@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from advbct.data.images import ImageSet
-from advbct.evaluation.backfill import backfill_curve, refreshed_count
+from advbct.evaluation.backfill import ScoreCalibration, backfill_curve, refreshed_count
 from advbct.evaluation.metrics import metrics_from_rankings
 from advbct.models.checkpoint import load_checkpoint
 from advbct.serving.backfill import BackfillProgress, run_backfill
@@ -124,11 +124,11 @@ def probe_queries(num_items: int, count: int, seed: int) -> torch.Tensor:
 
 def live_scores(gallery: LiveGallery, embedder: Embedder, probe: torch.Tensor, labels: torch.Tensor) -> dict:
     """mAP and top-1 of the probe's queries as the service answers them now: embedded from their files by the
-    active model, searched in Milvus over the whole gallery."""
+    active model, searched in Milvus over the whole gallery and merged across generations as the service does."""
     refs = [r["ref"] for r in sorted(gallery.store.get(probe.tolist()), key=lambda r: int(r["id"]))]
     queries = embedder.embed_files([gallery.image_root / ref for ref in refs])
     k = min(len(labels), MAX_HITS)
-    hits = gallery.store.search(queries, k)
+    hits = gallery.store.search(queries, k, gallery.registry.active.mixed_merge())
     # A row shorter than k (a gallery smaller than the cap) is padded with the query's own id, which is not ranked.
     rows = [[h.id for h in row] + [int(own)] * (k - len(row)) for row, own in zip(hits, probe.tolist(), strict=True)]
     ranked = torch.tensor(rows)
@@ -182,12 +182,15 @@ def live_check(
     labels: torch.Tensor,
     order: torch.Tensor,
     probe: torch.Tensor,
+    calibration: ScoreCalibration | None,
 ) -> dict:
-    """The live scores beside the exact curve of the same probe queries at the same fractions, and the largest
-    difference between them (percentage points)."""
+    """The live scores beside the exact curve of the same probe queries at the same fractions (under the merge the
+    service used), and the largest difference between them (percentage points)."""
     measured = [c for c in checks if "map" in c]
     fractions = tuple(c["fraction"] for c in measured)
-    exact = backfill_curve(queries[probe], old_gallery, new_gallery, labels, order, fractions, probe)
+    exact = backfill_curve(
+        queries[probe], old_gallery, new_gallery, labels, order, fractions, probe, calibration=calibration
+    )
     points = [{**c, "exact_map": m, "exact_top1": t} for c, m, t in zip(measured, exact.map, exact.top1, strict=True)]
     differences = [abs(p["map"] - p["exact_map"]) for p in points] + [abs(p["top1"] - p["exact_top1"]) for p in points]
     return {

@@ -54,9 +54,9 @@ from advbct.reporting.tables import print_live_report, print_report
 
 METHOD = "advbct"
 GALLERY = "gallery"
-# How the live service ranks a mixed gallery: one cosine search over both generations. The curves under the
-# calibrated merge are computed beside it for comparison.
-SERVICE_MERGE = "raw"
+# How the live service ranks a mixed gallery (``GalleryStore.search`` with the generation's calibration); the
+# raw-cosine curves are computed beside it for comparison.
+SERVICE_MERGE = "calibrated"
 
 
 def validation_split(cfg: QuickstartConfig, out: Path) -> ImageSet:
@@ -121,8 +121,10 @@ def live_upgrade(
     if gate["generation"] is not None:
         probe = probe_queries(len(labels), live.probe_queries, live.backfill_seed)
         checks = backfill_with_checks(gallery, order, live.check_fractions, probe, labels, console, show_progress)
-        emb = embeddings[candidate]
-        backfill["live"] = {"model": candidate, **live_check(checks, emb, embeddings["old"], emb, labels, order, probe)}
+        emb, served = embeddings[candidate], gallery.registry.active.gate.get("calibration")
+        calibration = None if served is None else ScoreCalibration.from_json(served)
+        check = live_check(checks, emb, embeddings["old"], emb, labels, order, probe, calibration)
+        backfill["live"] = {"model": candidate, **check}
     gate = {**gate, "candidate": candidate, "split": "validation"}
     return {"gate": gate, "backfill": backfill, "gallery": {"items": len(labels), **gallery_state(gallery)}}
 

@@ -182,18 +182,28 @@ def oracle_order(state: GalleryState) -> torch.Tensor:
 # Calibration
 
 
-def fit_platt(similarity: torch.Tensor, relevant: torch.Tensor, iterations: int = 25) -> PlattScaling:
-    """Logistic regression of relevance on cosine similarity, by Newton's method on the log-likelihood.
+BINS = 4096  # bins of [-1, 1] that calibration pairs are counted in: a similarity moves by at most 2.5e-4
 
-    The pairs are first counted in 4,096 bins of [-1, 1], so a validation split of n images costs n^2 additions
-    and the fit itself is on 4,096 weighted points (binning moves a similarity by at most 2.5e-4)."""
-    bins = 4096
-    index = ((similarity.float().clamp(-1, 1) + 1) * (bins / 2)).long().clamp(max=bins - 1).flatten()
-    positives = torch.bincount(index[relevant.flatten()], minlength=bins).double()
-    totals = torch.bincount(index, minlength=bins).double()
+
+def _bin(similarity: torch.Tensor) -> torch.Tensor:
+    return ((similarity.float().clamp(-1, 1) + 1) * (BINS / 2)).long().clamp(max=BINS - 1)
+
+
+def fit_platt(similarity: torch.Tensor, relevant: torch.Tensor) -> PlattScaling:
+    """Logistic regression of relevance on cosine similarity, for pairs given one by one."""
+    index = _bin(similarity).flatten()
+    positives = torch.bincount(index[relevant.flatten()], minlength=BINS)
+    return fit_binned_platt(positives, torch.bincount(index, minlength=BINS))
+
+
+def fit_binned_platt(positives: torch.Tensor, totals: torch.Tensor, iterations: int = 25) -> PlattScaling:
+    """Logistic regression of relevance on cosine similarity, by Newton's method on the log-likelihood, from the
+    relevant and total pair counts in each of ``BINS`` similarity bins: a split of n images costs n^2 additions
+    and the fit itself 4,096 weighted points."""
+    positives, totals = positives.double(), totals.double()
     if positives.sum() == 0 or positives.sum() == totals.sum():
         raise ValueError("calibration needs both relevant and irrelevant pairs")
-    centre = (torch.arange(bins, dtype=torch.float64) + 0.5) * (2 / bins) - 1
+    centre = (torch.arange(BINS, dtype=torch.float64) + 0.5) * (2 / BINS) - 1
     design = torch.stack([centre, torch.ones_like(centre)], dim=1)
     theta = torch.zeros(2, dtype=torch.float64)
     for _ in range(iterations):
@@ -204,12 +214,23 @@ def fit_platt(similarity: torch.Tensor, relevant: torch.Tensor, iterations: int 
     return PlattScaling(float(theta[0]), float(theta[1]))
 
 
-def _pairs(queries: torch.Tensor, gallery: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cosine and relevance of every (query i, item j != i) pair of a split searched against itself."""
-    sims = F.normalize(queries.float(), dim=1) @ F.normalize(gallery.float(), dim=1).T
-    relevant = labels.unsqueeze(0) == labels.unsqueeze(1)
-    off_diagonal = ~torch.eye(labels.shape[0], dtype=torch.bool)
-    return sims[off_diagonal], relevant[off_diagonal]
+def _pair_counts(
+    queries: torch.Tensor, gallery: torch.Tensor, labels: torch.Tensor, chunk: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Relevant and total pair counts per similarity bin over every (query i, item j != i) pair of a split
+    searched against itself, a block of queries at a time (memory bounded by ``chunk`` x split size)."""
+    q, g = F.normalize(queries.float(), dim=1), F.normalize(gallery.float(), dim=1)
+    positives = torch.zeros(BINS, dtype=torch.long)
+    totals = torch.zeros(BINS, dtype=torch.long)
+    for start in range(0, q.shape[0], chunk):
+        rows = torch.arange(start, min(start + chunk, q.shape[0]))
+        index = _bin(q[rows] @ g.T)
+        counted = torch.ones_like(index, dtype=torch.bool)
+        counted[torch.arange(rows.shape[0]), rows] = False
+        relevant = (labels[rows].unsqueeze(1) == labels.unsqueeze(0)) & counted
+        positives += torch.bincount(index[relevant], minlength=BINS)
+        totals += torch.bincount(index[counted], minlength=BINS)
+    return positives, totals
 
 
 def fit_calibration(
@@ -219,8 +240,8 @@ def fit_calibration(
     both models embedded: each image a query (new model) against all the others."""
     check_finite(queries=new_queries, new_gallery=new_gallery, old_gallery=old_gallery)
     return ScoreCalibration(
-        same=fit_platt(*_pairs(new_queries, new_gallery, labels)),
-        cross=fit_platt(*_pairs(new_queries, old_gallery, labels)),
+        same=fit_binned_platt(*_pair_counts(new_queries, new_gallery, labels)),
+        cross=fit_binned_platt(*_pair_counts(new_queries, old_gallery, labels)),
     )
 
 

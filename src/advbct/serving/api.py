@@ -204,7 +204,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
         pixels = service.decode(image.file.read(), image.filename or "upload")
         service.follow_registry()
         vector, generation = service.batcher.embed(pixels[None])
-        hits = service.store.search(vector, k)[0]
+        hits = service.store.search(vector, k, service.registry.generation(generation).mixed_merge())[0]
         return {"active": generation, "hits": [h.__dict__ for h in hits]}
 
     @app.post("/items")

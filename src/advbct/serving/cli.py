@@ -140,8 +140,8 @@ def search_cmd(
 ) -> None:
     """Top-k gallery items for a query image, embedded by the active model."""
     with refused_as_exit():
-        _, embedder, store = open_gallery(db, registry, device, collection)
-        hits = store.search(embedder.embed_files([image]), k)[0]
+        models, embedder, store = open_gallery(db, registry, device, collection)
+        hits = store.search(embedder.embed_files([image]), k, models.active.mixed_merge())[0]
     print(json.dumps([h.__dict__ for h in hits], indent=1))
 
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from advbct.data.batches import Preprocessing
 from advbct.data.images import ImageSet
+from advbct.evaluation.backfill import fit_calibration
 from advbct.evaluation.protocol import embed_files, embed_images, evaluate_pairs, ready_for_inference
 from advbct.models.checkpoint import load_checkpoint
 
@@ -65,7 +66,17 @@ def compatibility_gate(old: Embedder, new: Embedder, validation: ImageSet) -> di
     tests = evaluate_pairs(embeddings, validation.labels, [("old", "old"), ("new", "new"), ("new", "old")])
     numbers: dict = {key: value["map"] for key, value in tests.items()}
     numbers["passed"] = numbers["new/old"] > numbers["old/old"] and numbers["new/new"] > numbers["old/old"]
+    numbers["calibration"] = gallery_calibration(embeddings, validation.labels)
     return numbers
+
+
+def gallery_calibration(embeddings: dict[str, torch.Tensor], labels: torch.Tensor) -> dict | None:
+    """The score calibration searches use while the candidate's gallery is mixed, fitted on the gate's
+    validation embeddings; none (plain cosine) where the split holds no pair of one class."""
+    try:
+        return fit_calibration(embeddings["new"], embeddings["new"], embeddings["old"], labels).to_json()
+    except ValueError:
+        return None
 
 
 def describe_gate(numbers: dict) -> str:

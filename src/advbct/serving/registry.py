@@ -20,6 +20,7 @@ from pathlib import Path
 
 from advbct.data.images import DataError, ImageSet, load_image_folder
 from advbct.serving.models import Embedder, GateRefused, compatibility_gate, describe_gate
+from advbct.serving.store import MixedMerge
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS generations (
@@ -39,6 +40,13 @@ class Generation:
     image_size: int
     registered_at: float
     gate: dict | None
+
+    def mixed_merge(self) -> MixedMerge | None:
+        """How searches rank a mixed gallery while this generation is active: by the score calibration its gate
+        fitted (its own items against the previous generation's), or by plain cosine where it has none (the
+        first generation)."""
+        calibration = (self.gate or {}).get("calibration")
+        return None if calibration is None else MixedMerge.from_calibration(self.number, calibration)
 
 
 def _generation(row: tuple) -> Generation:

@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Collection, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -46,6 +46,27 @@ class Hit:
     score: float
     generation: int
     ref: str
+
+
+@dataclass(frozen=True)
+class MixedMerge:
+    """How to rank a gallery that two generations embedded: the active generation's items by its ``same`` Platt
+    scaling of cosine, every other item by its ``cross`` one (both fitted on the validation split at upgrade)."""
+
+    active: int
+    same: tuple[float, float]
+    cross: tuple[float, float]
+
+    @classmethod
+    def from_calibration(cls, active: int, calibration: dict) -> MixedMerge:
+        same, cross = calibration["same"], calibration["cross"]
+        return cls(active, (same["scale"], same["bias"]), (cross["scale"], cross["bias"]))
+
+    def rank(self, same: list[Hit], cross: list[Hit], k: int) -> list[Hit]:
+        """The ``k`` best of both parts' hits by calibrated score; equal scores keep the lower id first."""
+        scaled = [replace(h, score=self.same[0] * h.score + self.same[1]) for h in same]
+        scaled += [replace(h, score=self.cross[0] * h.score + self.cross[1]) for h in cross]
+        return sorted(scaled, key=lambda h: (-h.score, h.id))[:k]
 
 
 def normalised(vectors: np.ndarray, dim: int) -> np.ndarray:
@@ -232,16 +253,26 @@ class GalleryStore:
             clause += f" and id not in {sorted(int(i) for i in exclude)}"
         return self.client.query(self.collection, filter=clause, output_fields=["id", "ref", "generation"], limit=limit)
 
-    def search(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
+    def search(self, vectors: np.ndarray, k: int, merge: MixedMerge | None = None) -> list[list[Hit]]:
+        """The ``k`` best items for each query vector. Without ``merge``, by cosine over the whole gallery. With it,
+        the active generation's items and the others are searched apart and merged by the log-odds that each hit is
+        relevant (``Hit.score``), so items not yet re-embedded compete on what their score means, not its scale."""
         if k < 1:
             raise StoreError(f"k must be at least 1, got {k}")
+        vectors = normalised(vectors, self.dim)
+        if merge is None:
+            return self._search(vectors, k, "")
+        same = self._search(vectors, k, f"generation == {int(merge.active)}")
+        cross = self._search(vectors, k, f"generation != {int(merge.active)}")
+        return [merge.rank(mine, theirs, k) for mine, theirs in zip(same, cross, strict=True)]
+
+    def _search(self, vectors: np.ndarray, k: int, clause: str) -> list[list[Hit]]:
         from pymilvus.exceptions import MilvusException
 
-        vectors = normalised(vectors, self.dim)
         try:
             results = self.client.search(
-                self.collection, data=vectors.tolist(), limit=k, output_fields=["generation", "ref"],
-                search_params={"metric_type": "IP"},
+                self.collection, data=vectors.tolist(), limit=k, filter=clause,
+                output_fields=["generation", "ref"], search_params={"metric_type": "IP"},
             )  # fmt: skip
         except MilvusException as exc:
             raise StoreError(f"search failed: {exc}") from exc

@@ -29,21 +29,51 @@ def env_with(**extra):
     return env
 
 
-@pytest.mark.parametrize("method", ["advbct", "hot-refresh"])
-def test_distributed_step_matches_the_single_process_step(method, tmp_path):
-    single, double = tmp_path / "single.pt", tmp_path / "double.pt"
-    for command, out in (([sys.executable, str(WORKER)], single), (torchrun(str(WORKER)), double)):
-        result = subprocess.run([*command, method, str(out)], capture_output=True, text=True, env=env_with(),
-                                timeout=300)  # fmt: skip
-        assert result.returncode == 0, result.stderr[-3000:]
-    expected, got = torch.load(single, weights_only=True), torch.load(double, weights_only=True)
-    assert set(expected) == set(got)
-    assert any(name.startswith("method.") for name in expected) == (method == "advbct")
+def _run_worker(method, out, *extra, distributed=False):
+    command = torchrun(str(WORKER)) if distributed else [sys.executable, str(WORKER)]
+    result = subprocess.run([*command, method, str(out), *extra], capture_output=True, text=True, env=env_with(),
+                            timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return torch.load(out, weights_only=True)
+
+
+def _close(got, expected):
+    """float32 sums in another order: equal to a millionth of the tensor's largest entry (hot-refresh's temperature
+    of 0.01 makes its gradients large, so an absolute tolerance alone would not do)."""
+    return (got - expected).abs().max().item() <= 1e-5 * expected.abs().max().item() + 1e-7
+
+
+def test_distributed_advbct_step_matches_the_single_process_step(tmp_path):
+    expected = _run_worker("advbct", tmp_path / "single.pt")
+    got = _run_worker("advbct", tmp_path / "double.pt", distributed=True)
+    assert set(expected) == set(got) and any(name.startswith("method.") for name in expected)
     for name, value in expected.items():
-        # float32 sums in another order: equal to a millionth of the tensor's largest entry (hot-refresh's
-        # temperature of 0.01 makes its gradients large, so an absolute tolerance alone would not do).
-        scale = value.abs().max().item()
-        assert (got[name] - value).abs().max().item() <= 1e-5 * scale + 1e-7, f"{method}: {name} differs"
+        assert _close(got[name], value), f"advbct: {name} differs"
+
+
+def test_distributed_hot_refresh_step_pushes_only_each_ranks_own_batch(tmp_path):
+    # The reference: in one process, each rank's loss over its own anchors with the other rank's embeddings held
+    # constant, averaged over the ranks. The plain single-process step lets every anchor push every negative.
+    plain = _run_worker("hot-refresh", tmp_path / "single.pt")
+    as_ranks = _run_worker("hot-refresh", tmp_path / "as_ranks.pt", "as-ranks")
+    got = _run_worker("hot-refresh", tmp_path / "double.pt", distributed=True)
+    assert set(got) == set(as_ranks) == set(plain)
+    assert not any(name.startswith("method.") for name in got)
+    # The loss is the same value however the anchors are shared out: each counted once, averaged over the ranks.
+    assert _close(got["loss"], plain["loss"]) and _close(as_ranks["loss"], plain["loss"])
+    for name, value in as_ranks.items():
+        assert _close(got[name], value), f"hot-refresh: {name} differs from the own-anchor reference"
+    # Without the other rank's pushes on the negatives the gradient is not the plain step's.
+    assert not _close(got["model.proj.weight"], plain["model.proj.weight"])
+
+
+def test_hot_refresh_rows_gathered_from_the_other_rank_carry_no_gradient(tmp_path):
+    reference = _run_worker("hot-refresh", tmp_path / "single.pt", "embeddings")["local"]
+    got = _run_worker("hot-refresh", tmp_path / "double.pt", "embeddings", distributed=True)
+    # Each rank's own rows get the gradient of its own loss, computed with the other rank's rows as constants.
+    assert _close(got["local"], reference)
+    # A gather with gradient would also hand each rank the other rank's pushes on its rows as negatives.
+    assert not _close(got["shared"], reference)
 
 
 def _quickstart(folder, out, distributed, cache):

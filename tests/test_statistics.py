@@ -1,5 +1,7 @@
 """Old-class statistics: the 1.5-IQR radius rule and the centres, checked by hand and against numpy."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -7,6 +9,7 @@ import torch
 from advbct.compat.statistics import (
     StatisticsError,
     compute_class_statistics,
+    iqr_inlier_radii,
     iqr_max_radius,
     load_statistics,
     radius_summary,
@@ -22,6 +25,20 @@ def test_iqr_rule_by_hand():
     labels = torch.tensor([0, 0, 0, 1, 0, 1, 0, 1, 2])
     radii = iqr_max_radius(dist, labels, 4)
     assert radii.tolist() == pytest.approx([0.4, 5.0, 0.3, 0.0])
+
+
+def test_inlier_min_median_and_max_by_hand():
+    # class 0: [0.1, 0.2, 0.3, 0.4, 2.0] -> 2.0 dropped (see above) -> inliers 0.1..0.4: min 0.1, median 0.25, max 0.4
+    # class 1: [5.0, 0.1, 0.2], too few to filter -> min 0.1, median 0.2, max 5.0
+    # class 2: one sample 0.3 -> all three 0.3; class 3: no samples -> 0
+    # class 4: [0.01, 1.0, 1.1, 1.2, 1.3] -> Q1 1.0, Q3 1.2, IQR 0.2, lower fence 0.7: the small 0.01 is an outlier
+    #          too -> inliers 1.0..1.3: min 1.0, median (1.1 + 1.2) / 2 = 1.15, max 1.3
+    dist = torch.tensor([0.3, 2.0, 0.1, 5.0, 0.2, 0.1, 0.4, 0.2, 0.3, 1.2, 0.01, 1.3, 1.0, 1.1], dtype=torch.float64)
+    labels = torch.tensor([0, 0, 0, 1, 0, 1, 0, 1, 2, 4, 4, 4, 4, 4])
+    radii = iqr_inlier_radii(dist, labels, 5)
+    assert radii.minimum.tolist() == pytest.approx([0.1, 0.1, 0.3, 0.0, 1.0])
+    assert radii.median.tolist() == pytest.approx([0.25, 0.2, 0.3, 0.0, 1.15])
+    assert radii.maximum.tolist() == pytest.approx([0.4, 5.0, 0.3, 0.0, 1.3])
 
 
 def test_iqr_fence_is_inclusive():
@@ -68,10 +85,44 @@ def test_statistics_file_is_keyed_to_its_checkpoint(tmp_path):
     save_statistics(stats, path)
     loaded = load_statistics(path, "old-model-1")
     assert torch.equal(loaded.centres, stats.centres) and loaded.class_names == tuple("abcd")
+    assert torch.equal(loaded.min_radii, stats.min_radii) and torch.equal(loaded.median_radii, stats.median_radii)
     with pytest.raises(StatisticsError, match="computed from old model old-model-1"):
         load_statistics(path, "another-model")
     with pytest.raises(StatisticsError, match="not found"):
         load_statistics(tmp_path / "missing.pt")
+
+
+def test_a_statistics_file_without_the_inlier_radii_asks_for_new_statistics(tmp_path):
+    stats = compute_class_statistics(torch.randn(8, 2), torch.arange(8) % 2, 2, "m")
+    blob = {"meta": json.dumps({"old_model_id": "m", "class_names": []}), "centres": stats.centres,
+            "radii": stats.radii, "angular_radii": stats.angular_radii, "counts": stats.counts,
+            "has_radius": stats.has_radius}  # fmt: skip
+    torch.save(blob, tmp_path / "old.pt")
+    with pytest.raises(StatisticsError, match=r"lacks min_radii, median_radii .* re-run `advbct stats`"):
+        load_statistics(tmp_path / "old.pt")
+
+
+def test_a_statistics_file_holding_other_objects_is_not_unpickled(tmp_path):
+    torch.save({"meta": "{}", "payload": _Pickled()}, tmp_path / "evil.pt")
+    with pytest.raises(StatisticsError, match="cannot read statistics file"):
+        load_statistics(tmp_path / "evil.pt")
+    assert _UNPICKLED == []
+    torch.load(tmp_path / "evil.pt", weights_only=False)  # a full unpickle would have run the object's code
+    assert _UNPICKLED == [True]
+
+
+_UNPICKLED: list[bool] = []
+
+
+def _record_unpickling() -> None:
+    _UNPICKLED.append(True)
+
+
+class _Pickled:
+    """Unpickling this object calls ``_record_unpickling``: the weights-only loader must refuse it instead."""
+
+    def __reduce__(self):
+        return _record_unpickling, ()
 
 
 def test_radius_summary_by_hand():

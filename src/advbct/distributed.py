@@ -7,7 +7,9 @@ group: NCCL on GPUs, gloo on CPUs. The rules the rest of the code relies on:
   (the order ``DistributedSampler`` produces). So one distributed step equals one single-process step on the
   concatenated batch, and a run can resume with another world size.
 - Losses that look across the batch get the whole batch through ``gather_with_grad`` (an all-gather whose
-  backward sends each rank the gradient of its own samples); per-sample losses stay local.
+  backward sends each rank the gradient of its own samples); per-sample losses stay local. A contrastive loss
+  whose anchors are each rank's own samples gets the batch through ``gather_local_grad`` instead: the other
+  ranks' rows are constants there, so each rank pushes only its local batch.
 - Batch norm statistics: PyTorch's SyncBatchNorm on GPUs; on CPUs, where SyncBatchNorm refuses to run,
   ``AllReduceBatchNorm`` computes the same global statistics with autograd-aware all-reduces.
 - Rank 0 alone logs, writes files and reports; the others wait at barriers.
@@ -97,6 +99,25 @@ def gather_with_grad(x: torch.Tensor, world: World) -> torch.Tensor:
         warnings.simplefilter("ignore", FutureWarning)  # deprecated in favour of a private module; still supported
         parts = dist_fn.all_gather(x.contiguous())
     return torch.stack(parts, dim=1).reshape(-1, *x.shape[1:])
+
+
+def gather_local_grad(x: torch.Tensor, world: World) -> torch.Tensor:
+    """Every rank's ``x`` in the order of ``gather_with_grad``, where only this rank's own rows carry gradient.
+
+    The other ranks' rows are received without autograd, as a contrastive loss over a cross-rank pool of negatives
+    is run: each rank's loss moves its own embeddings only, and no gradient is exchanged between ranks.
+    """
+    if not world.distributed:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world.size)]
+    dist.all_gather(parts, x.detach().contiguous())
+    parts[world.rank] = x
+    return torch.stack(parts, dim=1).reshape(-1, *x.shape[1:])
+
+
+def local_positions(rows: int, world: World, device: torch.device | None = None) -> torch.Tensor:
+    """Where this rank's ``rows`` samples lie in a batch gathered from every rank (rank-interleaved order)."""
+    return torch.arange(world.rank, rows * world.size, world.size, device=device)
 
 
 def gather_rows(x: torch.Tensor, world: World, total: int | None = None) -> torch.Tensor:

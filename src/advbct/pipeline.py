@@ -5,7 +5,6 @@ The CLI is a thin layer over these, so notebooks and tests drive exactly what us
 
 from __future__ import annotations
 
-import inspect
 import multiprocessing
 import os
 from collections.abc import Callable, Mapping
@@ -203,12 +202,10 @@ def _train_run(run: NewModelRun, show_progress: bool) -> Path:
 
 def options_for(method: str, options: dict) -> dict:
     """The configured compatibility options that ``method`` takes: a comparison sets options once (for the
-    preset's method) and each method receives those its constructor accepts (AdvBCT's ablations take all of
-    AdvBCT's; ``tau`` never reaches ``bct``)."""
-    parameters = inspect.signature(method_class(method).__init__).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-        return dict(options)
-    return {key: value for key, value in options.items() if key in parameters}
+    preset's method) and each method receives those it takes (AdvBCT's ablations take AdvBCT's, less the parts
+    they fix; ``tau`` never reaches ``bct``)."""
+    accepted = method_class(method).option_names()
+    return {key: value for key, value in options.items() if key in accepted}
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from advbct.compat.base import CompatBatch, CompatContext, CompatibilityMethod, LossOutput, register_method
+from advbct.compat.base import (
+    CompatBatch,
+    CompatContext,
+    CompatError,
+    CompatibilityMethod,
+    LossOutput,
+    register_method,
+)
 
 PAPER_TAU = 1.0  # the elastic boundary's threshold in the paper's configuration
 
@@ -177,7 +184,8 @@ class AdvBCT(CompatibilityMethod):
     ):
         super().__init__()
         if generator_loss not in ADVERSARIAL_LOSSES:
-            raise ValueError(f"generator_loss must be one of {', '.join(ADVERSARIAL_LOSSES)}, got {generator_loss!r}")
+            choices = ", ".join(ADVERSARIAL_LOSSES)
+            raise CompatError(f"option generator_loss must be one of {choices}, got {generator_loss!r}")
         self.adversarial_loss = ADVERSARIAL_LOSSES[generator_loss]
         stats = context.statistics
         assert stats is not None  # guaranteed by `requires`, checked in create()
@@ -238,6 +246,8 @@ def _ablation(name: str, doc: str, **fixed: bool) -> type[AdvBCT]:
     """An AdvBCT variant with some parts switched off, registered under its own name for comparisons."""
 
     class Ablation(AdvBCT):
+        fixed_options = frozenset(fixed)
+
         def __init__(self, context: CompatContext, **options: object):
             super().__init__(context, **{**options, **fixed})
 
@@ -248,4 +258,30 @@ def _ablation(name: str, doc: str, **fixed: bool) -> type[AdvBCT]:
 
 _ablation("advbct-adv-only", "AdvBCT without the boundary term (adversarial alignment only).", boundary=False)
 _ablation("advbct-bound-only", "AdvBCT without the adversarial term (elastic boundary only).", adversarial=False)
-_ablation("advbct-fixed-radius", "AdvBCT with the fixed radius r_max instead of the elastic one.", elastic=False)
+
+FIXED_RADII = ("min", "median", "max")
+
+
+@register_method("advbct-fixed-radius")
+class AdvBCTFixedRadius(AdvBCT):
+    """AdvBCT with a fixed boundary radius per old class instead of the elastic one.
+
+    ``radius`` picks it among the class's IQR inlier distances: ``min`` (the default) is what the public AdvBCT
+    code's non-elastic path uses, a tight ball; ``median`` and ``max`` (r_max, the elastic radius's starting point)
+    show how much of the elastic boundary's effect a looser fixed ball already gives.
+    """
+
+    fixed_options = frozenset({"elastic"})
+
+    def __init__(self, context: CompatContext, radius: str = "min", **options: object):
+        if radius not in FIXED_RADII:
+            raise CompatError(f"option radius must be one of {', '.join(FIXED_RADII)}, got {radius!r}")
+        super().__init__(context, **{**options, "elastic": False})
+        stats = context.statistics
+        assert stats is not None  # guaranteed by `requires`
+        chosen = {"min": stats.min_radii, "median": stats.median_radii, "max": stats.radii}[radius]
+        self.radius_choice = radius
+        self.register_buffer("fixed_radii", chosen.clone())
+
+    def radii(self) -> torch.Tensor:
+        return self.fixed_radii

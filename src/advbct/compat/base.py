@@ -9,6 +9,7 @@ distributed primitives; the training loop owns both.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -39,7 +40,11 @@ class CompatBatch:
     """One step's inputs: raw new embeddings, labels (global class ids), old embeddings of the same images,
     training progress (the fraction of steps done) and the epoch index (both 0-d device tensors on the CUDA-graph
     path, so they can change between replays of one captured step), and the new model's classifier weights (rows
-    in global class order)."""
+    in global class order).
+
+    ``local_rows``: for a method with ``local_anchors`` under data parallelism, the positions of this rank's own
+    samples in the gathered batch; None means every row is this process's own (a single process).
+    """
 
     new_emb: torch.Tensor
     labels: torch.Tensor
@@ -48,6 +53,7 @@ class CompatBatch:
     epoch: int | torch.Tensor
     num_epochs: int
     new_classifier: torch.Tensor | None = None
+    local_rows: torch.Tensor | None = None
 
 
 @dataclass
@@ -66,11 +72,36 @@ class CompatibilityMethod(nn.Module):
     ``needs_old_embeddings``: the loss reads the old model's embeddings of the batch, so training runs the old
     model's forward pass on every step. A method may decide it per instance from its options (AdvBCT without its
     adversarial term reads none), which is why training asks the built method rather than its class.
+
+    ``local_anchors`` (with ``batch_wide``): the loss is taken over this rank's own samples only
+    (``CompatBatch.local_rows``) and the rows gathered from other ranks arrive without gradient, so each rank pushes
+    only its local batch: how contrastive losses with a cross-rank pool of negatives are run (Hot-refresh).
+
+    ``fixed_options``: options of a parent class that a subclass sets itself (an ablation switching a part off);
+    they are not options of the subclass.
     """
 
     requires: ClassVar[tuple[str, ...]] = ()
     needs_old_embeddings: bool = True
     batch_wide: ClassVar[bool] = False
+    local_anchors: ClassVar[bool] = False
+    fixed_options: ClassVar[frozenset[str]] = frozenset()
+
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        """The options the constructor takes after the context, following ``**options`` up to the parent class
+        that names them, less ``fixed_options``: what a configuration may set for this method."""
+        names: list[str] = []
+        for klass in cls.__mro__:
+            if klass is CompatibilityMethod:
+                break
+            if "__init__" not in vars(klass):
+                continue
+            params = list(inspect.signature(klass.__init__).parameters.values())[2:]  # self, context
+            names += [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+            if not any(p.kind is p.VAR_KEYWORD for p in params):
+                break
+        return tuple(name for name in dict.fromkeys(names) if name not in cls.fixed_options)
 
     def forward(self, batch: CompatBatch) -> LossOutput:
         raise NotImplementedError
@@ -112,6 +143,10 @@ def create(name: str, context: CompatContext | None = None, **options: object) -
     for need in cls.requires:
         if getattr(context, need) is None:
             raise CompatError(f"method {name!r} needs {_REQUIREMENT_HELP.get(need, need)}")
+    accepted = cls.option_names()
+    for option in options:
+        if option not in accepted:
+            raise CompatError(f"method {name!r} has no option {option!r}; its options: {', '.join(accepted) or 'none'}")
     try:
         return cls(context, **options)
     except TypeError as exc:

@@ -9,7 +9,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from advbct.compat.base import CompatBatch, CompatContext, CompatibilityMethod, LossOutput, register_method
+from advbct.compat.base import (
+    CompatBatch,
+    CompatContext,
+    CompatError,
+    CompatibilityMethod,
+    LossOutput,
+    register_method,
+)
 from advbct.models.heads import margin_logits
 
 
@@ -25,8 +32,12 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def l2_regression_loss(new_emb: torch.Tensor, old_emb: torch.Tensor) -> torch.Tensor:
-    """Mean over the batch of ||f_new - f_old||^2 (sum over dimensions)."""
-    return (new_emb.float() - old_emb.float()).pow(2).sum(1).mean()
+    """Mean squared error between the L2-normalised new and old embeddings, over batch and dimensions.
+
+    Retrieval compares directions, so only directions are regressed; and averaging over dimensions as well (torch's
+    MSELoss) keeps the term on the scale of the classification loss, as the public AdvBCT code runs this baseline.
+    """
+    return F.mse_loss(F.normalize(new_emb.float(), dim=1), F.normalize(old_emb.float(), dim=1))
 
 
 @register_method("l2")
@@ -75,7 +86,11 @@ def angle_between(emb: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
 @register_method("lce")
 class LCE(CompatibilityMethod):
     """Angular boundary max(angle(c_y, f_new) - theta_y, 0) on old classes, plus alignment of the new
-    classifier's weight of each old class with its old centre (1 - cosine)."""
+    classifier's weight of each old class with its old centre (1 - cosine).
+
+    Both terms are means over the batch's samples of classes with a radius, so a class weighs as often as it
+    occurs: the public code aligns the classifier row of each sample's class, not every old class on every step.
+    """
 
     requires = ("statistics",)
     needs_old_embeddings = False
@@ -89,16 +104,15 @@ class LCE(CompatibilityMethod):
         self.register_buffer("centres", stats.centres.clone())
         self.register_buffer("theta", stats.angular_radii.clone())
         self.register_buffer("has_radius", stats.has_radius.clone())
-        # Index positions, not a boolean mask: masking a device tensor makes the host wait for its count.
-        self.register_buffer("radius_classes", torch.nonzero(stats.has_radius).flatten())
 
     def forward(self, batch: CompatBatch) -> LossOutput:
         if batch.new_classifier is None:
             raise ValueError("LCE needs the new model's classifier weights in the batch")
         excess = (angle_between(batch.new_emb, self.centres[batch.labels]) - self.theta[batch.labels]).clamp(min=0)
-        boundary = _masked_mean(excess, self.has_radius[batch.labels])
-        old_rows = batch.new_classifier[self.radius_classes]
-        align = (1 - F.cosine_similarity(old_rows.float(), self.centres[self.radius_classes], dim=1)).mean()
+        old_class = self.has_radius[batch.labels]
+        boundary = _masked_mean(excess, old_class)
+        rows = batch.new_classifier[batch.labels].float()
+        align = _masked_mean(1 - F.cosine_similarity(rows, self.centres[batch.labels], dim=1), old_class)
         total = self.boundary_weight * boundary + self.align_weight * align
         return LossOutput(total, {"boundary": boundary, "align": align})
 
@@ -129,31 +143,73 @@ class UniBCT(CompatibilityMethod):
         return LossOutput(self.weight * loss, {"prototype_ce": loss})
 
 
+PUBLIC_TOP_K_NEGATIVES = 10  # `topk_neg` in the defaults of the public Hot-refresh / AdvBCT code
+
+
+def _hardest(similarity: torch.Tensor, valid: torch.Tensor, top_k: int | None) -> torch.Tensor:
+    """Each row's ``top_k`` largest valid similarities; invalid entries are -inf, so where a row has fewer than
+    ``top_k`` valid ones the rest come out -inf and take no part in a softmax. ``None`` keeps every column."""
+    masked = similarity.masked_fill(~valid, float("-inf"))
+    if top_k is None or top_k >= masked.shape[1]:
+        return masked
+    return masked.topk(top_k, dim=1).values
+
+
 def hot_refresh_loss(
-    new_emb: torch.Tensor, old_emb: torch.Tensor, labels: torch.Tensor, temperature: float
+    new_emb: torch.Tensor,
+    old_emb: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float,
+    top_k: int | None = PUBLIC_TOP_K_NEGATIVES,
+    anchors: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """InfoNCE from each new embedding: positive = the old embedding of the same image; negatives = old and
-    new embeddings of the batch's samples of other classes (same-class samples are neither)."""
+    """InfoNCE from each anchor's new embedding: positive = the old embedding of the same image; negatives = the
+    ``top_k`` most similar old and the ``top_k`` most similar new embeddings of the batch's other-class samples
+    (same-class samples are neither).
+
+    ``anchors`` (row positions, all rows when None) are the samples whose loss is taken; the negatives come from
+    the whole batch. Under data parallelism each rank anchors its own rows in the gathered batch, as the public code
+    does, so every anchor is counted once over the ranks.
+    """
     n = F.normalize(new_emb.float(), dim=1)
     o = F.normalize(old_emb.float(), dim=1)
-    other_class = labels.unsqueeze(0) != labels.unsqueeze(1)
-    eye = torch.eye(labels.numel(), dtype=torch.bool, device=labels.device)
-    to_old = (n @ o.T / temperature).masked_fill(~(other_class | eye), float("-inf"))
-    to_new = (n @ n.T / temperature).masked_fill(~other_class, float("-inf"))
-    logits = torch.cat([to_old, to_new], dim=1)
-    return F.cross_entropy(logits, torch.arange(labels.numel(), device=labels.device))
+    rows = torch.arange(labels.numel(), device=labels.device) if anchors is None else anchors
+    queries = n[rows]
+    positive = (queries * o[rows]).sum(1, keepdim=True)
+    other_class = labels[rows].unsqueeze(1) != labels.unsqueeze(0)
+    to_old = _hardest(queries @ o.T, other_class, top_k)
+    to_new = _hardest(queries @ n.T, other_class, top_k)
+    logits = torch.cat([positive, to_old, to_new], dim=1) / temperature
+    return F.cross_entropy(logits, torch.zeros_like(rows))
 
 
 @register_method("hot-refresh")
 class HotRefresh(CompatibilityMethod):
-    """New-to-old contrastive alignment (RACT / Hot-refresh, ICLR 2022)."""
+    """New-to-old contrastive alignment (RACT / Hot-refresh, ICLR 2022) with the public code's hard negatives.
+
+    ``top_k_negatives``: how many of the hardest negatives of each kind (old, new) an anchor keeps; None keeps all.
+    """
 
     batch_wide = True  # negatives are the other samples of the (cross-rank gathered) batch
+    local_anchors = True  # each rank anchors its own samples; rows from other ranks are constants
 
-    def __init__(self, context: CompatContext, temperature: float = 0.01, weight: float = 1.0):
+    def __init__(
+        self,
+        context: CompatContext,
+        temperature: float = 0.01,
+        weight: float = 1.0,
+        top_k_negatives: int | None = PUBLIC_TOP_K_NEGATIVES,
+    ):
         super().__init__()
-        self.temperature, self.weight = temperature, weight
+        valid_k = isinstance(top_k_negatives, int) and not isinstance(top_k_negatives, bool) and top_k_negatives > 0
+        if top_k_negatives is not None and not valid_k:
+            raise CompatError(f"option top_k_negatives must be a positive integer or null, got {top_k_negatives!r}")
+        if not temperature > 0:
+            raise CompatError(f"option temperature must be positive, got {temperature!r}")
+        self.temperature, self.weight, self.top_k = temperature, weight, top_k_negatives
 
     def forward(self, batch: CompatBatch) -> LossOutput:
-        loss = hot_refresh_loss(batch.new_emb, batch.old_emb, batch.labels, self.temperature)
+        loss = hot_refresh_loss(
+            batch.new_emb, batch.old_emb, batch.labels, self.temperature, self.top_k, batch.local_rows
+        )
         return LossOutput(self.weight * loss, {"contrastive": loss})

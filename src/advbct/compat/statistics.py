@@ -25,10 +25,16 @@ class StatisticsError(ValueError):
 @dataclass(frozen=True)
 class ClassStatistics:
     """Per class y: centre c_y (mean of normalised embeddings), r_max(y) (Euclidean, to c_y), the angular
-    radius theta_max(y) (angle to c_y's direction, same IQR rule; used by LCE), sample count, usable-radius flag."""
+    radius theta_max(y) (angle to c_y's direction, same IQR rule; used by LCE), sample count, usable-radius flag.
+
+    ``min_radii`` and ``median_radii`` are the smallest and the median of the same IQR inlier distances: the
+    fixed-radius ablation offers them besides r_max, the smallest being the public AdvBCT code's choice.
+    """
 
     centres: torch.Tensor
     radii: torch.Tensor
+    min_radii: torch.Tensor
+    median_radii: torch.Tensor
     angular_radii: torch.Tensor
     counts: torch.Tensor
     has_radius: torch.Tensor
@@ -95,10 +101,19 @@ def _per_class_quantile(
     return lo_val + (hi_val - lo_val) * (pos - lo)
 
 
-def iqr_max_radius(dist: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Per class: the largest distance inside [Q1 - 1.5 IQR, Q3 + 1.5 IQR] (no filtering below 4 samples).
+@dataclass(frozen=True)
+class InlierRadii:
+    """Per class: the smallest, the median and the largest distance kept by the 1.5-IQR rule (0 without samples)."""
 
-    Classes without samples get 0. Quartiles interpolate linearly, as numpy's default percentile does.
+    minimum: torch.Tensor
+    median: torch.Tensor
+    maximum: torch.Tensor
+
+
+def iqr_inlier_radii(dist: torch.Tensor, labels: torch.Tensor, num_classes: int) -> InlierRadii:
+    """Per class: min, median and max of the distances inside [Q1 - 1.5 IQR, Q3 + 1.5 IQR] (no filtering below 4
+    samples). Classes without samples get 0. Quartiles and the median interpolate linearly, as numpy's default
+    percentile does, so every statistic is read off one class-then-distance sort of all samples.
     """
     labels = labels.long()
     counts = torch.bincount(labels, minlength=num_classes)
@@ -110,9 +125,25 @@ def iqr_max_radius(dist: torch.Tensor, labels: torch.Tensor, num_classes: int) -
     iqr = q3 - q1
     filtered = counts[labels] >= MIN_SAMPLES_FOR_IQR
     inlier = ~filtered | ((dist >= (q1 - 1.5 * iqr)[labels]) & (dist <= (q3 + 1.5 * iqr)[labels]))
-    return torch.zeros(num_classes, dtype=dist.dtype).scatter_reduce(
-        0, labels[inlier], dist[inlier], reduce="amax", include_self=False
+    # Dropping outliers from the sorted order keeps it sorted by class, then by distance.
+    kept = order[inlier[order]]
+    kept_counts = torch.bincount(labels[kept], minlength=num_classes)
+    kept_starts = torch.cumsum(kept_counts, 0) - kept_counts
+    sorted_kept = dist[kept]
+    median = _per_class_quantile(sorted_kept, kept_starts, kept_counts, 0.5)
+    first = sorted_kept[kept_starts.clamp(max=sorted_kept.numel() - 1)]
+    present = kept_counts > 0
+    zeros = torch.zeros(num_classes, dtype=dist.dtype)
+    return InlierRadii(
+        minimum=torch.where(present, first, zeros),
+        median=torch.where(present, median, zeros),
+        maximum=zeros.scatter_reduce(0, labels[kept], sorted_kept, reduce="amax", include_self=False),
     )
+
+
+def iqr_max_radius(dist: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Per class: the largest distance inside [Q1 - 1.5 IQR, Q3 + 1.5 IQR] (no filtering below 4 samples)."""
+    return iqr_inlier_radii(dist, labels, num_classes).maximum
 
 
 def _check_statistics_input(embeddings: torch.Tensor, labels: torch.Tensor, num_classes: int) -> None:
@@ -138,7 +169,8 @@ def compute_class_statistics(
     old_model_id: str = "",
     class_names: tuple[str, ...] = (),
 ) -> ClassStatistics:
-    """Centres, radii (max distance after dropping 1.5-IQR outliers for classes with >= 4 samples) and counts."""
+    """Centres, radii (min, median and max distance after dropping 1.5-IQR outliers for classes with >= 4 samples)
+    and counts."""
     _check_statistics_input(embeddings, labels, num_classes)
     feats = F.normalize(embeddings.double(), dim=1)
     labels = labels.long()
@@ -148,9 +180,12 @@ def compute_class_statistics(
     dist = (feats - centres[labels]).norm(dim=1)
     cos = (feats * F.normalize(centres, dim=1)[labels]).sum(1)
     angles = torch.acos(cos.clamp(-1.0, 1.0))
+    radii = iqr_inlier_radii(dist, labels, num_classes)
     return ClassStatistics(
         centres=centres.float(),
-        radii=iqr_max_radius(dist, labels, num_classes).float(),
+        radii=radii.maximum.float(),
+        min_radii=radii.minimum.float(),
+        median_radii=radii.median.float(),
         angular_radii=iqr_max_radius(angles, labels, num_classes).float(),
         counts=counts,
         has_radius=counts >= 2,
@@ -159,35 +194,40 @@ def compute_class_statistics(
     )
 
 
+_TENSOR_FIELDS = ("centres", "radii", "min_radii", "median_radii", "angular_radii", "counts", "has_radius")
+
+
 def save_statistics(stats: ClassStatistics, path: Path) -> None:
     meta = {"old_model_id": stats.old_model_id, "class_names": list(stats.class_names)}
     atomic_save(
-        {
-            "meta": json.dumps(meta),
-            "centres": stats.centres,
-            "radii": stats.radii,
-            "angular_radii": stats.angular_radii,
-            "counts": stats.counts,
-            "has_radius": stats.has_radius,
-        },
+        {"meta": json.dumps(meta), **{name: getattr(stats, name) for name in _TENSOR_FIELDS}},
         Path(path),
     )
 
 
 def load_statistics(path: str | Path, expected_model_id: str | None = None) -> ClassStatistics:
-    """Read a statistics file; refuse it when it was computed from a different old checkpoint."""
+    """Read a statistics file; refuse it when it was computed from a different old checkpoint.
+
+    Only tensors and a JSON string are read back (``weights_only``): a statistics file may come from anywhere, and
+    unpickling arbitrary objects would run code from it.
+    """
     path = Path(path)
     if not path.is_file():
         raise StatisticsError(f"statistics file not found: {path} (run `advbct stats` on the old checkpoint)")
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise StatisticsError(f"cannot read statistics file {path}: {exc}") from exc
+    missing = [name for name in ("meta", *_TENSOR_FIELDS) if not isinstance(blob, dict) or name not in blob]
+    if missing:
+        raise StatisticsError(
+            f"statistics file {path} lacks {', '.join(missing)} (written by an older version or not a statistics "
+            "file); re-run `advbct stats` on the old checkpoint"
+        )
+    try:
         meta = json.loads(blob["meta"])
         stats = ClassStatistics(
-            centres=blob["centres"],
-            radii=blob["radii"],
-            angular_radii=blob["angular_radii"],
-            counts=blob["counts"],
-            has_radius=blob["has_radius"],
+            **{name: blob[name] for name in _TENSOR_FIELDS},
             old_model_id=str(meta["old_model_id"]),
             class_names=tuple(meta["class_names"]),
         )

@@ -36,8 +36,10 @@ from advbct.distributed import (
     World,
     convert_batchnorm,
     current_world,
+    gather_local_grad,
     gather_rows,
     gather_with_grad,
+    local_positions,
     resolve_device,
 )
 from advbct.models.checkpoint import (
@@ -454,14 +456,20 @@ class TrainStep(nn.Module):
         new_emb = self.model(images).float()
         logits = self.model.classify(new_emb, head_labels).float()
         cls_loss = F.cross_entropy(logits, head_labels, label_smoothing=self.label_smoothing)
+        local_rows = None
         if batch_wide:
             # The method sees the global batch; see advbct.distributed for why gradients then come out right.
             world = current_world()
-            new_emb, labels = gather_with_grad(new_emb, world), gather_rows(labels, world)
+            if self.method.local_anchors:
+                local_rows = local_positions(new_emb.shape[0], world, new_emb.device)
+                new_emb = gather_local_grad(new_emb, world)
+            else:
+                new_emb = gather_with_grad(new_emb, world)
+            labels = gather_rows(labels, world)
             old_emb = gather_rows(old_emb, world) if old_emb is not None else None
         classifier = self.model.head.weight if self.pass_classifier else None
-        out = self.method(CompatBatch(new_emb, labels, old_emb, progress, epoch, num_epochs, classifier))
-        return cls_loss, out
+        batch = CompatBatch(new_emb, labels, old_emb, progress, epoch, num_epochs, classifier, local_rows)
+        return cls_loss, self.method(batch)
 
 
 def _build_method(

@@ -14,6 +14,8 @@ either way.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -37,6 +39,55 @@ def label_retrieval_metrics(
     item ``own_gallery_index[i]``, which is removed from its ranking (a probe of a gallery's own images).
     Equal similarities (duplicate images) rank in gallery order, so a score never depends on the device's sort.
     """
+    sums = {"map": 0.0, "map_at_r": 0.0, **{f"top{k}": 0.0 for k in ks}}
+    scored = 0
+    chunks = ranked_chunks(
+        query_emb, query_labels, gallery_emb, gallery_labels, exclude_same_index, chunk_size, own_gallery_index
+    )
+    for positions, n_rel in chunks:
+        has_relevant = n_rel > 0
+        ap, ap_at_r = average_precision_from_positions(positions, n_rel)
+        sums["map"] += ap[has_relevant].sum().item()
+        sums["map_at_r"] += ap_at_r[has_relevant].sum().item()
+        for k in ks:
+            sums[f"top{k}"] += (positions[:, 0] <= k)[has_relevant].sum().item()
+        scored += int(has_relevant.sum())
+    if scored == 0:
+        raise ValueError("no query has a relevant gallery item; nothing to score")
+    return {name: 100.0 * value / scored for name, value in sums.items()}
+
+
+def query_average_precision(
+    query_emb: torch.Tensor,
+    query_labels: torch.Tensor,
+    gallery_emb: torch.Tensor,
+    gallery_labels: torch.Tensor,
+    exclude_same_index: bool = False,
+    chunk_size: int = 256,
+) -> torch.Tensor:
+    """Each query's AP (a fraction, float64 on the CPU; NaN for a query with no relevant gallery item): the
+    per-query values whose mean over the non-NaN entries is :func:`label_retrieval_metrics`' mAP / 100, for
+    statistics over queries such as a bootstrap interval."""
+    chunks = ranked_chunks(query_emb, query_labels, gallery_emb, gallery_labels, exclude_same_index, chunk_size)
+    aps = [
+        torch.where(n_rel > 0, average_precision_from_positions(positions, n_rel)[0], float("nan")).cpu()
+        for positions, n_rel in chunks
+    ]
+    return torch.cat(aps) if aps else torch.zeros(0, dtype=torch.float64)
+
+
+def ranked_chunks(
+    query_emb: torch.Tensor,
+    query_labels: torch.Tensor,
+    gallery_emb: torch.Tensor,
+    gallery_labels: torch.Tensor,
+    exclude_same_index: bool = False,
+    chunk_size: int = 256,
+    own_gallery_index: torch.Tensor | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The queries ranked ``chunk_size`` at a time: per chunk, the relevant items' positions (see
+    :func:`relevant_positions`) and each query's number of relevant items. Arguments as for
+    :func:`label_retrieval_metrics`; mismatched shapes and non-finite embeddings are refused before any ranking."""
     if query_emb.shape[1] != gallery_emb.shape[1]:
         raise ValueError(f"query embeddings have dim {query_emb.shape[1]}, gallery embeddings {gallery_emb.shape[1]}")
     if exclude_same_index and query_emb.shape[0] != gallery_emb.shape[0]:
@@ -52,8 +103,6 @@ def label_retrieval_metrics(
     g = F.normalize(gallery_emb.float(), dim=1)
     gallery_labels = gallery_labels.to(g.device)
     query_labels = query_labels.to(q.device)
-    sums = {"map": 0.0, "map_at_r": 0.0, **{f"top{k}": 0.0 for k in ks}}
-    scored = 0
     for start in range(0, q.shape[0], chunk_size):
         block = q[start : start + chunk_size]
         sims = block @ g.T
@@ -64,18 +113,7 @@ def label_retrieval_metrics(
             own = own_gallery_index[start : start + chunk_size].to(sims.device)
             relevant[rows, own] = False
             counted[rows, own] = False
-        positions = relevant_positions(sims, relevant, counted)
-        n_rel = relevant.sum(1)
-        has_relevant = n_rel > 0
-        ap, ap_at_r = average_precision_from_positions(positions, n_rel)
-        sums["map"] += ap[has_relevant].sum().item()
-        sums["map_at_r"] += ap_at_r[has_relevant].sum().item()
-        for k in ks:
-            sums[f"top{k}"] += (positions[:, 0] <= k)[has_relevant].sum().item()
-        scored += int(has_relevant.sum())
-    if scored == 0:
-        raise ValueError("no query has a relevant gallery item; nothing to score")
-    return {name: 100.0 * value / scored for name, value in sums.items()}
+        yield relevant_positions(sims, relevant, counted), relevant.sum(1)
 
 
 def relevant_positions(sims: torch.Tensor, relevant: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:

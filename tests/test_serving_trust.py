@@ -14,10 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from prometheus_client.parser import text_string_to_metric_families
 
 from advbct.data.batches import normalise
 from advbct.data.images import DataError, load_image_folder
 from advbct.models.checkpoint import load_checkpoint, save_checkpoint
+from advbct.serving.metrics import ServiceMetrics
 from advbct.serving.models import Embedder, GateRefused, bootstrap_interval, describe_gate
 from advbct.serving.registry import ModelRegistry
 from advbct.serving.store import GalleryStore
@@ -277,3 +279,39 @@ def test_the_gate_passes_a_better_compatible_model_with_its_intervals(tmp_path, 
     line = describe_gate(gate)
     assert "\n" not in line and f"[{gate['margins']['new/old']['low']:+.2f}, " in line and "100 queries" in line
     assert ModelRegistry(tmp_path / "registry.sqlite").active.gate == gate
+
+
+def _scrape(client) -> dict[tuple[str, tuple], float]:
+    """/metrics parsed by prometheus-client's own parser: {(sample name, sorted labels): value}."""
+    response = client.get("/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+    }
+
+
+def test_metrics_count_requests_by_route_batches_and_items_by_generation(service):
+    client, _, root = service
+    query = sorted((root / "train").rglob("*.png"))[0].read_bytes()
+    for _ in range(3):
+        assert client.get("/health").status_code == 200
+    for _ in range(2):
+        assert client.post("/search", files={"image": ("q.png", query)}, data={"k": "3"}).status_code == 200
+    assert client.get("/items/999/image").status_code == 404
+    assert client.get("/items/998/image").status_code == 404
+    metrics = _scrape(client)
+    requests = "advbct_http_requests_total"
+    assert metrics[(requests, (("method", "GET"), ("route", "/health"), ("status", "200")))] == 3
+    assert metrics[(requests, (("method", "POST"), ("route", "/search"), ("status", "200")))] == 2
+    assert metrics[(requests, (("method", "GET"), ("route", "/items/{item_id}/image"), ("status", "404")))] == 2
+    assert metrics[("advbct_http_request_seconds_count", (("method", "POST"), ("route", "/search")))] == 2
+    assert metrics[("advbct_http_request_seconds_sum", (("method", "POST"), ("route", "/search")))] > 0
+    assert metrics[("advbct_embed_batch_images_count", ())] == 2, "one model call per search, one image each"
+    assert metrics[("advbct_embed_batch_images_sum", ())] == 2
+    assert metrics[("advbct_gallery_items", (("generation", "1"),))] == 40
+    assert metrics[("advbct_backfill_items_done", ())] == 0
+    again = _scrape(client)
+    assert again[(requests, (("method", "GET"), ("route", "/metrics"), ("status", "200")))] == 1
+    ServiceMetrics(), ServiceMetrics()  # a registry per service: a second set of the same names does not collide

@@ -19,7 +19,7 @@ from advbct.serving.backfill import ImageRoot, run_backfill
 from advbct.serving.models import Embedder, GateRefused
 from advbct.serving.registry import ModelRegistry
 from advbct.serving.store import GalleryStore, StoreError
-from conftest import build_gallery
+from conftest import build_gallery, write_image_folder
 
 
 def train_files(root):
@@ -54,8 +54,9 @@ def test_gate_refuses_an_incompatible_model_and_changes_nothing(three_models, im
     registry = ModelRegistry(tmp_path / "registry.sqlite")
     registry.register_first(three_models["old"])
     before = registry.generations
+    validation = write_image_folder(tmp_path / "validation", classes=10, train_per_class=0, test_per_class=10) / "test"
     with pytest.raises(GateRefused, match=r"fails the compatibility gate .* M\(n,o\) \d+\.\d+, M\(n,n\) .* M\(o,o\)"):
-        registry.upgrade(three_models["new"], image_root / "test")
+        registry.upgrade(three_models["new"], validation)
     assert ModelRegistry(tmp_path / "registry.sqlite").generations == before
     assert ModelRegistry(tmp_path / "registry.sqlite").active.number == 1
 

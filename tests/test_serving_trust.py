@@ -6,16 +6,24 @@ import struct
 import subprocess
 import sys
 import threading
+import uuid
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
+import torch
+import torch.nn.functional as F
+from prometheus_client.parser import text_string_to_metric_families
 
-from advbct.data.images import DataError
-from advbct.serving.models import Embedder
+from advbct.data.batches import normalise
+from advbct.data.images import DataError, load_image_folder
+from advbct.models.checkpoint import load_checkpoint, save_checkpoint
+from advbct.serving.metrics import ServiceMetrics
+from advbct.serving.models import Embedder, GateRefused, bootstrap_interval, describe_gate
 from advbct.serving.registry import ModelRegistry
 from advbct.serving.store import GalleryStore
-from conftest import GalleryDb, build_gallery, run_advbct
+from conftest import GalleryDb, build_gallery, run_advbct, write_image_folder
 
 
 def png_header_only(width: int, height: int) -> bytes:
@@ -193,3 +201,117 @@ def test_forcing_past_the_gate_needs_a_reason_and_records_it(three_models, image
     generation = registry.upgrade(three_models["new"], image_root / "test", force=True, reason="load test")
     assert generation.gate["forced"] and generation.gate["reason"] == "load test" and generation.gate["forced_by"]
     assert ModelRegistry(tmp_path / "registry.sqlite").active.gate == generation.gate
+
+
+def test_the_bootstrap_interval_on_hand_checked_cases():
+    constant = bootstrap_interval(torch.full((1, 50), 2.5), resamples=200, level=0.95, seed=0)
+    assert constant.tolist() == [[2.5, 2.5]], "every resample of a constant has that mean"
+    # Two queries worth 0 and 1: a resample's mean is 0, 0.5 or 1 with chances 1/4, 1/2, 1/4, so the 2.5% and
+    # 97.5% points of 2000 resamples are 0 and 1.
+    two = bootstrap_interval(torch.tensor([[0.0, 1.0], [1.0, 1.0]]), resamples=2000, level=0.95, seed=3)
+    assert two.tolist() == [[0.0, 1.0], [1.0, 1.0]]
+    spread = torch.tensor([[-1.0, 3.0] * 40])
+    low, high = bootstrap_interval(spread, resamples=500, level=0.9, seed=1)[0].tolist()
+    assert -1.0 <= low < 1.0 < high <= 3.0, "around the mean 1, within the values"
+    assert bootstrap_interval(spread, 500, 0.9, 1).tolist() == [[low, high]], "seeded: the same interval again"
+    with pytest.raises(ValueError, match="at least one query"):
+        bootstrap_interval(torch.zeros(2, 0), 10, 0.95, 0)
+
+
+def test_the_gate_refuses_to_decide_on_too_small_a_validation_set(three_models, image_root, tmp_path):
+    registry = ModelRegistry(tmp_path / "registry.sqlite")
+    registry.register_first(three_models["old"])
+    message = r"cannot be gated .* too small to decide: 16 scored queries in 4 classes .* at least 100 queries in 10"
+    with pytest.raises(GateRefused, match=message):
+        registry.upgrade(three_models["new"], image_root / "test")
+    assert [g.number for g in registry.generations] == [1] and registry.active.number == 1
+    numbers = registry.check_gate(three_models["new"], image_root / "test")
+    assert numbers["decided"] is False and numbers["passed"] is False
+    assert numbers["validation"] == {"images": 16, "queries": 16, "classes": 4}
+
+
+def _better_compatible_checkpoint(old: Path, train_folder: Path, out: Path) -> Path:
+    """The old model plus a label-informative component: its embedding, plus a ridge-regression map from its
+    backbone features to the old embedding's class centres on the labelled training images. Both are affine in
+    the backbone's features, so their sum is one projection and one bias: a checkpoint of the same architecture
+    whose queries land nearer their class in the old model's space (compatible) and which ranks its own embeddings
+    better, without any training."""
+    model, meta = load_checkpoint(old)
+    train = load_image_folder(train_folder, meta.prep.image_size)
+    with torch.no_grad():
+        features = model.backbone(normalise(train.images, meta.prep))
+        embedded = model.bn(model.proj(features))
+        centres = torch.stack([F.normalize(embedded[train.labels == c], dim=1).mean(0) for c in train.labels.unique()])
+        targets = (centres * embedded.norm(dim=1).mean())[train.labels].double()
+        design = torch.cat([features, torch.ones(len(features), 1)], 1).double()
+        ridge = design.T @ design + 0.01 * torch.eye(design.shape[1], dtype=torch.float64)
+        fitted = torch.linalg.solve(ridge, design.T @ targets).float()
+        bn = model.bn
+        gain = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        model.proj.weight.copy_(gain[:, None] * model.proj.weight + fitted[:-1].T)
+        bn.bias.copy_(bn.bias - gain * bn.running_mean + fitted[-1])
+        bn.running_mean.zero_(), bn.running_var.fill_(1 - bn.eps), bn.weight.fill_(1)
+    save_checkpoint(out, model, meta.model_copy(update={"model_id": uuid.uuid4().hex}))
+    return out
+
+
+def test_the_gate_passes_a_better_compatible_model_with_its_intervals(tmp_path, monkeypatch):
+    from advbct.cli import train_config
+    from advbct.pipeline import train_old
+
+    monkeypatch.setenv("ADVBCT_CACHE", str(tmp_path / "cache"))
+    folder = write_image_folder(tmp_path / "data", classes=10, train_per_class=40, test_per_class=10, seed=5)
+    overrides = ["data.dataset=image-folder", "device=cpu", "optim.epochs=1", "data.validation_per_class=0"]
+    old = train_old(train_config("old", "smoke", None, overrides, str(folder), None), tmp_path / "old", False)
+    new = _better_compatible_checkpoint(old, folder / "train", tmp_path / "new.pt")
+    registry = ModelRegistry(tmp_path / "registry.sqlite")
+    registry.register_first(old)
+    generation = registry.upgrade(new, folder / "test")  # not forced
+    gate = generation.gate
+    assert generation.number == 2 and registry.active.number == 2
+    assert gate["passed"] and gate["decided"] and not gate["forced"]
+    assert gate["validation"] == {"images": 100, "queries": 100, "classes": 10}
+    for test in ("new/old", "new/new"):
+        margin = gate["margins"][test]
+        assert margin["point"] == pytest.approx(gate[test] - gate["old/old"])
+        assert margin["low"] <= margin["point"] <= margin["high"] and margin["point"] > 0
+    assert gate["bootstrap"] == {"resamples": 1000, "level": 0.95, "seed": 0}
+    line = describe_gate(gate)
+    assert "\n" not in line and f"[{gate['margins']['new/old']['low']:+.2f}, " in line and "100 queries" in line
+    assert ModelRegistry(tmp_path / "registry.sqlite").active.gate == gate
+
+
+def _scrape(client) -> dict[tuple[str, tuple], float]:
+    """/metrics parsed by prometheus-client's own parser: {(sample name, sorted labels): value}."""
+    response = client.get("/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+    }
+
+
+def test_metrics_count_requests_by_route_batches_and_items_by_generation(service):
+    client, _, root = service
+    query = sorted((root / "train").rglob("*.png"))[0].read_bytes()
+    for _ in range(3):
+        assert client.get("/health").status_code == 200
+    for _ in range(2):
+        assert client.post("/search", files={"image": ("q.png", query)}, data={"k": "3"}).status_code == 200
+    assert client.get("/items/999/image").status_code == 404
+    assert client.get("/items/998/image").status_code == 404
+    metrics = _scrape(client)
+    requests = "advbct_http_requests_total"
+    assert metrics[(requests, (("method", "GET"), ("route", "/health"), ("status", "200")))] == 3
+    assert metrics[(requests, (("method", "POST"), ("route", "/search"), ("status", "200")))] == 2
+    assert metrics[(requests, (("method", "GET"), ("route", "/items/{item_id}/image"), ("status", "404")))] == 2
+    assert metrics[("advbct_http_request_seconds_count", (("method", "POST"), ("route", "/search")))] == 2
+    assert metrics[("advbct_http_request_seconds_sum", (("method", "POST"), ("route", "/search")))] > 0
+    assert metrics[("advbct_embed_batch_images_count", ())] == 2, "one model call per search, one image each"
+    assert metrics[("advbct_embed_batch_images_sum", ())] == 2
+    assert metrics[("advbct_gallery_items", (("generation", "1"),))] == 40
+    assert metrics[("advbct_backfill_items_done", ())] == 0
+    again = _scrape(client)
+    assert again[(requests, (("method", "GET"), ("route", "/metrics"), ("status", "200")))] == 1
+    ServiceMetrics(), ServiceMetrics()  # a registry per service: a second set of the same names does not collide

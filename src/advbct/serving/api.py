@@ -11,13 +11,13 @@ from __future__ import annotations
 import io
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from fastapi import FastAPI, File, Form, HTTPException, UploadFile
+from fastapi import FastAPI, File, Form, HTTPException, Request, Response, UploadFile
 from fastapi.responses import FileResponse, HTMLResponse
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel
@@ -26,6 +26,7 @@ from advbct.data.images import DataError, square_rgb
 from advbct.models.checkpoint import CheckpointError
 from advbct.serving.backfill import BackfillProgress, ImageRoot, run_backfill
 from advbct.serving.batcher import MicroBatcher
+from advbct.serving.metrics import CONTENT_TYPE, ServiceMetrics
 from advbct.serving.models import Embedder, GateRefused
 from advbct.serving.page import PAGE
 from advbct.serving.registry import Generation, ModelRegistry
@@ -66,7 +67,8 @@ class Service:
             raise DataError(f"no model registered in {config.registry}; add items with --model first")
         self.lock = threading.Lock()
         self.embedder, self.generation = Embedder(active.path, config.device), active.number
-        self.batcher = MicroBatcher(self.embedder, self.generation)
+        self.metrics = ServiceMetrics()
+        self.batcher = MicroBatcher(self.embedder, self.generation, on_batch=self.metrics.batch_images.observe)
         self.store = GalleryStore(config.db, self.embedder.dim, config.collection)
         self.backfill_thread: threading.Thread | None = None
         self.stop, self.pause = threading.Event(), threading.Event()
@@ -159,6 +161,21 @@ def create_app(config: ServiceConfig) -> FastAPI:
 
     app = FastAPI(title="advbct retrieval service", lifespan=lifespan)
     app.state.service = service
+
+    @app.middleware("http")
+    async def measure(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = getattr(request.scope.get("route"), "path", "unmatched")
+        service.metrics.observe_request(request.method, route, response.status_code, time.perf_counter() - started)
+        return response
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        service.follow_registry()
+        p = service.progress
+        service.metrics.set_backfill(p.items_per_s, p.done, service.generation_counts())
+        return Response(service.metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/", response_class=HTMLResponse)
     def page() -> str:

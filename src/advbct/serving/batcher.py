@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
 
 import numpy as np
@@ -19,8 +20,17 @@ from advbct.serving.models import Embedder
 
 
 class MicroBatcher:
-    def __init__(self, embedder: Embedder, generation: int, max_batch: int = 64, window_s: float = 0.005):
+    def __init__(
+        self,
+        embedder: Embedder,
+        generation: int,
+        max_batch: int = 64,
+        window_s: float = 0.005,
+        on_batch: Callable[[int], None] | None = None,
+    ):
+        """``on_batch``: called with each model call's number of images (the service's batch-size metric)."""
         self.model = (embedder, generation)
+        self.on_batch = on_batch
         self.max_batch, self.window_s = max_batch, window_s
         self._queue: queue.Queue[tuple[np.ndarray, Future] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._work, name="advbct-batcher", daemon=True)
@@ -67,6 +77,8 @@ class MicroBatcher:
                     future.set_exception(exc)
                 continue
             self.batches += 1
+            if self.on_batch is not None:
+                self.on_batch(count)
             start = 0
             for images, future in pending:
                 future.set_result((vectors[start : start + len(images)], generation))

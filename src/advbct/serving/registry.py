@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from advbct.data.images import DataError, ImageSet, load_image_folder
-from advbct.serving.models import Embedder, GateRefused, compatibility_gate, describe_gate
+from advbct.serving.models import Embedder, GatePolicy, GateRefused, compatibility_gate, describe_gate
 from advbct.serving.store import MixedMerge
 
 SCHEMA = """
@@ -135,22 +135,26 @@ class ModelRegistry:
         device: str = "cpu",
         force: bool = False,
         reason: str | None = None,
+        policy: GatePolicy | None = None,
     ) -> Generation:
         """Gate the candidate against the active generation; make it active only if it passes.
 
-        ``validation``: a labelled image folder, or images already decoded (a run's validation split).
+        ``validation``: a labelled image folder, or images already decoded (a run's validation split); ``policy``:
+        the gate's minimum validation size and bootstrap (``GatePolicy()`` by default).
         ``force`` is the operator's override and needs a ``reason``: the gate still runs, and its numbers are
-        recorded with the generation, with who forced it and why.
+        recorded with the generation, with who forced it and why. It also overrides a validation set too small
+        to decide on (the operator vouches for the model, the record says the gate could not).
         A checkpoint registered before (rolled back since) is gated again and, passing, made active under its
         own number: a roll-forward, with every item it embedded still its own.
         """
         if force and not (reason or "").strip():
             raise DataError("forcing a model past the compatibility gate needs a reason (--reason TEXT)")
         candidate = Embedder(path, device)
-        numbers = self._gate(candidate, validation)
+        numbers = self._gate(candidate, validation, policy)
         if not numbers["passed"] and not force:
             where = validation if not isinstance(validation, ImageSet) else "the validation split"
-            raise GateRefused(f"{path} fails the compatibility gate on {where}: {describe_gate(numbers)}")
+            verb = "fails the compatibility gate" if numbers["decided"] else "cannot be gated"
+            raise GateRefused(f"{path} {verb} on {where}: {describe_gate(numbers)}")
         numbers["forced"] = force and not numbers["passed"]
         if numbers["forced"]:
             numbers["forced_by"], numbers["reason"] = getpass.getuser(), reason
@@ -164,11 +168,17 @@ class ModelRegistry:
             self._set(db, "active", generation.number)
         return generation
 
-    def check_gate(self, path: str | Path, validation: str | Path | ImageSet, device: str = "cpu") -> dict:
+    def check_gate(
+        self,
+        path: str | Path,
+        validation: str | Path | ImageSet,
+        device: str = "cpu",
+        policy: GatePolicy | None = None,
+    ) -> dict:
         """The gate's numbers for a candidate against the active generation; registers nothing."""
-        return self._gate(Embedder(path, device), validation)
+        return self._gate(Embedder(path, device), validation, policy)
 
-    def _gate(self, candidate: Embedder, validation: str | Path | ImageSet) -> dict:
+    def _gate(self, candidate: Embedder, validation: str | Path | ImageSet, policy: GatePolicy | None) -> dict:
         current = self.active
         if current is None:
             raise GateRefused("no active generation to upgrade from; register the first model")
@@ -177,7 +187,7 @@ class ModelRegistry:
         old = Embedder(current.path, str(candidate.device))
         if not isinstance(validation, ImageSet):
             validation = load_image_folder(validation, old.prep.image_size)
-        return compatibility_gate(old, candidate, validation)
+        return compatibility_gate(old, candidate, validation, policy)
 
     def reserve_ids(self, count: int) -> int:
         """The first of ``count`` fresh item ids, committed before any item is written."""

@@ -68,6 +68,22 @@ def embed_decodable(
     return ids, refs, vectors
 
 
+def replace_stale(
+    store: GalleryStore, target_generation: int, ids: list[int], refs: list[str], vectors: np.ndarray, flush: bool
+) -> list[int]:
+    """Write the batch's items that are still stored and not yet at the target generation; their positions.
+
+    An item deleted meanwhile must not come back, and one already at the target generation is not written or
+    counted again: a Milvus server's stale listing has returned a few items that an earlier page had already
+    re-embedded (1,024 of 100,000 in bench_serving on Milvus 2.3.5), and a restarted job may list an item whose
+    write reached the store just before the previous job was killed."""
+    current = store.generation_of(ids)
+    keep = [i for i, item_id in enumerate(ids) if item_id in current and current[item_id] != target_generation]
+    if keep:
+        store.replace([ids[i] for i in keep], [refs[i] for i in keep], vectors[keep], target_generation, flush=flush)
+    return keep
+
+
 def shard_buckets(worker: int, workers: int) -> list[int] | None:
     if workers < 1 or workers > BUCKETS:
         raise DataError(f"--workers {workers}: the gallery splits into 1 to {BUCKETS} workers")
@@ -169,19 +185,10 @@ def run_backfill(
         while (item := writes.get()) is not None:
             ids, refs, vectors = item
             try:
-                # An item deleted meanwhile must not come back, and one already at the target generation is not
-                # written or counted again: a Milvus server's stale listing has returned a few items that an
-                # earlier page had already re-embedded (1,024 of 100,000 in bench_serving on Milvus 2.3.5).
-                current = store.generation_of(ids)
-                keep = [
-                    i for i, item_id in enumerate(ids) if item_id in current and current[item_id] != target_generation
-                ]
-                if keep:
-                    with counting:
-                        written[0] += 1
-                        flush = written[0] % FLUSH_EVERY == 0
-                    store.replace([ids[i] for i in keep], [refs[i] for i in keep], vectors[keep], target_generation,
-                                  flush=flush)  # fmt: skip
+                with counting:
+                    written[0] += 1
+                    flush = written[0] % FLUSH_EVERY == 0
+                keep = replace_stale(store, target_generation, ids, refs, vectors, flush)
             except BaseException as exc:  # handed to the main loop, which stops and re-raises
                 failure.append(exc)
                 writes.task_done()

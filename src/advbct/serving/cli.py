@@ -5,18 +5,20 @@ registry's counter. Bad input is one line on stderr and exit status 2."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from advbct.data.images import IMAGE_SUFFIXES, DataError
 from advbct.models.checkpoint import CheckpointError
 from advbct.serving.backfill import BackfillProgress, run_backfill
 from advbct.serving.models import Embedder, GateRefused
+from advbct.serving.ray_backfill import RayPlan
 from advbct.serving.registry import ModelRegistry
 from advbct.serving.store import MAX_K, GalleryStore, StoreError, is_server_uri
 
@@ -50,7 +52,7 @@ def refused_as_exit() -> Iterator[None]:
     try:
         yield
     except SERVING_ERRORS as exc:
-        errors.print(f"[red]error:[/] {exc}")
+        errors.print(f"[red]error:[/] {escape(str(exc))}")  # a message's own brackets are text, not markup
         raise typer.Exit(2) from None
 
 
@@ -181,6 +183,9 @@ def rollback_cmd(db: DbOpt = "gallery.db", registry: RegistryOpt = None) -> None
     print(json.dumps({"active": generation.number}))
 
 
+ENGINES = ("process", "ray")
+
+
 def backfill_cmd(
     db: DbOpt = "gallery.db",
     collection: CollectionOpt = "gallery",
@@ -190,19 +195,52 @@ def backfill_cmd(
     worker: Annotated[int, typer.Option("--worker", help="this worker's index")] = 0,
     workers: Annotated[int, typer.Option("--workers", help="number of workers splitting the gallery")] = 1,
     device: DeviceOpt = "cpu",
+    engine: Annotated[str, typer.Option("--engine", help="process (this process) or ray (Ray Data)")] = "process",
+    address: Annotated[
+        str | None, typer.Option("--address", help="with --engine ray: a Ray cluster (host:6379, ray://host:10001)")
+    ] = None,
+    actors: Annotated[int | None, typer.Option("--actors", min=1, help="with --engine ray: embedding actors")] = None,
+    gpus_per_actor: Annotated[
+        float | None, typer.Option("--gpus-per-actor", min=0, help="with --engine ray (default: 1 where GPUs exist)")
+    ] = None,
 ) -> None:
     """Re-embed items not at the active generation; safe to kill and restart at any point."""
+
+    def report(progress: BackfillProgress) -> None:
+        print(json.dumps({"done": progress.done, "remaining": progress.remaining,
+                          "items_per_s": round(progress.items_per_s, 1)}), flush=True)  # fmt: skip
+
     with refused_as_exit():
-        models, embedder, store = open_gallery(db, registry, device, collection)
-        target = models.active.number
-
-        def report(progress: BackfillProgress) -> None:
-            print(json.dumps({"done": progress.done, "remaining": progress.remaining,
-                              "items_per_s": round(progress.items_per_s, 1)}), flush=True)  # fmt: skip
-
-        progress = run_backfill(store, embedder, target, image_root, batch_size, worker, workers, on_batch=report)
+        if engine not in ENGINES:
+            raise DataError(f"--engine {engine!r}: use one of {', '.join(ENGINES)}")
+        if engine == "ray":
+            if workers != 1 or worker != 0:
+                raise DataError("--workers/--worker split a process backfill; --engine ray shares the work out itself")
+            plan = RayPlan(address, actors, gpus_per_actor, batch_size)
+            progress = _ray_backfill(db, registry, collection, image_root, plan, report)
+        else:
+            if address is not None or actors is not None or gpus_per_actor is not None:
+                raise DataError("--address, --actors and --gpus-per-actor need --engine ray")
+            models, embedder, store = open_gallery(db, registry, device, collection)
+            target = models.active.number
+            progress = run_backfill(store, embedder, target, image_root, batch_size, worker, workers, on_batch=report)
     summary = {"state": progress.state, "done": progress.done, "remaining": progress.remaining}
     print(json.dumps({**summary, "skipped": progress.skipped}))
+
+
+def _ray_backfill(
+    db: str, registry: Path | None, collection: str, image_root: Path, plan: RayPlan,
+    report: Callable[[BackfillProgress], None],
+) -> BackfillProgress:  # fmt: skip
+    """The backfill on Ray Data: Ray is checked for first, and the model is loaded only by the Ray actors."""
+    from advbct.serving.ray_backfill import import_ray, run_ray_backfill
+
+    import_ray()
+    active = ModelRegistry(registry_path(db, registry)).active
+    if active is None:
+        raise DataError("no model is registered yet: run `advbct index add --model CHECKPOINT ...` first")
+    store = GalleryStore(db, active.dim, collection)
+    return run_ray_backfill(store, active, image_root, plan, on_batch=report)
 
 
 def serve_cmd(

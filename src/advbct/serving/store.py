@@ -242,11 +242,18 @@ class GalleryStore:
             seen.add(int(rows[0]["generation"]))
 
     def stale(
-        self, generation: int, limit: int, buckets: Sequence[int] | None = None, exclude: Collection[int] = ()
+        self,
+        generation: int,
+        limit: int,
+        buckets: Sequence[int] | None = None,
+        exclude: Collection[int] = (),
+        after: int | None = None,
     ) -> list[dict]:
         """Up to ``limit`` items embedded by another generation than ``generation`` (in the given id buckets),
-        other than those of ``exclude``."""
+        other than those of ``exclude``; with ``after``, only ids above it (a cursor through the gallery by id)."""
         clause = f"generation != {int(generation)}"
+        if after is not None:
+            clause += f" and id > {int(after)}"
         if buckets is not None:
             clause += f" and bucket in {[int(b) for b in buckets]}"
         if exclude:

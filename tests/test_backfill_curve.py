@@ -138,6 +138,8 @@ def test_platt_fit_recovers_two_known_rates():
     assert fit.bias == pytest.approx(-2 * math.log(3), rel=1e-3)
     with pytest.raises(ValueError, match="both relevant and irrelevant"):
         fit_platt(sims, torch.zeros(8, dtype=torch.bool))
+    # Relevance falling with similarity would reverse the part's own ranking: the slope stays positive.
+    assert fit_platt(sims, ~relevant).scale == pytest.approx(1e-3)
 
 
 def test_calibration_from_a_split_reads_same_model_pairs_as_more_telling():

@@ -129,7 +129,7 @@ def test_refused_then_forced_upgrade_through_the_whole_flow(tiny_folder, tmp_pat
 
     order = torch.randperm(30, generator=torch.Generator().manual_seed(0)).numpy()
     backfill = report["backfill"]
-    assert backfill["headline"] == "random/raw"
+    assert backfill["headline"] == "random/calibrated"
     assert set(backfill["curves"]["advbct"]) == {
         f"{o}/{m}" for o in ("random", "uncertainty", "centre-distance", "oracle") for m in ("raw", "calibrated")
     }
@@ -139,8 +139,17 @@ def test_refused_then_forced_upgrade_through_the_whole_flow(tiny_folder, tmp_pat
         _check_curve(curves["random/raw"], queries, old, labels.numpy(), order, old_hits)
         calibration = backfill["calibration"][name]
         _check_curve(curves["random/calibrated"], queries, old, labels.numpy(), order, old_hits, calibration)
+    assert report["gate"]["calibration"] == backfill["calibration"]["advbct"], "the service merges as reported"
     live = report["backfill"]["live"]
     assert [p["fraction"] for p in live["points"]] == [0.0, 0.5, 1.0] and live["not_measured"] == []
     assert live["max_difference"] < 1e-3
-    headline = backfill["curves"]["advbct"]["random/raw"]
+    headline = backfill["curves"]["advbct"]["random/calibrated"]
     assert report["tests"]["new/old"]["map"] == pytest.approx(headline["map"][0], abs=1e-3)
+
+    # The study command on the same folder gives the curves the quickstart reported, from the checkpoints alone.
+    studied = run_cli("backfill-curves", str(out), "--methods", "advbct", "--data", str(tiny_folder), "--no-progress")
+    assert studied.returncode == 0, studied.stdout + studied.stderr
+    study = json.loads((out / "backfill_study.json").read_text())
+    assert study["curves"] == backfill["curves"] and study["calibration"] == backfill["calibration"]
+    missing = run_cli("backfill-curves", str(tmp_path / "nowhere"), "--no-progress")
+    assert missing.returncode == 2 and "lacks" in missing.stderr and "Traceback" not in missing.stderr

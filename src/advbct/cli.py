@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
-from advbct import pipeline
+from advbct import backfill_study, pipeline
 from advbct.compat import CompatError, StatisticsError, list_methods, radius_summary
 from advbct.compat.advbct import PAPER_TAU
 from advbct.config import (
@@ -38,6 +38,7 @@ from advbct.models.checkpoint import CheckpointError
 from advbct.pipeline import JobMode
 from advbct.quickstart import quickstart as run_quickstart
 from advbct.reporting import comparison_table, print_report
+from advbct.reporting.tables import backfill_policy_table
 from advbct.serving.cli import backfill_cmd, index_app, rollback_cmd, serve_cmd, upgrade_cmd
 from advbct.table_bench import DEFAULT_METHODS, SETTINGS, run_bench
 
@@ -268,6 +269,24 @@ def compare_cmd(
     if current_world().is_main:
         (out / "results.json").write_text(json.dumps(reports, indent=2))
     console.print(f"results: {out / 'results.json'}")
+
+
+@app.command("backfill-curves")
+def backfill_curves_cmd(
+    run: Annotated[Path, typer.Argument(help="a quickstart or compare run folder (old/, independent/, <method>/)")],
+    methods: Annotated[str, typer.Option("--methods", help="comma-separated methods studied")] = "advbct",
+    seed: Annotated[int, typer.Option("--seed", help="seed of the random order")] = 0,
+    data: DataOpt = None,
+    device: Annotated[str, typer.Option("--device")] = "auto",
+    no_progress: QuietOpt = False,
+) -> None:
+    """Exact backfill curves of a run folder's models on the test split: every order policy and both merges
+    (raw cosine, calibrated on the validation split) for each method, random order for the independent model;
+    writes RUN/backfill_study.json and prints one row per curve."""
+    chosen = _method_list(methods)
+    study = _run(backfill_study.study_run_folder, run, chosen, seed, data, device, console, not no_progress)
+    console.print(backfill_policy_table(study))
+    console.print(f"results: {run / 'backfill_study.json'}")
 
 
 @app.command("bench")

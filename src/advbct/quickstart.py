@@ -14,23 +14,16 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from advbct.compat.statistics import load_statistics
+from advbct.backfill_study import backfill_study, fit_calibrations, validation_images
 from advbct.config import QuickstartConfig
-from advbct.data.allocation import load_allocation
-from advbct.data.images import ImageSet
 from advbct.data.sources import load_split
 from advbct.distributed import current_world, resolve_device, shutdown
 from advbct.evaluation.backfill import (
-    MERGES,
-    ORDER_POLICIES,
     GalleryState,
     ScoreCalibration,
-    backfill_curve,
     backfill_order,
-    fit_calibration,
 )
-from advbct.evaluation.metrics import label_retrieval_scores
-from advbct.evaluation.protocol import embed_images, evaluate_pairs
+from advbct.evaluation.protocol import evaluate_pairs
 from advbct.live import (
     LiveGallery,
     backfill_with_checks,
@@ -38,11 +31,8 @@ from advbct.live import (
     index_gallery,
     live_check,
     probe_queries,
-    progress_bars,
 )
-from advbct.models.checkpoint import load_checkpoint
 from advbct.pipeline import (
-    ALLOCATION_FILE,
     embed_test_set,
     method_pairs,
     method_reports,
@@ -54,17 +44,6 @@ from advbct.reporting.tables import print_live_report, print_report
 
 METHOD = "advbct"
 GALLERY = "gallery"
-# How the live service ranks a mixed gallery (``GalleryStore.search`` with the generation's calibration); the
-# raw-cosine curves are computed beside it for comparison.
-SERVICE_MERGE = "calibrated"
-
-
-def validation_split(cfg: QuickstartConfig, out: Path) -> ImageSet:
-    """The training images that the allocation set aside: no model trained on them."""
-    allocation = load_allocation(out / "old" / ALLOCATION_FILE)
-    if allocation.validation_indices.numel() == 0:
-        raise ValueError("the quickstart gates on a validation split: set common.data.validation_per_class > 0")
-    return load_split(cfg.old.data, "train").subset(allocation.validation_indices)
 
 
 def quickstart(cfg: QuickstartConfig, out: Path, console: Console | None = None, show_progress: bool = True) -> dict:
@@ -112,12 +91,14 @@ def live_upgrade(
     live = cfg.live
     candidate = METHOD if live.candidate == METHOD else "independent"
     console.print(f"[bold]compatibility gate[/]: {candidate} against the old model on the validation split")
-    validation = validation_split(cfg, out)
+    validation = validation_images(paths["old"], cfg.old.data.root)
     gate = deploy(gallery, paths[candidate], validation, live.force)
     console.print("[bold]backfill curves[/] (test split; every order and merge for AdvBCT)")
-    calibrations = fit_calibrations(paths, validation, cfg.new.device)
-    backfill = offline_curves(paths, embeddings, labels, calibrations, live.backfill_seed, console, show_progress)
-    order = backfill_order("random", GalleryState(embeddings["old"], seed=live.backfill_seed))
+    calibrations = fit_calibrations(paths, [METHOD, "independent"], validation, cfg.new.device)
+    seed = live.backfill_seed
+    study = backfill_study(paths, embeddings, labels, calibrations, [METHOD], seed, console, show_progress)
+    backfill: dict = {**study, "live": None}
+    order = backfill_order("random", GalleryState(embeddings["old"], seed=seed))
     if gate["generation"] is not None:
         probe = probe_queries(len(labels), live.probe_queries, live.backfill_seed)
         checks = backfill_with_checks(gallery, order, live.check_fractions, probe, labels, console, show_progress)
@@ -127,61 +108,6 @@ def live_upgrade(
         backfill["live"] = {"model": candidate, **check}
     gate = {**gate, "candidate": candidate, "split": "validation"}
     return {"gate": gate, "backfill": backfill, "gallery": {"items": len(labels), **gallery_state(gallery)}}
-
-
-def fit_calibrations(paths: dict[str, Path], validation: ImageSet, device: str) -> dict[str, ScoreCalibration]:
-    """Each new model's score calibration against its own and the old model's embeddings, from the validation
-    split (the test split is what the curves report, so it never tunes them)."""
-    dev = resolve_device(device)
-    embedded = {}
-    for name in ("old", METHOD, "independent"):
-        model, meta = load_checkpoint(paths[name])
-        embedded[name] = embed_images(model, validation.images, meta.prep, dev)
-    return {
-        name: fit_calibration(embedded[name], embedded[name], embedded["old"], validation.labels)
-        for name in (METHOD, "independent")
-    }
-
-
-def old_gallery_state(old_path: Path, old_embeddings: torch.Tensor, seed: int) -> GalleryState:
-    """What the old gallery offers an order policy: the old embeddings, the old classifier and class centres."""
-    model, meta = load_checkpoint(old_path)
-    head = model.head.eval()
-    stats = load_statistics(old_path.parent / "stats.pt", expected_model_id=meta.model_id)
-    return GalleryState(old_embeddings, seed, old_classifier=head, old_centres=stats.centres)
-
-
-def offline_curves(
-    paths: dict[str, Path],
-    embeddings: dict[str, torch.Tensor],
-    labels: torch.Tensor,
-    calibrations: dict[str, ScoreCalibration],
-    seed: int,
-    console: Console,
-    show_progress: bool,
-) -> dict:
-    """The exact backfill curves: AdvBCT under every order policy and both merges, the independent model in
-    random order under both merges; negative flips counted against the old system's own answers."""
-    old = embeddings["old"]
-    baseline = label_retrieval_scores(old, labels, old, labels, exclude_same_index=True, ks=(1,))
-    state = old_gallery_state(paths["old"], old, seed)
-    plans = [(METHOD, o, m) for o in ORDER_POLICIES for m in MERGES] + [("independent", "random", m) for m in MERGES]
-    curves: dict[str, dict] = {METHOD: {}, "independent": {}}
-    with progress_bars(console, show_progress) as bars:
-        for name, order_name, merge in bars.track(plans, description="backfill curves"):
-            new = embeddings[name]
-            order = backfill_order(order_name, GalleryState(**{**state.__dict__, "new": new}))
-            calibration = calibrations[name] if merge == "calibrated" else None
-            curve = backfill_curve(new, old, new, labels, order, baseline=baseline, calibration=calibration,
-                                   order_name=order_name)  # fmt: skip
-            curves[name][f"{order_name}/{merge}"] = curve.to_json()
-    return {
-        "seed": seed,
-        "headline": f"random/{SERVICE_MERGE}",
-        "curves": curves,
-        "calibration": {name: c.to_json() for name, c in calibrations.items()},
-        "live": None,
-    }
 
 
 def gallery_state(gallery: LiveGallery) -> dict:

@@ -183,6 +183,10 @@ def oracle_order(state: GalleryState) -> torch.Tensor:
 
 
 BINS = 4096  # bins of [-1, 1] that calibration pairs are counted in: a similarity moves by at most 2.5e-4
+# The smallest slope a calibration keeps. The map must be increasing, so that merging never reorders a part's own
+# ranking; a fit without a positive slope (cosine says nothing about relevance in that part) leaves the part's
+# items near the base rate, still in cosine order among themselves.
+MIN_SCALE = 1e-3
 
 
 def _bin(similarity: torch.Tensor) -> torch.Tensor:
@@ -199,7 +203,7 @@ def fit_platt(similarity: torch.Tensor, relevant: torch.Tensor) -> PlattScaling:
 def fit_binned_platt(positives: torch.Tensor, totals: torch.Tensor, iterations: int = 25) -> PlattScaling:
     """Logistic regression of relevance on cosine similarity, by Newton's method on the log-likelihood, from the
     relevant and total pair counts in each of ``BINS`` similarity bins: a split of n images costs n^2 additions
-    and the fit itself 4,096 weighted points."""
+    and the fit itself 4,096 weighted points. The slope is kept at ``MIN_SCALE`` or more."""
     positives, totals = positives.double(), totals.double()
     if positives.sum() == 0 or positives.sum() == totals.sum():
         raise ValueError("calibration needs both relevant and irrelevant pairs")
@@ -211,7 +215,7 @@ def fit_binned_platt(positives: torch.Tensor, totals: torch.Tensor, iterations: 
         gradient = design.T @ (totals * p - positives)
         hessian = design.T @ (design * (totals * p * (1 - p)).unsqueeze(1))
         theta = theta - torch.linalg.solve(hessian + 1e-9 * torch.eye(2, dtype=torch.float64), gradient)
-    return PlattScaling(float(theta[0]), float(theta[1]))
+    return PlattScaling(max(float(theta[0]), MIN_SCALE), float(theta[1]))
 
 
 def _pair_counts(

@@ -106,8 +106,9 @@ def backfill_table(backfill: dict) -> Table:
     return table
 
 
-def backfill_policy_table(backfill: dict, old_map: float) -> Table:
+def backfill_policy_table(backfill: dict) -> Table:
     """Every curve of the report by order and merge: its areas, lowest point and worst negative-flip rate."""
+    old_map = backfill["old_map"]
     table = Table(title="Backfill orders and merges (test split; areas are means over 0, 10, ..., 100%)")
     for name in ("model", "order / merge", "AUC mAP", "AUC top-1", "lowest mAP", "worst flips %"):
         table.add_column(name, justify="left" if name in ("model", "order / merge") else "right")
@@ -148,7 +149,7 @@ def print_live_report(report: dict, console: Console) -> None:
         f"M(n,o) {gate['new/old']:.2f}: {decision}"
     )
     console.print(backfill_table(report["backfill"]))
-    console.print(backfill_policy_table(report["backfill"], report["tests"]["old/old"]["map"]))
+    console.print(backfill_policy_table(report["backfill"]))
     live = report["backfill"]["live"]
     if live is not None and live["max_difference"] is not None:
         fractions = ", ".join(f"{100 * p['fraction']:.0f}%" for p in live["points"])

@@ -1,0 +1,132 @@
+"""The backfill study: retrieval quality while a gallery is re-embedded, for every order policy and both merges,
+computed exactly from a run folder's checkpoints (the quickstart's, or ``advbct compare``'s).
+
+The test split is the gallery and the queries; the validation split that the old model's allocation set aside
+fits the score calibrations, so nothing reported tunes itself. Negative flips are counted against the old
+system's own answers (old queries, old gallery).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+
+from advbct.compat.statistics import load_statistics
+from advbct.data.allocation import load_allocation
+from advbct.data.images import ImageSet
+from advbct.data.sources import load_split
+from advbct.distributed import resolve_device
+from advbct.evaluation.backfill import (
+    MERGES,
+    ORDER_POLICIES,
+    GalleryState,
+    ScoreCalibration,
+    backfill_curve,
+    backfill_order,
+    fit_calibration,
+)
+from advbct.evaluation.metrics import label_retrieval_scores
+from advbct.evaluation.protocol import embed_images
+from advbct.live import progress_bars
+from advbct.models.checkpoint import load_checkpoint
+from advbct.pipeline import ALLOCATION_FILE, embed_test_set
+
+# How the live service ranks a mixed gallery (``GalleryStore.search`` with the generation's calibration), and so
+# the curve a report leads with; raw cosine is computed beside it for comparison.
+SERVICE_MERGE = "calibrated"
+HEADLINE = f"random/{SERVICE_MERGE}"
+
+
+def validation_images(old_path: Path, data_root: str | None = None) -> ImageSet:
+    """The training images the old model's allocation set aside: no model of the run trained on them."""
+    allocation = load_allocation(old_path.parent / ALLOCATION_FILE)
+    if allocation.validation_indices.numel() == 0:
+        raise ValueError("calibration needs a validation split: set common.data.validation_per_class > 0")
+    data = load_checkpoint(old_path)[1].data
+    data = data if data_root is None else data.model_copy(update={"root": data_root})
+    return load_split(data, "train").subset(allocation.validation_indices)
+
+
+def fit_calibrations(
+    paths: dict[str, Path], names: list[str], validation: ImageSet, device: str = "auto"
+) -> dict[str, ScoreCalibration]:
+    """Each named new model's score calibration against its own and the old model's embeddings of the
+    validation split."""
+    dev = resolve_device(device)
+    embedded = {}
+    for name in ("old", *names):
+        model, meta = load_checkpoint(paths[name])
+        embedded[name] = embed_images(model, validation.images, meta.prep, dev)
+    return {name: fit_calibration(embedded[name], embedded[name], embedded["old"], validation.labels) for name in names}
+
+
+def old_gallery_state(old_path: Path, old_embeddings: torch.Tensor, seed: int) -> GalleryState:
+    """What an old gallery offers an order policy: its stored (L2-normalised) vectors, the old classifier and the
+    old class centres."""
+    model, meta = load_checkpoint(old_path)
+    stats = load_statistics(old_path.parent / "stats.pt", expected_model_id=meta.model_id)
+    stored = F.normalize(old_embeddings.float(), dim=1)
+    return GalleryState(stored, seed, old_classifier=model.head.eval(), old_centres=stats.centres)
+
+
+def backfill_study(
+    paths: dict[str, Path],
+    embeddings: dict[str, torch.Tensor],
+    labels: torch.Tensor,
+    calibrations: dict[str, ScoreCalibration],
+    studied: list[str],
+    seed: int = 0,
+    console: Console | None = None,
+    show_progress: bool = True,
+) -> dict:
+    """The exact curves: the ``studied`` models under every order policy and both merges, every other calibrated
+    model (the independent one, say) in random order under both merges."""
+    old = embeddings["old"]
+    baseline = label_retrieval_scores(old, labels, old, labels, exclude_same_index=True, ks=(1,))
+    state = old_gallery_state(paths["old"], old, seed)
+    plans = [(name, o, m) for name in calibrations for o in ORDER_POLICIES for m in MERGES]
+    plans = [(name, o, m) for name, o, m in plans if name in studied or o == "random"]
+    curves: dict[str, dict] = {name: {} for name in calibrations}
+    with progress_bars(console or Console(), show_progress) as bars:
+        for name, order_name, merge in bars.track(plans, description="backfill curves"):
+            new = embeddings[name]
+            order = backfill_order(order_name, dataclasses.replace(state, new=new))
+            calibration = calibrations[name] if merge == "calibrated" else None
+            curve = backfill_curve(new, old, new, labels, order, baseline=baseline, calibration=calibration,
+                                   order_name=order_name)  # fmt: skip
+            curves[name][f"{order_name}/{merge}"] = curve.to_json()
+    return {
+        "seed": seed,
+        "old_map": baseline.means()["map"],
+        "headline": HEADLINE,
+        "curves": curves,
+        "calibration": {name: c.to_json() for name, c in calibrations.items()},
+    }
+
+
+def study_run_folder(
+    run: Path,
+    methods: list[str],
+    seed: int = 0,
+    data_root: str | None = None,
+    device: str = "auto",
+    console: Console | None = None,
+    show_progress: bool = True,
+) -> dict:
+    """The study of a run folder's ``methods`` (each ``run/<method>/model.pt``) beside its independent model,
+    written to ``run/backfill_study.json``."""
+    names = [*methods, "independent"]
+    paths = {name: run / name / "model.pt" for name in ("old", *names)}
+    missing = [str(p) for p in paths.values() if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"the run folder lacks {', '.join(missing)}")
+    embeddings, labels = embed_test_set(paths, data_root, device)
+    calibrations = fit_calibrations(paths, names, validation_images(paths["old"], data_root), device)
+    study = backfill_study(paths, embeddings, labels, calibrations, methods, seed, console, show_progress)
+    (run / "backfill_study.json").write_text(json.dumps(study, indent=2))
+    return study

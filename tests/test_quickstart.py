@@ -55,6 +55,7 @@ def _reference_scores(queries, gallery, labels, refreshed=None, calibration=None
     for i in range(len(q)):
         score = g @ q[i]
         if calibration is not None:
+            score = score.astype(np.float64)  # the report's scores are affine maps taken in float64
             same, cross = calibration["same"], calibration["cross"]
             score = np.where(refreshed, same["scale"] * score + same["bias"], cross["scale"] * score + cross["bias"])
         ranked = [j for j in np.argsort(-score, kind="stable") if j != i]

@@ -286,7 +286,8 @@ def mixed_similarity(
     def block(start: int, end: int) -> torch.Tensor:
         to_old, to_new = q[start:end] @ old.T, q[start:end] @ new.T
         if calibration is not None:
-            to_old, to_new = calibration.cross.logits(to_old), calibration.same.logits(to_new)
+            # In float64: a shallow slope plus a bias would round distinct cosines to equal scores in float32.
+            to_old, to_new = calibration.cross.logits(to_old.double()), calibration.same.logits(to_new.double())
         return torch.where(refreshed.unsqueeze(0), to_new, to_old)
 
     return block

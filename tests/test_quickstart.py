@@ -132,8 +132,10 @@ def test_refused_then_forced_upgrade_through_the_whole_flow(tiny_folder, tmp_pat
     backfill = report["backfill"]
     assert backfill["headline"] == "random/calibrated"
     assert set(backfill["curves"]["advbct"]) == {
-        f"{o}/{m}" for o in ("random", "uncertainty", "centre-distance", "oracle") for m in ("raw", "calibrated")
+        "random/raw",
+        *(f"{o}/calibrated" for o in ("random", "uncertainty", "centre-distance", "oracle")),
     }
+    assert backfill["curves"]["advbct"]["oracle/calibrated"]["fractions"] == [0.0, 0.25, 0.5, 0.75, 1.0]
     _, _, old_hits = _reference_scores(old, old, labels.numpy())
     for name, queries in (("advbct", new), ("independent", independent)):
         curves = backfill["curves"][name]
@@ -151,6 +153,12 @@ def test_refused_then_forced_upgrade_through_the_whole_flow(tiny_folder, tmp_pat
     studied = run_cli("backfill-curves", str(out), "--methods", "advbct", "--data", str(tiny_folder), "--no-progress")
     assert studied.returncode == 0, studied.stdout + studied.stderr
     study = json.loads((out / "backfill_study.json").read_text())
-    assert study["curves"] == backfill["curves"] and study["calibration"] == backfill["calibration"]
+    assert study["calibration"] == backfill["calibration"]
+    assert set(study["curves"]["advbct"]) == {
+        f"{o}/{m}" for o in ("random", "uncertainty", "centre-distance", "oracle") for m in ("raw", "calibrated")
+    }
+    for name in ("advbct", "independent"):
+        for key in ("random/raw", "random/calibrated"):
+            assert study["curves"][name][key] == backfill["curves"][name][key]
     missing = run_cli("backfill-curves", str(tmp_path / "nowhere"), "--no-progress")
     assert missing.returncode == 2 and "lacks" in missing.stderr and "Traceback" not in missing.stderr

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ from advbct.data.images import ImageSet
 from advbct.data.sources import load_split
 from advbct.distributed import resolve_device
 from advbct.evaluation.backfill import (
+    DEFAULT_FRACTIONS,
     MERGES,
     ORDER_POLICIES,
     GalleryState,
@@ -74,31 +76,51 @@ def old_gallery_state(old_path: Path, old_embeddings: torch.Tensor, seed: int) -
     return GalleryState(stored, seed, old_classifier=model.head.eval(), old_centres=stats.centres)
 
 
+@dataclass(frozen=True)
+class StudyPlan:
+    """Which curves a study computes: ``studied`` models under every order policy (at ``order_fractions``, and
+    under ``order_merges``), every model in random order under both merges at ``fractions``."""
+
+    studied: tuple[str, ...]
+    fractions: tuple[float, ...] = DEFAULT_FRACTIONS
+    order_fractions: tuple[float, ...] = DEFAULT_FRACTIONS
+    order_merges: tuple[str, ...] = MERGES
+
+    def curves(self, models: list[str]) -> list[tuple[str, str, str, tuple[float, ...]]]:
+        """(model, order, merge, fractions) of every curve."""
+        plans = [(name, "random", merge, self.fractions) for name in models for merge in MERGES]
+        others = [o for o in ORDER_POLICIES if o != "random"]
+        return plans + [
+            (name, o, merge, self.order_fractions)
+            for name in self.studied
+            for o in others
+            for merge in self.order_merges
+        ]
+
+
 def backfill_study(
     paths: dict[str, Path],
     embeddings: dict[str, torch.Tensor],
     labels: torch.Tensor,
     calibrations: dict[str, ScoreCalibration],
-    studied: list[str],
+    plan: StudyPlan,
     seed: int = 0,
     console: Console | None = None,
     show_progress: bool = True,
 ) -> dict:
-    """The exact curves: the ``studied`` models under every order policy and both merges, every other calibrated
-    model (the independent one, say) in random order under both merges."""
+    """The exact curves the plan names, for every calibrated model (the independent one, say, beside the
+    methods studied)."""
     old = embeddings["old"]
     baseline = label_retrieval_scores(old, labels, old, labels, exclude_same_index=True, ks=(1,))
     state = old_gallery_state(paths["old"], old, seed)
-    plans = [(name, o, m) for name in calibrations for o in ORDER_POLICIES for m in MERGES]
-    plans = [(name, o, m) for name, o, m in plans if name in studied or o == "random"]
     curves: dict[str, dict] = {name: {} for name in calibrations}
     with progress_bars(console or Console(), show_progress) as bars:
-        for name, order_name, merge in bars.track(plans, description="backfill curves"):
+        for name, order_name, merge, fractions in bars.track(plan.curves(list(calibrations)), description="curves"):
             new = embeddings[name]
             order = backfill_order(order_name, dataclasses.replace(state, new=new))
             calibration = calibrations[name] if merge == "calibrated" else None
-            curve = backfill_curve(new, old, new, labels, order, baseline=baseline, calibration=calibration,
-                                   order_name=order_name)  # fmt: skip
+            curve = backfill_curve(new, old, new, labels, order, fractions, baseline=baseline,
+                                   calibration=calibration, order_name=order_name)  # fmt: skip
             curves[name][f"{order_name}/{merge}"] = curve.to_json()
     return {
         "seed": seed,
@@ -127,6 +149,7 @@ def study_run_folder(
         raise FileNotFoundError(f"the run folder lacks {', '.join(missing)}")
     embeddings, labels = embed_test_set(paths, data_root, device)
     calibrations = fit_calibrations(paths, names, validation_images(paths["old"], data_root), device)
-    study = backfill_study(paths, embeddings, labels, calibrations, methods, seed, console, show_progress)
+    study = backfill_study(paths, embeddings, labels, calibrations, StudyPlan(tuple(methods)), seed, console,
+                           show_progress)  # fmt: skip
     (run / "backfill_study.json").write_text(json.dumps(study, indent=2))
     return study

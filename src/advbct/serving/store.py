@@ -250,7 +250,8 @@ class GalleryStore:
     def all_generations(self) -> dict[int, int]:
         """Every stored item's generation by id, listed in pages: what a ledger is rebuilt from."""
         states: dict[int, int] = {}
-        listing = self.client.query_iterator(self.collection, batch_size=min(self.page_limit, 16_384), output_fields=["generation"])
+        batch = min(self.page_limit, 16_384)  # pymilvus's query iterator takes batches of at most 16,384 rows
+        listing = self.client.query_iterator(self.collection, batch_size=batch, output_fields=["generation"])
         try:
             while rows := listing.next():
                 states.update((int(row["id"]), int(row["generation"])) for row in rows)

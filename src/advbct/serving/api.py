@@ -3,7 +3,8 @@
 A registered compatible generation answers queries at once (its queries search the mixed gallery), while a
 background thread re-embeds the items of older generations; search keeps working throughout. Bad input gets a
 4xx with a message and changes nothing: a file that is not an image (400), one too large (413), a path outside
-the image root (400), an unknown id (404), a checkpoint that does not fit or fails the gate (422).
+the image root (400), an unknown id (404), a checkpoint that does not fit or fails the gate (422). A gallery that
+fails its check as it opens is served degraded (503 with the reason; see ``Service``).
 """
 
 from __future__ import annotations

@@ -2,13 +2,16 @@
 images, bad options, a file another process holds, a folder added twice."""
 
 import json
+import sqlite3
 import struct
 import subprocess
 import sys
 import threading
+import time
 import uuid
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -315,3 +318,141 @@ def test_metrics_count_requests_by_route_batches_and_items_by_generation(service
     again = _scrape(client)
     assert again[(requests, (("method", "GET"), ("route", "/metrics"), ("status", "200")))] == 1
     ServiceMetrics(), ServiceMetrics()  # a registry per service: a second set of the same names does not collide
+
+
+def test_progress_counts_are_a_snapshot_that_sums_to_the_items_during_and_after_a_backfill(service):
+    client, state, root = service
+    samples: list[dict] = []
+    done = threading.Event()
+
+    def poll() -> None:
+        while not done.is_set():
+            samples.append(client.get("/backfill").json())
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    try:
+        assert client.post("/backfill/start").status_code == 200
+        deadline = time.monotonic() + 120
+        while client.get("/backfill").json()["state"] not in ("finished", "failed") and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        done.set()
+        poller.join()
+    during = [{int(g): n for g, n in s["by_generation"].items()} for s in samples]
+    assert all(sum(counts.values()) == 40 for counts in during), during
+    assert any(len(counts) == 2 for counts in during), "some samples were taken with both generations present"
+    final = client.get("/backfill").json()
+    assert final["state"] == "finished" and final["by_generation"] == {"2": 40} and final["remaining"] == 0
+    assert state.store.generations() == {2: 40}, "the ledger agrees with a real count"
+
+    image = sorted((root / "train").rglob("*.png"))[0]
+    added = client.post("/items", files={"image": ("u.png", image.read_bytes())}).json()["ids"]
+    paths = [str(p.relative_to(root)) for p in sorted((root / "test").rglob("*.png"))[:3]]
+    added += client.post("/items/by-path", json={"paths": paths}).json()["ids"]
+    assert client.delete(f"/items/{added[0]}").status_code == 200
+    assert client.get("/backfill").json()["by_generation"] == {"2": 43}
+    assert state.store.count() == 43 and state.store.generations() == {2: 43}
+    assert client.get("/health").json()["items"] == 43
+
+
+def _crash_mid_write(db: GalleryDb, registry: Path, dim: int) -> None:
+    """A process killed (SIGKILL) after its writes reached Milvus and before the registry settled them: items 0-9
+    re-embedded at generation 2 and items 1000-1004 added, as the store's writes journal them."""
+    script = f"""
+import os
+from advbct.serving.ledger import open_counted_store
+from advbct.serving.registry import ModelRegistry
+store = open_counted_store(ModelRegistry({str(registry)!r}), {db.uri!r}, {dim})
+rows = store.get(list(range(10)), with_vectors=True)
+store.ledger.begin([r["id"] for r in rows])
+store.client.upsert(store.collection, [{{**r, "generation": 2, "bucket": r["id"] % 64}} for r in rows])
+new = [{{**r, "id": 1000 + i, "bucket": (1000 + i) % 64}} for i, r in enumerate(rows[:5])]
+store.ledger.begin([r["id"] for r in new])
+store.client.insert(store.collection, new)
+store.flush()
+os.kill(os.getpid(), 9)
+"""
+    crashed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert crashed.returncode == -9, crashed.stderr
+
+
+def test_a_write_killed_between_milvus_and_the_registry_is_repaired_when_the_gallery_opens(
+    three_models, image_root, tmp_path
+):
+    db, registry = GalleryDb(str(tmp_path / "gallery.db")), tmp_path / "registry.sqlite"
+    build_gallery(three_models, image_root, db, registry)
+    dim = Embedder(three_models["old"]).dim
+    _crash_mid_write(db, registry, dim)
+    with closing(sqlite3.connect(registry)) as sql:
+        assert sql.execute("SELECT COUNT(*) FROM pending_writes").fetchone()[0] == 2
+        counts = dict(sql.execute("SELECT generation, items FROM item_counts WHERE items > 0").fetchall())
+    assert counts == {1: 40}, "the registry has not seen the killed process's writes"
+
+    stats = run_advbct("index", "stats", *db.args, "--registry", str(registry))
+    assert stats.returncode == 0, stats.stderr
+    reported = json.loads(stats.stdout)
+    assert reported["items"] == 45 and reported["by_generation"] == {"1": 35, "2": 10}
+    assert reported["reconciled"]["repaired"] == 15 and "interrupted" in reported["reconciled"]["reason"]
+    assert reported["reconciled"]["at"] > time.time() - 300
+
+    with closing(sqlite3.connect(registry)) as sql, sql:  # counts made wrong with no write to explain them
+        sql.execute("UPDATE items SET generation = 1 WHERE id < 4")
+    again = json.loads(run_advbct("index", "stats", *db.args, "--registry", str(registry)).stdout)
+    assert again["items"] == 45 and again["by_generation"] == {"1": 35, "2": 10}
+    assert "differed from Milvus" in again["reconciled"]["reason"]
+    store = db.open(dim)
+    assert store.generations() == {1: 35, 2: 10} and store.count() == 45
+    store.close()
+
+
+def test_a_gallery_with_a_segment_file_deleted_is_refused_by_the_cli_and_the_server(three_models, image_root, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from advbct.serving.api import ServiceConfig, create_app
+
+    db, registry = GalleryDb(str(tmp_path / "gallery.db")), tmp_path / "registry.sqlite"
+    add = run_advbct("index", "add", str(image_root / "train"), *db.args, "--image-root", str(image_root),
+                     "--model", str(three_models["old"]), "--registry", str(registry),
+                     "--batch-size", "16")  # fmt: skip
+    assert add.returncode == 0, add.stderr
+    segments = sorted(Path(db.uri).rglob("data_*.parquet"))  # Milvus Lite's sealed segments: the rows themselves
+    assert len(segments) == 3, segments
+    segments[0].unlink()
+
+    refused = run_advbct("index", "stats", *db.args, "--registry", str(registry))
+    _one_line_error(refused, "'gallery'", db.uri, "records 40 items", "Milvus holds 24", "advbct index recount")
+    query = sorted((image_root / "test").rglob("*.png"))[0]
+    search = run_advbct("index", "search", str(query), *db.args, "--registry", str(registry))
+    _one_line_error(search, "records 40 items, Milvus holds 24")
+
+    with TestClient(create_app(ServiceConfig(db.uri, registry, image_root))) as client:
+        health = client.get("/health")
+        assert health.status_code == 503 and health.json()["status"] == "damaged"
+        assert "records 40 items, Milvus holds 24" in health.json()["reason"]
+        assert client.get("/backfill").status_code == 503
+        assert client.post("/search", files={"image": ("q.png", query.read_bytes())}).status_code == 503
+        assert client.app.state.service.backfill_thread is None, "nothing writes to a damaged gallery"
+    from milvus_lite.server_manager import server_manager_instance
+
+    server_manager_instance.release_server(db.uri)  # the service's Lite server held the file; the CLI opens it next
+
+    accepted = run_advbct("index", "recount", *db.args, "--registry", str(registry))
+    assert accepted.returncode == 0, accepted.stderr
+    assert json.loads(accepted.stdout) == {"recorded": {"1": 40}, "found": {"1": 24}}
+    stats = run_advbct("index", "stats", *db.args, "--registry", str(registry))
+    assert stats.returncode == 0 and json.loads(stats.stdout)["items"] == 24, stats.stderr
+
+
+def test_rows_deleted_behind_the_registrys_back_are_refused(three_models, image_root, tmp_path):
+    from pymilvus import MilvusClient
+
+    db, registry = GalleryDb(str(tmp_path / "gallery.db")), tmp_path / "registry.sqlite"
+    build_gallery(three_models, image_root, db, registry)
+    client = MilvusClient(db.uri)
+    client.delete(db.collection, ids=[3, 4, 5])
+    client.close()
+    from milvus_lite.server_manager import server_manager_instance
+
+    server_manager_instance.release_server(db.uri)
+    _one_line_error(run_advbct("backfill", *db.args, "--registry", str(registry)), "records 40 items, Milvus holds 37")

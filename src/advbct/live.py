@@ -24,6 +24,7 @@ from advbct.evaluation.backfill import ScoreCalibration, backfill_curve, refresh
 from advbct.evaluation.metrics import metrics_from_rankings
 from advbct.models.checkpoint import load_checkpoint
 from advbct.serving.backfill import BackfillProgress, run_backfill
+from advbct.serving.ledger import open_counted_store
 from advbct.serving.models import Embedder
 from advbct.serving.registry import ModelRegistry
 from advbct.serving.store import GalleryStore
@@ -80,11 +81,10 @@ def index_gallery(
         registry.register_first(old_path)
         registry.reserve_ids(len(images))
     embedder = Embedder(registry.generation(1).path)
-    gallery = LiveGallery(folder, GalleryStore(str(folder / GALLERY_DB), embedder.dim), registry)
+    gallery = LiveGallery(folder, open_counted_store(registry, str(folder / GALLERY_DB), embedder.dim), registry)
     refs = item_refs(images)
     write_item_files(images, gallery.image_root, refs)
-    present = gallery.store.count()
-    if present == len(images):
+    if gallery.store.ledger.total() == len(images):
         return gallery
     stored: set[int] = set()
     for start in range(0, len(images), 4096):
@@ -157,7 +157,7 @@ def backfill_with_checks(
         task = bars.add_task(f"backfill to generation {active.number}", total=total)
         for fraction in sorted({*fractions, 1.0}):
             key = f"{fraction:g}"
-            done = gallery.store.count(f"generation == {active.number}")
+            done = gallery.store.ledger.counts().get(active.number, 0)
             bars.update(task, completed=done)
             wanted = refreshed_count(total, fraction)
             if wanted > done:

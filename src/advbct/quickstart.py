@@ -116,5 +116,5 @@ def live_upgrade(
 
 def gallery_state(gallery: LiveGallery) -> dict:
     active = gallery.registry.active
-    counts = gallery.store.generations()
+    counts = gallery.store.ledger.counts()
     return {"active_generation": active.number, "by_generation": {str(g): n for g, n in counts.items()}}

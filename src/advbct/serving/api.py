@@ -3,7 +3,8 @@
 A registered compatible generation answers queries at once (its queries search the mixed gallery), while a
 background thread re-embeds the items of older generations; search keeps working throughout. Bad input gets a
 4xx with a message and changes nothing: a file that is not an image (400), one too large (413), a path outside
-the image root (400), an unknown id (404), a checkpoint that does not fit or fails the gate (422).
+the image root (400), an unknown id (404), a checkpoint that does not fit or fails the gate (422). A gallery that
+fails its check as it opens is served degraded (503 with the reason; see ``Service``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 from fastapi import FastAPI, File, Form, HTTPException, Request, Response, UploadFile
-from fastapi.responses import FileResponse, HTMLResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel
 
@@ -26,11 +27,15 @@ from advbct.data.images import DataError, square_rgb
 from advbct.models.checkpoint import CheckpointError
 from advbct.serving.backfill import BackfillProgress, ImageRoot, run_backfill
 from advbct.serving.batcher import MicroBatcher
+from advbct.serving.ledger import GalleryDamaged, ItemLedger
 from advbct.serving.metrics import CONTENT_TYPE, ServiceMetrics
 from advbct.serving.models import Embedder, GateRefused
 from advbct.serving.page import PAGE
 from advbct.serving.registry import Generation, ModelRegistry
 from advbct.serving.store import MAX_K, GalleryStore, StoreError
+
+# What a degraded service (a damaged gallery) still answers: its health, its metrics and the page that shows them.
+UNGUARDED = ("/health", "/metrics", "/")
 
 
 @dataclass(frozen=True)
@@ -57,7 +62,14 @@ class AddByPath(BaseModel):
 
 
 class Service:
-    """The state behind the API: the active model (behind a micro-batcher), the store and the backfill."""
+    """The state behind the API: the active model (behind a micro-batcher), the store and the backfill.
+
+    A gallery that fails its check as it opens (Milvus holds another number of items than the registry's ledger
+    recorded) is served degraded rather than refused: ``damage`` holds the one-line reason, ``/health`` answers 503
+    with it, every route that reads or writes the gallery answers 503, and no backfill starts. A server that
+    refused to start would leave a supervisor restarting it in a loop and a load balancer with nothing to ask;
+    a degraded one tells both, and the operator, what is wrong, while nothing touches the gallery.
+    """
 
     def __init__(self, config: ServiceConfig):
         self.config = config
@@ -69,12 +81,16 @@ class Service:
         self.embedder, self.generation = Embedder(active.path, config.device), active.number
         self.metrics = ServiceMetrics()
         self.batcher = MicroBatcher(self.embedder, self.generation, on_batch=self.metrics.batch_images.observe)
-        self.store = GalleryStore(config.db, self.embedder.dim, config.collection)
+        self.ledger = ItemLedger(self.registry, config.collection)
+        self.store = GalleryStore(config.db, self.embedder.dim, config.collection, ledger=self.ledger)
+        self.damage: str | None = None
+        try:
+            self.ledger.check(self.store, by_generation=True)
+        except GalleryDamaged as exc:
+            self.damage = str(exc)
         self.backfill_thread: threading.Thread | None = None
         self.stop, self.pause = threading.Event(), threading.Event()
         self.progress = BackfillProgress(self.generation)
-        self._counts: dict[int, int] = {}
-        self._counted_at, self._counted_state = float("-inf"), ""
 
     def follow_registry(self) -> None:
         """Serve the generation the registry names active, whoever changed it (this server, or a CLI upgrade or
@@ -109,7 +125,7 @@ class Service:
             raise HTTPException(400, f"{name} is not a readable image: {exc}") from None
 
     def start_backfill(self, paused: bool = False) -> None:
-        if self.backfill_thread is not None and self.backfill_thread.is_alive():
+        if self.damage is not None or (self.backfill_thread is not None and self.backfill_thread.is_alive()):
             return
         self.stop.clear()
         if paused:
@@ -130,15 +146,10 @@ class Service:
         self.backfill_thread = threading.Thread(target=work, name="advbct-backfill", daemon=True)
         self.backfill_thread.start()
 
-    def generation_counts(self, max_age_s: float = 2.0) -> dict[int, int]:
-        """Items per generation, recounted at most every ``max_age_s`` (filtered counts scan the collection;
-        the page polls this), and always once the backfill has finished."""
-        now = time.monotonic()
-        finished = self.progress.state in ("finished", "stopped", "failed")
-        stale_cache = now - self._counted_at > max_age_s or (finished and self._counted_state != self.progress.state)
-        if stale_cache:
-            self._counts, self._counted_at, self._counted_state = self.store.generations(), now, self.progress.state
-        return self._counts
+    def generation_counts(self) -> dict[int, int]:
+        """Items per generation from the registry's ledger: one short SQLite read, a snapshot whose counts sum to
+        the items stored, however often the page polls it."""
+        return self.ledger.counts()
 
     def stop_backfill(self) -> None:
         self.stop.set()
@@ -165,7 +176,10 @@ def create_app(config: ServiceConfig) -> FastAPI:
     @app.middleware("http")
     async def measure(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         started = time.perf_counter()
-        response = await call_next(request)
+        if service.damage is not None and request.url.path not in UNGUARDED:
+            response: Response = JSONResponse({"detail": service.damage}, status_code=503)
+        else:
+            response = await call_next(request)
         route = getattr(request.scope.get("route"), "path", "unmatched")
         service.metrics.observe_request(request.method, route, response.status_code, time.perf_counter() - started)
         return response
@@ -181,10 +195,12 @@ def create_app(config: ServiceConfig) -> FastAPI:
     def page() -> str:
         return PAGE
 
-    @app.get("/health")
-    def health() -> dict:
+    @app.get("/health", response_model=None)
+    def health() -> dict | JSONResponse:
         service.follow_registry()
-        return {"status": "ok", "items": service.store.count(), "active": service.generation}
+        if service.damage is not None:
+            return JSONResponse({"status": "damaged", "reason": service.damage, "active": service.generation}, 503)
+        return {"status": "ok", "items": sum(service.generation_counts().values()), "active": service.generation}
 
     @app.get("/models")
     def models() -> dict:

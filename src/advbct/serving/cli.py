@@ -1,4 +1,4 @@
-"""CLI for the gallery: ``advbct index add|search|stats``, ``advbct upgrade``, ``advbct rollback``,
+"""CLI for the gallery: ``advbct index add|search|stats|recount``, ``advbct upgrade``, ``advbct rollback``,
 ``advbct backfill``. An item's reference is its path relative to the image root; its id comes from the
 registry's counter. Bad input is one line on stderr and exit status 2."""
 
@@ -17,6 +17,7 @@ from rich.markup import escape
 from advbct.data.images import IMAGE_SUFFIXES, DataError
 from advbct.models.checkpoint import CheckpointError
 from advbct.serving.backfill import BackfillProgress, run_backfill
+from advbct.serving.ledger import ItemLedger, open_counted_store
 from advbct.serving.models import Embedder, GateRefused
 from advbct.serving.ray_backfill import RayPlan
 from advbct.serving.registry import ModelRegistry
@@ -57,14 +58,16 @@ def refused_as_exit() -> Iterator[None]:
 
 
 def open_gallery(
-    db: str, registry: Path | None, device: str, collection: str
+    db: str, registry: Path | None, device: str, collection: str, by_generation: bool = False
 ) -> tuple[ModelRegistry, Embedder, GalleryStore]:
+    """The registry, the active model and the gallery, checked against the registry's item ledger as it opens
+    (a damaged gallery is refused; ``by_generation``: the counts per generation are compared too)."""
     models = ModelRegistry(registry_path(db, registry))
     active = models.active
     if active is None:
         raise DataError("no model is registered yet: run `advbct index add --model CHECKPOINT ...` first")
     embedder = Embedder(active.path, device)
-    return models, embedder, GalleryStore(db, embedder.dim, collection)
+    return models, embedder, open_counted_store(models, db, embedder.dim, collection, by_generation)
 
 
 def _image_files(folder: Path) -> list[Path]:
@@ -91,7 +94,7 @@ def add_cmd(
             models.register_first(model, device)
         active = models.active
         embedder = Embedder(active.path, device)
-        store = GalleryStore(db, embedder.dim, collection)
+        store = open_counted_store(models, db, embedder.dim, collection)
         files = [images] if images.is_file() else _image_files(images)
         if not files:
             raise DataError(f"no image files at {images}")
@@ -154,11 +157,39 @@ def stats_cmd(
     registry: RegistryOpt = None,
     device: DeviceOpt = "cpu",
 ) -> None:
-    """Items per generation and the active generation."""
+    """Items per generation (the registry's ledger, checked against Milvus per generation as it opens), the active
+    generation and the ledger's last reconciliation."""
     with refused_as_exit():
-        models, _, store = open_gallery(db, registry, device, collection)
-        stats = {"items": store.count(), "by_generation": store.generations(), "active": models.active.number}
+        models, _, store = open_gallery(db, registry, device, collection, by_generation=True)
+        by_generation = store.ledger.counts()
+        last = store.ledger.last_reconciliation()
+        stats = {"items": sum(by_generation.values()), "by_generation": by_generation,
+                 "active": models.active.number, "reconciled": None if last is None else last.__dict__}  # fmt: skip
+        store.close()
     print(json.dumps(stats))
+
+
+@index_app.command("recount")
+def recount_cmd(
+    db: DbOpt = "gallery.db",
+    collection: CollectionOpt = "gallery",
+    registry: RegistryOpt = None,
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Accept what the gallery holds: the registry's item ledger rebuilt from Milvus (after a damaged gallery was
+    refused and no backup is to be restored). Stop any other process writing to the gallery first."""
+    with refused_as_exit():
+        models = ModelRegistry(registry_path(db, registry))
+        active = models.active
+        if active is None:
+            raise DataError("no model is registered yet: run `advbct index add --model CHECKPOINT ...` first")
+        ledger = ItemLedger(models, collection)
+        store = GalleryStore(db, Embedder(active.path, device).dim, collection, ledger=ledger)
+        recorded = ledger.counts()
+        ledger.rebuild(store, f"accepted with `advbct index recount` (the ledger recorded {recorded})")
+        found = ledger.counts()
+        store.close()
+    print(json.dumps({"recorded": recorded, "found": found}))
 
 
 def upgrade_cmd(
@@ -260,6 +291,8 @@ def serve_cmd(
 
     with refused_as_exit():
         app = create_app(ServiceConfig(db, registry_path(db, registry), image_root, device, collection))
+    if app.state.service.damage is not None:
+        errors.print(f"[red]error:[/] {app.state.service.damage}; serving degraded: /health answers 503")
     if backfill:
         app.state.service.start_backfill()
     uvicorn.run(app, host=host, port=port)

@@ -22,8 +22,12 @@ import time
 from collections.abc import Collection, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from advbct.serving.ledger import ItemLedger
 
 BUCKETS = 64
 MAX_K = 1000  # the most hits one search returns, over HTTP and in the CLI alike
@@ -98,16 +102,20 @@ def _connect(client_class: type, uri: str):
 
 
 class GalleryStore:
-    """One Milvus collection of gallery items."""
+    """One Milvus collection of gallery items.
 
-    def __init__(self, uri: str, dim: int, collection: str = "gallery"):
+    With a ``ledger`` every add, replace and delete is journalled and mirrored in the model registry's file
+    (``advbct.serving.ledger``), which is what keeps the per-generation counts; a store without one (benchmarks,
+    storage tests) writes Milvus alone."""
+
+    def __init__(self, uri: str, dim: int, collection: str = "gallery", ledger: ItemLedger | None = None):
         from pymilvus import MilvusClient
 
         if not COLLECTION_NAME.fullmatch(collection):
             raise StoreError(
                 f"collection name {collection!r}: use letters, digits and underscores, not starting with a digit"
             )
-        self.uri, self.dim, self.collection = uri, dim, collection
+        self.uri, self.dim, self.collection, self.ledger = uri, dim, collection, ledger
         # The most rows one listing query may return: Milvus servers cap offset + limit at 16,384
         # (maxQueryResultWindow); Milvus Lite has no cap, and each of its filtered queries scans the collection,
         # so fewer, larger listings cost less.
@@ -190,8 +198,9 @@ class GalleryStore:
         taken = self.existing(ids)
         if taken:
             raise StoreError(f"ids already in the gallery: {sorted(taken)[:10]}")
-        with self._writing:
-            self.client.insert(self.collection, self._rows(ids, refs, vectors, generation))
+        rows = self._rows(ids, refs, vectors, generation)
+        with self._writing, self._journalled(ids, generation):
+            self.client.insert(self.collection, rows)
             self.flush()
 
     def replace(
@@ -200,8 +209,9 @@ class GalleryStore:
         """Re-embedded items: an upsert by primary key, so doing it twice leaves one copy of each.
 
         ``flush=False`` leaves the rows in the growing segment (a bulk writer flushes every few batches)."""
-        with self._writing:
-            self.client.upsert(self.collection, self._rows(ids, refs, vectors, generation))
+        rows = self._rows(ids, refs, vectors, generation)
+        with self._writing, self._journalled(ids, generation):
+            self.client.upsert(self.collection, rows)
             if flush:
                 self.flush()
 
@@ -213,9 +223,14 @@ class GalleryStore:
         missing = set(int(i) for i in ids) - self.existing(ids)
         if missing:
             raise StoreError(f"unknown ids: {sorted(missing)[:10]}")
-        with self._writing:
+        with self._writing, self._journalled(ids, None):
             self.client.delete(self.collection, ids=[int(i) for i in ids])
             self.flush()
+
+    def _journalled(self, ids: Sequence[int], generation: int | None) -> AbstractContextManager:
+        """A write's ledger bracket (journal, then settle at ``generation``, ``None`` for deleted), inside the write
+        lock on Milvus Lite so the mirror settles in the order Milvus applied the writes."""
+        return nullcontext() if self.ledger is None else self.ledger.writing(self, ids, generation)
 
     def get(self, ids: Sequence[int], with_vectors: bool = False) -> list[dict]:
         fields = ["id", "ref", "generation", "embedded_at", *(["vector"] if with_vectors else [])]
@@ -231,6 +246,18 @@ class GalleryStore:
         for generation in self.distinct_generations():
             counts[generation] = self.count(f"generation == {generation}")
         return counts
+
+    def all_generations(self) -> dict[int, int]:
+        """Every stored item's generation by id, listed in pages: what a ledger is rebuilt from."""
+        states: dict[int, int] = {}
+        batch = min(self.page_limit, 16_384)  # pymilvus's query iterator takes batches of at most 16,384 rows
+        listing = self.client.query_iterator(self.collection, batch_size=batch, output_fields=["generation"])
+        try:
+            while rows := listing.next():
+                states.update((int(row["id"]), int(row["generation"])) for row in rows)
+        finally:
+            listing.close()
+        return states
 
     def distinct_generations(self) -> list[int]:
         seen: set[int] = set()

@@ -18,7 +18,7 @@ from advbct.data.images import DataError
 from advbct.serving.backfill import ImageRoot, run_backfill
 from advbct.serving.models import Embedder, GateRefused
 from advbct.serving.registry import ModelRegistry
-from advbct.serving.store import GalleryStore, StoreError
+from advbct.serving.store import GalleryStore, Hit, MixedMerge, StoreError
 from conftest import build_gallery, write_image_folder
 
 
@@ -48,6 +48,31 @@ def test_store_rules(gallery_db):
         gallery_db.open(dim=8)
     with pytest.raises(StoreError, match="collection name 'my-gallery'"):
         GalleryStore(gallery_db.uri, 4, collection="my-gallery")
+
+
+def test_a_mixed_gallery_is_merged_by_calibrated_score(gallery_db):
+    # Items 0 (relevant, still the old generation's vector, cosine 0.5 to the query) and 1 (old, cosine 0) beside
+    # item 2 (re-embedded, irrelevant, cosine 0.7). Raw cosine ranks 2, 0, 1. Calibrated, item 0's log-odds
+    # 10 * 0.5 - 3 = 2 beat item 2's 10 * 0.7 - 8 = -1 and item 1's 10 * 0 - 3 = -3: 0, 2, 1.
+    store = gallery_db.open(dim=2)
+    store.add([0, 1], ["a", "b"], np.array([[0.5, np.sqrt(0.75)], [0.0, 1.0]], dtype=np.float32), generation=1)
+    store.add([2], ["c"], np.array([[0.7, np.sqrt(0.51)]], dtype=np.float32), generation=2)
+    query = np.array([[1.0, 0.0]], dtype=np.float32)
+    assert [h.id for h in store.search(query, k=3)[0]] == [2, 0, 1]
+    merge = MixedMerge(active=2, same=(10.0, -8.0), cross=(10.0, -3.0))
+    hits = store.search(query, k=3, merge=merge)[0]
+    assert [h.id for h in hits] == [0, 2, 1]
+    assert [h.relevance for h in hits] == pytest.approx([2.0, -1.0, -3.0], abs=1e-5)
+    assert [h.score for h in hits] == pytest.approx([0.5, 0.7, 0.0], abs=1e-5), "score stays the cosine"
+    assert [h.id for h in store.search(query, k=2, merge=merge)[0]] == [0, 2]
+    store.close()
+
+
+def test_an_item_found_in_both_parts_counts_once_as_the_active_generations():
+    old = Hit(id=5, score=0.9, generation=1, ref="x")
+    new = Hit(id=5, score=0.2, generation=2, ref="x")
+    merge = MixedMerge(active=2, same=(1.0, 0.0), cross=(1.0, 0.0))
+    assert merge.rank([new], [old], k=10) == [Hit(5, 0.2, 2, "x", relevance=0.2)]
 
 
 def test_gate_refuses_an_incompatible_model_and_changes_nothing(three_models, image_root, tmp_path):

@@ -46,10 +46,14 @@ class StoreError(ValueError):
 
 @dataclass(frozen=True)
 class Hit:
+    """One search result. ``score`` is the cosine similarity to the query; ``relevance``, where a mixed gallery
+    was merged, the calibrated log-odds that the item is relevant, which is what the hits are ranked by."""
+
     id: int
     score: float
     generation: int
     ref: str
+    relevance: float | None = None
 
 
 @dataclass(frozen=True)
@@ -67,10 +71,11 @@ class MixedMerge:
         return cls(active, (same["scale"], same["bias"]), (cross["scale"], cross["bias"]))
 
     def rank(self, same: list[Hit], cross: list[Hit], k: int) -> list[Hit]:
-        """The ``k`` best of both parts' hits by calibrated score; equal scores keep the lower id first."""
-        scaled = [replace(h, score=self.same[0] * h.score + self.same[1]) for h in same]
-        scaled += [replace(h, score=self.cross[0] * h.score + self.cross[1]) for h in cross]
-        return sorted(scaled, key=lambda h: (-h.score, h.id))[:k]
+        """The ``k`` best of both parts' hits by calibrated score (equal scores keep the lower id first). An item
+        found in both parts (re-embedded between the two searches) counts once, as the active generation's."""
+        scaled = {h.id: replace(h, relevance=self.cross[0] * h.score + self.cross[1]) for h in cross}
+        scaled.update({h.id: replace(h, relevance=self.same[0] * h.score + self.same[1]) for h in same})
+        return sorted(scaled.values(), key=lambda h: (-h.relevance, h.id))[:k]
 
 
 def normalised(vectors: np.ndarray, dim: int) -> np.ndarray:
@@ -290,14 +295,17 @@ class GalleryStore:
     def search(self, vectors: np.ndarray, k: int, merge: MixedMerge | None = None) -> list[list[Hit]]:
         """The ``k`` best items for each query vector. Without ``merge``, by cosine over the whole gallery. With it,
         the active generation's items and the others are searched apart and merged by the log-odds that each hit is
-        relevant (``Hit.score``), so items not yet re-embedded compete on what their score means, not its scale."""
+        relevant (``Hit.relevance``), so items not yet re-embedded compete on what their score means, not its
+        scale."""
         if k < 1:
             raise StoreError(f"k must be at least 1, got {k}")
         vectors = normalised(vectors, self.dim)
         if merge is None:
             return self._search(vectors, k, "")
-        same = self._search(vectors, k, f"generation == {int(merge.active)}")
+        # The other generations first: a backfill only moves items into the active one, so an item re-embedded
+        # between the two searches is found twice (and counted once), never missed.
         cross = self._search(vectors, k, f"generation != {int(merge.active)}")
+        same = self._search(vectors, k, f"generation == {int(merge.active)}")
         return [merge.rank(mine, theirs, k) for mine, theirs in zip(same, cross, strict=True)]
 
     def _search(self, vectors: np.ndarray, k: int, clause: str) -> list[list[Hit]]:

@@ -162,3 +162,17 @@ def test_refused_then_forced_upgrade_through_the_whole_flow(tiny_folder, tmp_pat
             assert study["curves"][name][key] == backfill["curves"][name][key]
     missing = run_cli("backfill-curves", str(tmp_path / "nowhere"), "--no-progress")
     assert missing.returncode == 2 and "lacks" in missing.stderr and "Traceback" not in missing.stderr
+
+    # The docs' tables are rendered from the folder: the command and machine from run.json, the numbers from
+    # results.json and backfill_study.json.
+    rendered = run_cli("report", str(out))
+    assert rendered.returncode == 0, rendered.stderr
+    text = rendered.stdout
+    info = json.loads((out / "run.json").read_text())
+    assert info["command"].startswith("advbct quickstart --preset smoke") and info["machine"]["cores"] >= 1
+    assert f"`{info['command']}`" in text
+    old_old, new_old = report["tests"]["old/old"]["map"], report["tests"]["new/old"]["map"]
+    assert f"| run | {old_old:.2f} | {new_old:.2f} ({new_old - old_old:+.2f}) |" in text
+    assert "| advbct | oracle | raw |" in text and "| independent | random | calibrated |" in text
+    nothing = run_cli("report", str(tmp_path / "nowhere"))
+    assert nothing.returncode == 2 and "no results.json" in nothing.stderr

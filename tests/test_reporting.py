@@ -75,3 +75,12 @@ def test_bench_markdown_has_the_ratio_column_and_the_caveat_only_where_it_applie
     assert row.startswith("| advbct | 4.95 | 2.01 | 1.08 |")  # 2.01 / 1.86 = 1.081
     assert "M(\\*,\\*) <= M(o,o)" in below
     assert "mean nothing" not in markdown_table(_bench_results(6.0))
+
+
+def test_a_curve_above_another_everywhere_before_the_end():
+    from advbct.reporting.markdown import _above_everywhere
+
+    mine = {"fractions": [0.0, 0.5, 1.0], "map": [3.0, 4.0, 5.0]}
+    # Above at 0 and 0.5; the end (t = 1) is the self tests, which compatible training is not asked to win.
+    assert _above_everywhere(mine, {"map": [2.0, 3.9, 9.0]})
+    assert not _above_everywhere(mine, {"map": [2.0, 4.0, 1.0]}), "equal is not above"

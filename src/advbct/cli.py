@@ -7,6 +7,7 @@ that order of precedence. Errors in user input are printed as one clear line and
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -38,6 +39,8 @@ from advbct.models.checkpoint import CheckpointError
 from advbct.pipeline import JobMode
 from advbct.quickstart import quickstart as run_quickstart
 from advbct.reporting import comparison_table, print_report
+from advbct.reporting.markdown import render as render_markdown
+from advbct.reporting.run_info import run_info, write_run_info
 from advbct.reporting.tables import backfill_policy_table
 from advbct.serving.cli import backfill_cmd, index_app, rollback_cmd, serve_cmd, upgrade_cmd
 from advbct.table_bench import DEFAULT_METHODS, SETTINGS, run_bench
@@ -237,8 +240,11 @@ def quickstart_cmd(
 ) -> None:
     """The main job on CIFAR-100: an old model serving a Milvus gallery, AdvBCT trained, gated and put live at
     once, the gallery backfilled behind it; the offline table, the backfill curves and the verdict."""
+    started = time.time()
     cfg = _run(quickstart_config, preset, config, overrides, data, device)
     _run(run_quickstart, cfg, out, console, not no_progress)
+    if current_world().is_main:
+        write_run_info(out, started)
     console.print(f"results: {out / 'results.json'}, plot: {out / 'backfill.png'}, gallery: {out / 'gallery'}")
 
 
@@ -261,6 +267,7 @@ def compare_cmd(
     job_mode: JobModeOpt = "processes",
 ) -> None:
     """Train every method on one allocation and one seed set; one table, one results.json."""
+    started = time.time()
     chosen = _method_list(methods, ABLATIONS if ablations else ())
     cfg = _run(quickstart_config, preset, config, overrides, data, device)
     reports = _run(pipeline.compare, cfg, out, chosen, console, not no_progress, jobs, job_mode)
@@ -268,6 +275,7 @@ def compare_cmd(
     console.print(comparison_table(reports, title))
     if current_world().is_main:
         (out / "results.json").write_text(json.dumps(reports, indent=2))
+        write_run_info(out, started)
     console.print(f"results: {out / 'results.json'}")
 
 
@@ -283,10 +291,25 @@ def backfill_curves_cmd(
     """Exact backfill curves of a run folder's models on the test split: every order policy and both merges
     (raw cosine, calibrated on the validation split) for each method, random order for the independent model;
     writes RUN/backfill_study.json and prints one row per curve."""
+    started = time.time()
     chosen = _method_list(methods)
     study = _run(backfill_study.study_run_folder, run, chosen, seed, data, device, console, not no_progress)
     console.print(backfill_policy_table(study))
+    (run / "backfill_study.run.json").write_text(json.dumps(run_info(started), indent=2))
     console.print(f"results: {run / 'backfill_study.json'}")
+
+
+@app.command("report")
+def report_cmd(
+    runs: Annotated[list[Path], typer.Argument(help="run folders (quickstart, compare, backfill-curves)")],
+    out: Annotated[Path | None, typer.Option("--out", help="write the Markdown there instead of printing it")] = None,
+) -> None:
+    """Markdown tables rendered from run folders' results, each with the commands and machine that made them."""
+    text = _run(render_markdown, runs)
+    if out is None:
+        print(text, end="")
+    else:
+        out.write_text(text)
 
 
 @app.command("bench")

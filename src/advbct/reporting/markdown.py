@@ -1,0 +1,124 @@
+"""Markdown tables rendered from run folders' ``results.json`` (and ``backfill_study.json``), so the tables in
+the docs are regenerated from the runs, never typed: ``advbct report RUN... > table.md``.
+
+A run folder is recognised by what it holds: a quickstart's report (it has a ``gate``), ``advbct compare``'s
+report (one entry per method), and an ``advbct backfill-curves`` study. Each table is preceded by the commands that
+made its runs and the machine they ran on, from each folder's ``run.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from advbct.reporting.run_info import read_run_info
+
+
+def _load(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _seeds(run: Path) -> str:
+    """The allocation and seeds of a run folder, from the configs its models were trained with."""
+    old = _load(run / "old" / "config.json") or {}
+    new = next((c for c in (_load(p) for p in sorted(run.glob("*/config.json"))) if c and c is not old), {})
+    data = old.get("data", {})
+    return (
+        f"{data.get('allocation', '?')}, allocation seed {data.get('allocation_seed', '?')}, "
+        f"old seed {old.get('seed', '?')}, new seed {new.get('seed', '?')}"
+    )
+
+
+def _provenance(runs: list[Path], info_file: str = "run.json") -> str:
+    lines = []
+    for run in runs:
+        info = read_run_info(run) if info_file == "run.json" else _load(run / info_file)
+        if info is None:
+            lines.append(f"- `{run.name}`: {_seeds(run)} (no run.json: command not recorded)")
+            continue
+        machine = info["machine"]
+        where = ", ".join(machine["gpus"]) or f"{machine['cpu']}, {machine['cores']} cores"
+        lines.append(f"- `{info['command']}` ({_seeds(run)}; {where}; torch {info['torch']}; {info['seconds']:.0f} s)")
+    return "\n".join(lines)
+
+
+def _row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    return "\n".join([_row(header), _row(["---"] * len(header)), *(_row(r) for r in rows)])
+
+
+def _above_everywhere(mine: dict, other: dict) -> bool:
+    """Whether ``mine`` lies above ``other`` at every fraction below 1."""
+    return all(a > b for f, a, b in zip(mine["fractions"], mine["map"], other["map"], strict=True) if f < 1)
+
+
+def quickstart_markdown(runs: list[Path]) -> str:
+    """One row per quickstart run: the tests, both margins, the gate and the headline backfill curves."""
+    header = ["run", "M(o,o)", "M(n,o) (margin)", "M(n,n) (margin)", "M(\\*,\\*)", "M(\\*,o)", "gate (validation)",
+              "AUC AdvBCT / independent", "lowest AdvBCT", "worst flips %", "AdvBCT above at every t < 1"]  # fmt: skip
+    rows = []
+    for run in runs:
+        r = _load(run / "results.json")
+        t = {k: v["map"] for k, v in r["tests"].items()}
+        backfill = r["backfill"]
+        curves = {name: c[backfill["headline"]] for name, c in backfill["curves"].items()}
+        mine, other = curves["advbct"], curves["independent"]
+        gate = r["gate"]
+        decision = "passed" if gate["passed"] else "refused"
+        rows.append([
+            run.name, f"{t['old/old']:.2f}", f"{t['new/old']:.2f} ({t['new/old'] - t['old/old']:+.2f})",
+            f"{t['new/new']:.2f} ({t['new/new'] - t['old/old']:+.2f})", f"{t['independent/independent']:.2f}",
+            f"{t['independent/old']:.2f}", f"{decision} ({gate['new/old']:.2f} vs {gate['old/old']:.2f})",
+            f"{mine['auc_map']:.2f} / {other['auc_map']:.2f}", f"{mine['min_map']:.2f}",
+            f"{mine['max_negative_flips']:.2f}", "yes" if _above_everywhere(mine, other) else "no",
+        ])  # fmt: skip
+    merge = _load(runs[0] / "results.json")["backfill"]["headline"]
+    caption = f"mAP in percent, test split; backfill curves in {merge.replace('/', ' order, ')} merge."
+    return "\n\n".join([_provenance(runs), _table(header, rows), caption])
+
+
+def compare_markdown(run: Path) -> str:
+    """``advbct compare``'s table: one row per method."""
+    reports = _load(run / "results.json")
+    tests = next(iter(reports.values()))["tests"]
+    labels = (("old/old", "M(o,o)"), ("independent/independent", "M(\\*,\\*)"), ("independent/old", "M(\\*,o)"))
+    shared = ", ".join(f"{label} {tests[key]['map']:.2f}" for key, label in labels)
+    header = ["method", "M(n,n)", "M(n,o)", "P_up", "P_comp", "P_1", "M(n,o) > M(o,o)"]
+    rows = [
+        [m, f"{r['tests']['new/new']['map']:.2f}", f"{r['tests']['new/old']['map']:.2f}", f"{r['p_up']:.2f}",
+         f"{r['p_comp']:.2f}", f"{r['p_1']:.2f}", "yes" if r["criterion"] else "no"]
+        for m, r in reports.items()
+    ]  # fmt: skip
+    return "\n\n".join([_provenance([run]), _table(header, rows), f"mAP in percent, test split; {shared}."])
+
+
+def study_markdown(run: Path) -> str:
+    """A backfill study's curves: areas, lowest point and worst negative flips per model, order and merge."""
+    study = _load(run / "backfill_study.json")
+    header = ["model", "order", "merge", "AUC mAP", "AUC top-1", "lowest mAP", "worst flips %"]
+    rows = []
+    for model, curves in study["curves"].items():
+        for key, c in curves.items():
+            order, merge = key.split("/")
+            rows.append([model, order, merge, f"{c['auc_map']:.2f}", f"{c['auc_top1']:.2f}", f"{c['min_map']:.2f}",
+                         f"{c['max_negative_flips']:.2f}"])  # fmt: skip
+    caption = f"Test split; M(o,o) {study['old_map']:.2f}; areas are means over 0, 10, ..., 100% re-embedded."
+    return "\n\n".join([_provenance([run], "backfill_study.run.json"), _table(header, rows), caption])
+
+
+def render(runs: list[Path]) -> str:
+    """Every table the run folders hold: the quickstart runs as one table, then each comparison and study."""
+    missing = [str(r) for r in runs if not (r / "results.json").is_file() and not (r / "backfill_study.json").is_file()]
+    if missing:
+        raise FileNotFoundError(f"no results.json or backfill_study.json in {', '.join(missing)}")
+    quickstarts = [r for r in runs if "gate" in (_load(r / "results.json") or {})]
+    parts = [quickstart_markdown(quickstarts)] if quickstarts else []
+    for run in runs:
+        if run not in quickstarts and (run / "results.json").is_file():
+            parts.append(compare_markdown(run))
+        if (run / "backfill_study.json").is_file():
+            parts.append(study_markdown(run))
+    return "\n\n".join(parts) + "\n"

@@ -7,7 +7,6 @@ that order of precedence. Errors in user input are printed as one clear line and
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -240,11 +239,10 @@ def quickstart_cmd(
 ) -> None:
     """The main job on CIFAR-100: an old model serving a Milvus gallery, AdvBCT trained, gated and put live at
     once, the gallery backfilled behind it; the offline table, the backfill curves and the verdict."""
-    started = time.time()
     cfg = _run(quickstart_config, preset, config, overrides, data, device)
     _run(run_quickstart, cfg, out, console, not no_progress)
     if current_world().is_main:
-        write_run_info(out, started)
+        write_run_info(out)
     console.print(f"results: {out / 'results.json'}, plot: {out / 'backfill.png'}, gallery: {out / 'gallery'}")
 
 
@@ -267,7 +265,6 @@ def compare_cmd(
     job_mode: JobModeOpt = "processes",
 ) -> None:
     """Train every method on one allocation and one seed set; one table, one results.json."""
-    started = time.time()
     chosen = _method_list(methods, ABLATIONS if ablations else ())
     cfg = _run(quickstart_config, preset, config, overrides, data, device)
     reports = _run(pipeline.compare, cfg, out, chosen, console, not no_progress, jobs, job_mode)
@@ -275,7 +272,7 @@ def compare_cmd(
     console.print(comparison_table(reports, title))
     if current_world().is_main:
         (out / "results.json").write_text(json.dumps(reports, indent=2))
-        write_run_info(out, started)
+        write_run_info(out)
     console.print(f"results: {out / 'results.json'}")
 
 
@@ -291,11 +288,10 @@ def backfill_curves_cmd(
     """Exact backfill curves of a run folder's models on the test split: every order policy and both merges
     (raw cosine, calibrated on the validation split) for each method, random order for the independent model;
     writes RUN/backfill_study.json and prints one row per curve."""
-    started = time.time()
     chosen = _method_list(methods)
     study = _run(backfill_study.study_run_folder, run, chosen, seed, data, device, console, not no_progress)
     console.print(backfill_policy_table(study))
-    (run / "backfill_study.run.json").write_text(json.dumps(run_info(started), indent=2))
+    (run / "backfill_study.run.json").write_text(json.dumps(run_info(), indent=2))
     console.print(f"results: {run / 'backfill_study.json'}")
 
 

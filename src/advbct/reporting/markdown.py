@@ -38,7 +38,7 @@ def _provenance(runs: list[Path], info_file: str = "run.json") -> str:
             continue
         machine = info["machine"]
         where = ", ".join(machine["gpus"]) or f"{machine['cpu']}, {machine['cores']} cores"
-        lines.append(f"- `{info['command']}` ({_seeds(run)}; {where}; torch {info['torch']}; {info['seconds']:.0f} s)")
+        lines.append(f"- `{info['command']}` ({_seeds(run)}; {where}; torch {info['torch']})")
     return "\n".join(lines)
 
 

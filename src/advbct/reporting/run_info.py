@@ -7,7 +7,6 @@ import json
 import os
 import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -25,8 +24,9 @@ def _processor() -> str:
     return platform.processor() or platform.machine()
 
 
-def run_info(started: float) -> dict:
-    """The command as typed (``advbct ...``), the hardware it ran on and how long it took."""
+def run_info() -> dict:
+    """The command as typed (``advbct ...``) and the hardware it ran on. (No duration: a re-run that finds its
+    models trained takes minutes where the first took many more, and both write this file.)"""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     gpus = (
         [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
@@ -35,12 +35,11 @@ def run_info(started: float) -> dict:
         "command": " ".join(["advbct", *sys.argv[1:]]),
         "machine": {"cpu": _processor(), "cores": cores, "gpus": gpus},
         "torch": torch.__version__,
-        "seconds": round(time.time() - started, 1),
     }
 
 
-def write_run_info(folder: Path, started: float) -> None:
-    (folder / RUN_FILE).write_text(json.dumps(run_info(started), indent=2))
+def write_run_info(folder: Path) -> None:
+    (folder / RUN_FILE).write_text(json.dumps(run_info(), indent=2))
 
 
 def read_run_info(folder: Path) -> dict | None:

@@ -14,6 +14,7 @@ import time
 import numpy as np
 import pytest
 
+from advbct.serving.ledger import ItemLedger
 from advbct.serving.models import Embedder
 from advbct.serving.registry import ModelRegistry
 from conftest import GalleryDb, build_gallery, run_advbct, write_image_folder
@@ -61,6 +62,8 @@ def test_a_ray_backfill_re_embeds_the_gallery_and_lists_an_undecodable_item(thre
 
     store = db.open(next(iter(expected.values())).shape[0])
     assert store.generations() == {1: 1, 2: 39}
+    ledger = ItemLedger(ModelRegistry(registry), "gallery")
+    assert ledger.counts() == {1: 1, 2: 39}, "the registry's counts follow the Ray engine's writes"
     rows = store.get(list(range(40)), with_vectors=True)
     assert sorted(int(r["id"]) for r in rows) == list(range(40)), "every item exactly once"
     for row in rows:

@@ -267,10 +267,11 @@ def _ray_backfill(
     from advbct.serving.ray_backfill import import_ray, run_ray_backfill
 
     import_ray()
-    active = ModelRegistry(registry_path(db, registry)).active
+    models = ModelRegistry(registry_path(db, registry))
+    active = models.active
     if active is None:
         raise DataError("no model is registered yet: run `advbct index add --model CHECKPOINT ...` first")
-    store = GalleryStore(db, active.dim, collection)
+    store = open_counted_store(models, db, active.dim, collection)
     return run_ray_backfill(store, active, image_root, plan, on_batch=report)
 
 

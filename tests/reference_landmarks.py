@@ -1,4 +1,5 @@
-"""Straightforward per-query reference implementations of the landmark metrics, written from metrics.md.
+"""Straightforward per-query reference implementations of the landmark metrics, from the revisitop and GLDv2
+protocols.
 
 They loop over queries and positions in plain Python, so they are slow but easy to check by eye; the vectorised
 functions in ``advbct.evaluation`` are tested against them, and ``bench/`` measures the speed-up over them.

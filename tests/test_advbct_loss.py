@@ -36,7 +36,7 @@ def test_elastic_radius_on_both_sides_of_tau():
 
 @pytest.mark.parametrize("tau", [1.0, 0.5, 0.7])
 def test_elastic_radius_equals_the_two_case_form_of_the_method_bit_for_bit(tau):
-    # method.md: r_e = |r_max - tau| sigmoid(w); r = r_max + r_e where r_max < tau, else r_max - r_e.
+    # The paper: r_e = |r_max - tau| sigmoid(w); r = r_max + r_e where r_max < tau, else r_max - r_e.
     torch.manual_seed(0)
     r_max = torch.cat([torch.rand(1000) * 2, torch.tensor([tau, 0.0, 2.0])])
     w_new = (torch.randn(r_max.numel()) * 4).requires_grad_()
@@ -127,7 +127,7 @@ def test_advbct_total_is_boundary_plus_weighted_adversarial_and_backbone_gets_re
     adv_only(CompatBatch(new, labels, old, 0.5, 1, 4)).total.backward()
     reversed_grad = new.grad.clone()
     new2 = new.detach().clone().requires_grad_(True)
-    logits = torch.cat([adv_only.discriminator(new2), adv_only.discriminator(old)])  # method.md: D on each side
+    logits = torch.cat([adv_only.discriminator(new2), adv_only.discriminator(old)])  # the paper: D on each side
     target = torch.cat([torch.zeros(8, dtype=torch.long), torch.ones(8, dtype=torch.long)])
     (
         w
@@ -196,7 +196,7 @@ def test_non_saturating_loss_updates_discriminator_statistics_once():
 def test_advbct_generator_loss_option():
     stats = compute_class_statistics(torch.randn(40, 4), torch.arange(40) % 2, 3, "m")
     ctx = CompatContext(embedding_dim=4, num_classes=3, statistics=stats)
-    assert create("advbct", ctx).adversarial_loss is separate_batch_adversarial_loss  # method.md's two calls of D
+    assert create("advbct", ctx).adversarial_loss is separate_batch_adversarial_loss  # the paper's two calls of D
     assert create("advbct", ctx, generator_loss="reversal").adversarial_loss is adversarial_loss
     method = create("advbct", ctx, generator_loss="non-saturating")
     batch = CompatBatch(torch.randn(6, 4, requires_grad=True), torch.arange(6) % 3, torch.randn(6, 4), 0.5, 0, 2, None)

@@ -1,4 +1,4 @@
-"""P_up / P_comp / P_1 on the worked example of metrics.md (the BCT row of the AdvBCT paper)."""
+"""P_up / P_comp / P_1 on a worked example: the BCT row of the AdvBCT paper's table."""
 
 import math
 

@@ -16,8 +16,7 @@ def _report(old: float, new: float, cross: float, independent: float, independen
 
 
 def test_upgrade_report_holds_both_checks_and_the_cross_ratio():
-    # Stop 20's 15-epoch AdvBCT run, rounded: both criteria hold; the cross test is 12.37 / 1.24 = 9.976x the
-    # independent model's.
+    # Both criteria hold; the cross test is 12.37 / 1.24 = 9.976x the independent model's.
     report = _report(11.61, 18.08, 12.37, 14.79, 1.24)
     assert report["criterion"] and report["self_criterion"] and report["upgrade_ok"]
     assert report["cross_vs_independent"] == pytest.approx(9.976, abs=5e-4)

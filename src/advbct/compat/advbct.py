@@ -117,7 +117,7 @@ def separate_batch_adversarial_loss(
     discriminator: nn.Module, new_emb: torch.Tensor, old_emb: torch.Tensor, alpha: float | torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """CE(D(GRL(new)), 0) + CE(D(old), 1) with old and new in two calls of D: the default
-    (``generator_loss="reversal-separate"``), as method.md writes the loss and as the paper's public code does.
+    (``generator_loss="reversal-separate"``), as the paper writes the loss and as its public code does.
 
     D's BatchNorm then standardises each domain by its own batch statistics, so D cannot win on per-dimension
     means and scales alone; it must find differences in how the dimensions vary together, and the reversed

@@ -184,3 +184,65 @@ def test_web_page_upload_shows_results_in_headless_chromium(service, browser, tm
     shot = browser("Page.captureScreenshot", format="png")["data"]
     (tmp_path / "page.png").write_bytes(base64.b64decode(shot))
     assert (tmp_path / "page.png").stat().st_size > 1000
+
+
+def _wait_for_backfill(client, states=("finished", "failed"), timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = client.get("/backfill").json()
+        if status["state"] in states:
+            return status
+        time.sleep(0.1)
+    raise AssertionError(f"the backfill stayed {status['state']}")
+
+
+def test_traffic_order_follows_the_hits_of_real_searches(service):
+    from advbct.serving.traffic import SearchTraffic
+
+    client, state, root = service
+    queries = sorted((root / "train").rglob("*.png"))
+    counts = {}
+    for path in [queries[0], queries[0], queries[12], queries[25], queries[38]]:
+        hits = client.post("/search", files={"image": (path.name, path.read_bytes())}, data={"k": "3"}).json()["hits"]
+        for hit in hits:
+            counts[hit["id"]] = counts.get(hit["id"], 0) + 1
+    # Every item is stale (generation 1): most-returned first, ties and never-returned items by id.
+    expected = sorted(range(40), key=lambda i: (-counts.get(i, 0), i))
+    assert expected[:2] != [0, 1] or counts.get(0) != counts.get(1), "the searches must reorder the gallery"
+
+    started = client.post("/backfill/start", json={"order": "traffic"})
+    assert started.status_code == 200 and started.json()["order"] == "traffic"
+    saved = SearchTraffic.load(state.registry, "gallery").counts()
+    assert dict(zip(saved[0].tolist(), saved[1].tolist(), strict=True)) == counts, "saved at the backfill's start"
+    status = _wait_for_backfill(client)
+    assert status["state"] == "finished" and status["order"] == "traffic", status
+    embedded_at = {int(r["id"]): r["embedded_at"] for r in state.store.get(list(range(40)))}
+    times = [embedded_at[i] for i in expected]
+    assert times == sorted(times), "re-embedded most-returned first"
+
+
+def test_backfill_orders_refused_over_http_say_why(service):
+    client, state, _ = service
+    for body, status, message in [
+        ({"order": "oracle"}, 400, "offline only"),
+        ({"order": "fastest"}, 400, "choose one of storage, random, uncertainty, centre-distance, traffic"),
+        ({"order": "centre-distance"}, 400, "run `advbct stats --old"),
+        ({"restart_order": True}, 400, "needs the order to start again with"),
+    ]:
+        response = client.post("/backfill/start", json=body)
+        assert response.status_code == status and message in response.json()["detail"], response.json()
+    assert client.get("/backfill").json()["state"] == "idle", "nothing started"
+
+    state.start_backfill(paused=True, order="random")
+    _wait_for_backfill(client, states=("paused",))
+    assert state.orders.saved(2).policy == "random"
+    conflict = client.post("/backfill/start", json={"order": "uncertainty"})
+    assert conflict.status_code == 409 and "running in the 'random' order" in conflict.json()["detail"]
+    assert client.get("/backfill").json()["state"] == "paused", "a refused start changes nothing"
+    assert client.post("/backfill/start", json={"order": "random"}).json()["order"] == "random", "the same: resumes"
+    client.post("/backfill/pause")
+    replaced = client.post("/backfill/start", json={"order": "uncertainty", "restart_order": True})
+    assert replaced.status_code == 200 and replaced.json()["order"] == "uncertainty"
+    status = _wait_for_backfill(client)
+    assert status["state"] == "finished" and status["by_generation"] == {"2": 40}
+    assert state.orders.saved(2) is None

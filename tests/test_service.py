@@ -245,4 +245,69 @@ def test_backfill_orders_refused_over_http_say_why(service):
     assert replaced.status_code == 200 and replaced.json()["order"] == "uncertainty"
     status = _wait_for_backfill(client)
     assert status["state"] == "finished" and status["by_generation"] == {"2": 40}
+    state.backfill_thread.join(timeout=30)  # the order is dropped by the backfill's thread after its last write
     assert state.orders.saved(2) is None
+
+
+def _precision_at_10(queries, gallery, query_labels, gallery_labels):
+    top = np.argsort(-(queries @ gallery.T), axis=1)[:, :10]
+    return float((gallery_labels[top] == query_labels[:, None]).mean())
+
+
+def test_the_live_watch_pauses_a_backfill_behind_an_incompatible_model(three_models, image_root, tmp_path):
+    from advbct.serving.api import ServiceConfig
+    from advbct.serving.models import Embedder
+    from advbct.serving.watch import WatchConfig
+    from conftest import GalleryDb, build_gallery, serving
+
+    db, registry = GalleryDb(str(tmp_path / "gallery.db")), tmp_path / "registry.sqlite"
+    build_gallery(three_models, image_root, db, registry)  # the "new" model forced past the gate as generation 2
+    # Hand-computed with numpy: precision@10 of the held-out test images against the 40 training images, each
+    # labelled by its class folder; the old model on its own gallery (the threshold) and the new one against it.
+    probe, gallery = sorted((image_root / "test").rglob("*.png")), sorted((image_root / "train").rglob("*.png"))
+    probe_labels = np.array([p.parent.name for p in probe])
+    gallery_labels = np.array([p.parent.name for p in gallery])
+    old, new = Embedder(three_models["old"]), Embedder(three_models["new"])
+    threshold = _precision_at_10(old.embed_files(probe), old.embed_files(gallery), probe_labels, gallery_labels)
+    served = _precision_at_10(new.embed_files(probe), old.embed_files(gallery), probe_labels, gallery_labels)
+    assert served < threshold, "the forced model serves worse than the old one"
+
+    watch = WatchConfig(image_root / "test", every=8)
+    config = ServiceConfig(db.uri, registry, image_root, backfill_batch=4, watch=watch)
+    with serving(config) as (client, state, _):
+        state.start_backfill()
+        status = _wait_for_backfill(client, states=("paused", "finished", "failed"))
+        assert status["state"] == "paused", status
+        assert status["by_generation"] == {"1": 40}, "paused before any item was re-embedded"
+        watched = status["watch"]
+        assert watched["metric"] == "precision@10" and watched["threshold"] == pytest.approx(threshold)
+        assert [p["done"] for p in watched["points"]] == [0]
+        assert watched["points"][0]["score"] == pytest.approx(served)
+        reason = watched["paused_because"]
+        assert f"fell to {served:.3f} after 0 items" in reason and f"below the threshold {threshold:.3f}" in reason
+        assert client.post("/backfill/stop").json()["state"] == "stopped"
+
+
+def test_the_live_watch_scores_the_served_gallery_every_n_items(three_models, image_root, tmp_path):
+    from advbct.serving.api import ServiceConfig
+    from advbct.serving.models import Embedder
+    from advbct.serving.watch import WatchConfig
+    from conftest import GalleryDb, build_gallery, serving
+
+    db, registry = GalleryDb(str(tmp_path / "gallery.db")), tmp_path / "registry.sqlite"
+    build_gallery(three_models, image_root, db, registry)
+    probe, gallery = sorted((image_root / "test").rglob("*.png")), sorted((image_root / "train").rglob("*.png"))
+    new = Embedder(three_models["new"])
+    labels = np.array([p.parent.name for p in probe]), np.array([p.parent.name for p in gallery])
+    at_the_end = _precision_at_10(new.embed_files(probe), new.embed_files(gallery), *labels)
+
+    watch = WatchConfig(image_root / "test", every=8, threshold=0.0)  # an operator's threshold: never pauses
+    config = ServiceConfig(db.uri, registry, image_root, backfill_batch=4, watch=watch)
+    with serving(config) as (client, state, _):
+        state.start_backfill()
+        status = _wait_for_backfill(client)
+        assert status["state"] == "finished" and status["watch"]["paused_because"] is None
+        points = status["watch"]["points"]
+        # Batches of 4: a point at the start, then at each multiple of 8 re-embedded items.
+        assert [p["done"] for p in points] == [0, 8, 16, 24, 32, 40] and status["watch"]["threshold"] == 0.0
+        assert points[-1]["score"] == pytest.approx(at_the_end), "the whole gallery re-embedded: M(n,n)"

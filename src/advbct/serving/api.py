@@ -43,6 +43,7 @@ from advbct.serving.page import PAGE
 from advbct.serving.registry import Generation, ModelRegistry
 from advbct.serving.store import MAX_K, GalleryStore, StoreError
 from advbct.serving.traffic import SearchTraffic
+from advbct.serving.watch import LiveWatch, WatchConfig
 
 # What a degraded service (a damaged gallery) still answers: its health, its metrics and the page that shows them.
 UNGUARDED = ("/health", "/metrics", "/")
@@ -59,6 +60,7 @@ class ServiceConfig:
     max_pixels: int = 40_000_000
     backfill_batch: int = 256
     backfill_order: str = "storage"  # the order of a backfill started without one (and with none saved)
+    watch: WatchConfig | None = None  # the live watch's probe (advbct serve --probe)
 
 
 class UpgradeRequest(BaseModel):
@@ -109,6 +111,7 @@ class Service:
         self.progress = BackfillProgress(self.generation)
         self.orders = BackfillOrders(self.registry, config.collection)
         self.traffic = SearchTraffic.load(self.registry, config.collection)
+        self.watch = None if config.watch is None else LiveWatch(config.watch)
 
     def follow_registry(self) -> None:
         """Serve the generation the registry names active, whoever changed it (this server, or a CLI upgrade or
@@ -162,6 +165,8 @@ class Service:
                     f"the backfill to generation {self.progress.target_generation} is running in the "
                     f'{self.progress.order!r} order; to replace it, ask again with "restart_order": true'
                 )
+            if not paused:
+                self.resume()
             return
         target, counts = self.generation, self.ledger.counts()
         plan = self.orders.plan(target, order, restart_order, self.config.backfill_order)
@@ -175,21 +180,46 @@ class Service:
         if paused:
             self.pause.set()
         else:
-            self.pause.clear()
+            self.resume()
         self.progress = progress = BackfillProgress(target, order=plan.policy, state="ordering")
         embedder = self.embedder
+
+        def watched(p: BackfillProgress) -> None:
+            if self.watch is not None and self.watch.due(p.done):
+                self.watch_point(target, embedder, p.done, counts)
 
         def work() -> None:
             try:
                 ids = resolve_order(self.orders, plan, self.store, target, counts, traffic)
+                self.watch_point(target, embedder, 0, counts)
                 run_backfill(self.store, embedder, target, self.config.image_root, self.config.backfill_batch,
-                             stop=self.stop, pause=self.pause, progress=progress, order=ids)  # fmt: skip
+                             stop=self.stop, pause=self.pause, progress=progress, order=ids,
+                             on_batch=watched)  # fmt: skip
                 forget_when_done(self.orders, self.store, target, progress.state, len(progress.skipped))
             except Exception as exc:  # whatever stops it, the state says so and why; the service stays up
                 progress.state, progress.failed = "failed", [f"{type(exc).__name__}: {exc}"]
 
         self.backfill_thread = threading.Thread(target=work, name="advbct-backfill", daemon=True)
         self.backfill_thread.start()
+
+    def resume(self) -> None:
+        """Let the backfill run: the operator's word overrides a pause, the live watch's included."""
+        if self.watch is not None:
+            self.watch.reason = None
+        self.pause.clear()
+
+    def watch_point(self, target: int, embedder: Embedder, done: int, counts: dict[int, int]) -> None:
+        """A point of the live watch (none without a probe); the first of a backfill also measures the default
+        threshold, the old generation's own score (``counts``, the items per generation when it started, name
+        the old generation)."""
+        watch = self.watch
+        if watch is None:
+            return
+        if watch.threshold(target) is None:
+            old = old_generation(self.registry, counts, target) or self.registry.generation(target)
+            watch.thresholds[target] = watch.old_score(Embedder(old.path, self.config.device), old.number, self.store)
+        score = watch.score(embedder, self.store, self.registry.generation(target).mixed_merge())
+        watch.observe(target, done, score, watch.threshold(target), self.pause)
 
     def generation_counts(self) -> dict[int, int]:
         """Items per generation from the registry's ledger: one short SQLite read, a snapshot whose counts sum to
@@ -354,6 +384,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
             "by_generation": by_generation,
             "failed": p.failed,
             "skipped": p.skipped,
+            "watch": None if service.watch is None else service.watch.to_json(p.target_generation),
         }
 
     @app.post("/backfill/{action}")
@@ -370,7 +401,6 @@ def create_app(config: ServiceConfig) -> FastAPI:
                 raise HTTPException(409, str(exc)) from None
             except DataError as exc:
                 raise HTTPException(400, str(exc)) from None
-            service.pause.clear()
         elif action == "pause":
             service.pause.set()
         elif action == "stop":

@@ -323,15 +323,26 @@ def serve_cmd(
     order: Annotated[
         str, typer.Option("--order", help="the order of backfills started without one and with none saved")
     ] = "storage",
+    probe: Annotated[
+        Path | None, typer.Option("--probe", help="live watch: a labelled folder <class>/<image>, not in the gallery")
+    ] = None,
+    probe_every: Annotated[int, typer.Option("--probe-every", min=1, help="re-embedded items between points")] = 1000,
+    probe_threshold: Annotated[
+        float | None,
+        typer.Option("--probe-threshold", min=0, max=1, help="pause below this precision@10 (default: old's own)"),
+    ] = None,
 ) -> None:
     """The HTTP API and web page (FastAPI + uvicorn) over the gallery."""
     import uvicorn
 
     from advbct.serving.api import ServiceConfig, create_app
+    from advbct.serving.watch import WatchConfig
 
     with refused_as_exit():
         check_order(order)
-        config = ServiceConfig(db, registry_path(db, registry), image_root, device, collection, backfill_order=order)
+        watch = None if probe is None else WatchConfig(probe, probe_every, probe_threshold)
+        config = ServiceConfig(db, registry_path(db, registry), image_root, device, collection, backfill_order=order,
+                               watch=watch)  # fmt: skip
         app = create_app(config)
         if app.state.service.damage is not None:
             errors.print(f"[red]error:[/] {app.state.service.damage}; serving degraded: /health answers 503")

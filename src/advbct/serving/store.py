@@ -332,6 +332,12 @@ class GalleryStore:
         same = self._search(vectors, k, f"generation == {int(merge.active)}")
         return [merge.rank(mine, theirs, k) for mine, theirs in zip(same, cross, strict=True)]
 
+    def search_generation(self, vectors: np.ndarray, k: int, generation: int) -> list[list[Hit]]:
+        """The ``k`` best, by cosine, among the items ``generation`` embedded: one generation's own retrieval."""
+        if k < 1:
+            raise StoreError(f"k must be at least 1, got {k}")
+        return self._search(normalised(vectors, self.dim), k, f"generation == {int(generation)}")
+
     def _search(self, vectors: np.ndarray, k: int, clause: str) -> list[list[Hit]]:
         from pymilvus.exceptions import MilvusException
 

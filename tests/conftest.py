@@ -12,6 +12,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -190,14 +191,23 @@ def _free_port() -> int:
 def service(three_models, image_root, tmp_path):
     """A real uvicorn server on localhost over a Milvus Lite gallery at generation 2 (generation 1 indexed):
     (client, service, image root)."""
-    import httpx
-    import uvicorn
-
-    from advbct.serving.api import ServiceConfig, create_app
+    from advbct.serving.api import ServiceConfig
 
     db, registry = GalleryDb(str(tmp_path / "gallery.db")), tmp_path / "registry.sqlite"
     build_gallery(three_models, image_root, db, registry)  # generation 1 indexed, generation 2 registered (forced)
     config = ServiceConfig(db.uri, registry, image_root, max_upload_bytes=60_000, backfill_batch=4)
+    with serving(config) as client_and_service:
+        yield client_and_service
+
+
+@contextmanager
+def serving(config):
+    """``create_app(config)`` on a real uvicorn server on localhost: (client, service, image root)."""
+    import httpx
+    import uvicorn
+
+    from advbct.serving.api import create_app
+
     app = create_app(config)
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
@@ -206,7 +216,9 @@ def service(three_models, image_root, tmp_path):
     deadline = time.monotonic() + 30
     while not server.started and time.monotonic() < deadline:
         time.sleep(0.05)
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
-        yield client, app.state.service, image_root
-    server.should_exit = True
-    thread.join(timeout=10)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+            yield client, app.state.service, config.image_root
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from advbct.serving.ledger import ItemLedger
 from advbct.serving.models import Embedder
@@ -50,13 +51,14 @@ def test_a_ray_backfill_re_embeds_the_gallery_and_lists_an_undecodable_item(thre
     ref = str(files[7].relative_to(image_root))
 
     run = run_advbct("backfill", "--engine", "ray", *db.args, "--registry", str(registry),
-                     "--image-root", str(image_root), "--batch-size", "4")  # fmt: skip
+                     "--image-root", str(image_root), "--batch-size", "4", "--order", "random")  # fmt: skip
     assert run.returncode == 0, run.stderr
     assert "Traceback" not in run.stderr
     progress_lines = [json.loads(line) for line in run.stdout.splitlines() if line.startswith('{"done"')]
     assert progress_lines and progress_lines[-1]["done"] == 39 and progress_lines[-1]["items_per_s"] > 0
     summary = json.loads(run.stdout[run.stdout.rindex('{"state"') :])
     assert summary["state"] == "finished" and summary["done"] == 39 and summary["remaining"] == 0
+    assert summary["order"] == "random"
     assert [(s["id"], s["ref"]) for s in summary["skipped"]] == [(7, ref)]
     assert "cannot decode" in summary["skipped"][0]["reason"]
 
@@ -65,6 +67,10 @@ def test_a_ray_backfill_re_embeds_the_gallery_and_lists_an_undecodable_item(thre
     ledger = ItemLedger(ModelRegistry(registry), "gallery")
     assert ledger.counts() == {1: 1, 2: 39}, "the registry's counts follow the Ray engine's writes"
     rows = store.get(list(range(40)), with_vectors=True)
+    # --order random: the seed-0 permutation of the 40 stale ids, written in that order (item 7 skipped).
+    embedded_at = {int(r["id"]): r["embedded_at"] for r in rows}
+    order = [i for i in torch.randperm(40, generator=torch.Generator().manual_seed(0)).tolist() if i != 7]
+    assert [embedded_at[i] for i in order] == sorted(embedded_at[i] for i in order)
     assert sorted(int(r["id"]) for r in rows) == list(range(40)), "every item exactly once"
     for row in rows:
         if row["id"] == 7:

@@ -184,3 +184,130 @@ def test_web_page_upload_shows_results_in_headless_chromium(service, browser, tm
     shot = browser("Page.captureScreenshot", format="png")["data"]
     (tmp_path / "page.png").write_bytes(base64.b64decode(shot))
     assert (tmp_path / "page.png").stat().st_size > 1000
+
+
+def _wait_for_backfill(client, states=("finished", "failed"), timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = client.get("/backfill").json()
+        if status["state"] in states:
+            return status
+        time.sleep(0.1)
+    raise AssertionError(f"the backfill stayed {status['state']}")
+
+
+def test_traffic_order_follows_the_hits_of_real_searches(service):
+    from advbct.serving.traffic import SearchTraffic
+
+    client, state, root = service
+    queries = sorted((root / "train").rglob("*.png"))
+    counts = {}
+    for path in [queries[0], queries[0], queries[12], queries[25], queries[38]]:
+        hits = client.post("/search", files={"image": (path.name, path.read_bytes())}, data={"k": "3"}).json()["hits"]
+        for hit in hits:
+            counts[hit["id"]] = counts.get(hit["id"], 0) + 1
+    # Every item is stale (generation 1): most-returned first, ties and never-returned items by id.
+    expected = sorted(range(40), key=lambda i: (-counts.get(i, 0), i))
+    assert expected[:2] != [0, 1] or counts.get(0) != counts.get(1), "the searches must reorder the gallery"
+
+    started = client.post("/backfill/start", json={"order": "traffic"})
+    assert started.status_code == 200 and started.json()["order"] == "traffic"
+    saved = SearchTraffic.load(state.registry, "gallery").counts()
+    assert dict(zip(saved[0].tolist(), saved[1].tolist(), strict=True)) == counts, "saved at the backfill's start"
+    status = _wait_for_backfill(client)
+    assert status["state"] == "finished" and status["order"] == "traffic", status
+    embedded_at = {int(r["id"]): r["embedded_at"] for r in state.store.get(list(range(40)))}
+    times = [embedded_at[i] for i in expected]
+    assert times == sorted(times), "re-embedded most-returned first"
+
+
+def test_backfill_orders_refused_over_http_say_why(service):
+    client, state, _ = service
+    for body, status, message in [
+        ({"order": "oracle"}, 400, "offline only"),
+        ({"order": "fastest"}, 400, "choose one of storage, random, uncertainty, centre-distance, traffic"),
+        ({"order": "centre-distance"}, 400, "run `advbct stats --old"),
+        ({"restart_order": True}, 400, "needs the order to start again with"),
+    ]:
+        response = client.post("/backfill/start", json=body)
+        assert response.status_code == status and message in response.json()["detail"], response.json()
+    assert client.get("/backfill").json()["state"] == "idle", "nothing started"
+
+    state.start_backfill(paused=True, order="random")
+    _wait_for_backfill(client, states=("paused",))
+    assert state.orders.saved(2).policy == "random"
+    conflict = client.post("/backfill/start", json={"order": "uncertainty"})
+    assert conflict.status_code == 409 and "running in the 'random' order" in conflict.json()["detail"]
+    assert client.get("/backfill").json()["state"] == "paused", "a refused start changes nothing"
+    assert client.post("/backfill/start", json={"order": "random"}).json()["order"] == "random", "the same: resumes"
+    client.post("/backfill/pause")
+    replaced = client.post("/backfill/start", json={"order": "uncertainty", "restart_order": True})
+    assert replaced.status_code == 200 and replaced.json()["order"] == "uncertainty"
+    status = _wait_for_backfill(client)
+    assert status["state"] == "finished" and status["by_generation"] == {"2": 40}
+    state.backfill_thread.join(timeout=30)  # the order is dropped by the backfill's thread after its last write
+    assert state.orders.saved(2) is None
+
+
+def _precision_at_10(queries, gallery, query_labels, gallery_labels):
+    top = np.argsort(-(queries @ gallery.T), axis=1)[:, :10]
+    return float((gallery_labels[top] == query_labels[:, None]).mean())
+
+
+def test_the_live_watch_pauses_a_backfill_behind_an_incompatible_model(three_models, image_root, tmp_path):
+    from advbct.serving.api import ServiceConfig
+    from advbct.serving.models import Embedder
+    from advbct.serving.watch import WatchConfig
+    from conftest import GalleryDb, build_gallery, serving
+
+    db, registry = GalleryDb(str(tmp_path / "gallery.db")), tmp_path / "registry.sqlite"
+    build_gallery(three_models, image_root, db, registry)  # the "new" model forced past the gate as generation 2
+    # Hand-computed with numpy: precision@10 of the held-out test images against the 40 training images, each
+    # labelled by its class folder; the old model on its own gallery (the threshold) and the new one against it.
+    probe, gallery = sorted((image_root / "test").rglob("*.png")), sorted((image_root / "train").rglob("*.png"))
+    probe_labels = np.array([p.parent.name for p in probe])
+    gallery_labels = np.array([p.parent.name for p in gallery])
+    old, new = Embedder(three_models["old"]), Embedder(three_models["new"])
+    threshold = _precision_at_10(old.embed_files(probe), old.embed_files(gallery), probe_labels, gallery_labels)
+    served = _precision_at_10(new.embed_files(probe), old.embed_files(gallery), probe_labels, gallery_labels)
+    assert served < threshold, "the forced model serves worse than the old one"
+
+    watch = WatchConfig(image_root / "test", every=8)
+    config = ServiceConfig(db.uri, registry, image_root, backfill_batch=4, watch=watch)
+    with serving(config) as (client, state, _):
+        state.start_backfill()
+        status = _wait_for_backfill(client, states=("paused", "finished", "failed"))
+        assert status["state"] == "paused", status
+        assert status["by_generation"] == {"1": 40}, "paused before any item was re-embedded"
+        watched = status["watch"]
+        assert watched["metric"] == "precision@10" and watched["threshold"] == pytest.approx(threshold)
+        assert [p["done"] for p in watched["points"]] == [0]
+        assert watched["points"][0]["score"] == pytest.approx(served)
+        reason = watched["paused_because"]
+        assert f"fell to {served:.3f} after 0 items" in reason and f"below the threshold {threshold:.3f}" in reason
+        assert client.post("/backfill/stop").json()["state"] == "stopped"
+
+
+def test_the_live_watch_scores_the_served_gallery_every_n_items(three_models, image_root, tmp_path):
+    from advbct.serving.api import ServiceConfig
+    from advbct.serving.models import Embedder
+    from advbct.serving.watch import WatchConfig
+    from conftest import GalleryDb, build_gallery, serving
+
+    db, registry = GalleryDb(str(tmp_path / "gallery.db")), tmp_path / "registry.sqlite"
+    build_gallery(three_models, image_root, db, registry)
+    probe, gallery = sorted((image_root / "test").rglob("*.png")), sorted((image_root / "train").rglob("*.png"))
+    new = Embedder(three_models["new"])
+    labels = np.array([p.parent.name for p in probe]), np.array([p.parent.name for p in gallery])
+    at_the_end = _precision_at_10(new.embed_files(probe), new.embed_files(gallery), *labels)
+
+    watch = WatchConfig(image_root / "test", every=8, threshold=0.0)  # an operator's threshold: never pauses
+    config = ServiceConfig(db.uri, registry, image_root, backfill_batch=4, watch=watch)
+    with serving(config) as (client, state, _):
+        state.start_backfill()
+        status = _wait_for_backfill(client)
+        assert status["state"] == "finished" and status["watch"]["paused_because"] is None
+        points = status["watch"]["points"]
+        # Batches of 4: a point at the start, then at each multiple of 8 re-embedded items.
+        assert [p["done"] for p in points] == [0, 8, 16, 24, 32, 40] and status["watch"]["threshold"] == 0.0
+        assert points[-1]["score"] == pytest.approx(at_the_end), "the whole gallery re-embedded: M(n,n)"

@@ -19,7 +19,7 @@ from advbct.serving.backfill import ImageRoot, run_backfill
 from advbct.serving.models import Embedder, GateRefused
 from advbct.serving.registry import ModelRegistry
 from advbct.serving.store import GalleryStore, Hit, MixedMerge, StoreError
-from conftest import build_gallery, write_image_folder
+from conftest import GalleryDb, build_gallery, write_image_folder
 
 
 def train_files(root):
@@ -304,3 +304,117 @@ def test_an_ordered_backfill_re_embeds_the_order_first_and_stops_at_its_limit(
     rest = run_backfill(store, new, 2, image_root, batch_size=4, order=order)
     assert rest.state == "finished" and rest.done == 30, "the first ten are passed over, not re-embedded"
     assert store.generations() == {2: 40}
+
+
+def _seeded_permutation(n):
+    return torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()
+
+
+def _old_checkpoint_with_known_head(source, folder, head):
+    """A copy of ``source`` whose classifier is ``head`` (classes x dim), for orders computed by hand."""
+    from advbct.models.checkpoint import read_checkpoint, read_meta
+
+    blob = read_checkpoint(source)
+    meta = read_meta(blob, source)
+    meta.head_classes = list(range(head.shape[0]))
+    blob["meta"], blob["model"]["head.weight"] = meta.model_dump_json(), head
+    folder.mkdir(parents=True)
+    torch.save(blob, folder / "model.pt")
+    return folder / "model.pt", meta.model_id
+
+
+def test_each_service_order_by_hand(three_models, tmp_path):
+    from advbct.compat.statistics import ClassStatistics, save_statistics
+    from advbct.serving.orders import BackfillOrders, check_inputs, check_order, compute_order
+
+    dim = Embedder(three_models["old"]).dim
+    e1, e2, e3 = np.eye(dim, dtype=np.float32)[:3]
+    # Items 0..4 stale (generation 1), item 5 already at the target (generation 2): never ordered.
+    vectors = np.stack([e1, (e1 + e2) / np.sqrt(2), e2, e3, 0.6 * e1 + 0.8 * e3, e1])
+    store = GalleryStore(str(tmp_path / "gallery.db"), dim)
+    store.add([0, 1, 2, 3, 4], list("abcde"), vectors[:5], generation=1)
+    store.add([5], ["f"], vectors[5:], generation=2)
+    # The old classifier: logits 4 * (v.e1, v.e2, -v.e1, -v.e2). Softmax entropies by hand: item 3 (all logits 0)
+    # ln 4 = 1.386; item 1 (+-2.83, two classes at p 0.498) 0.716; item 4 (2.4, 0, -2.4, 0: p 0.841, 0.076,
+    # 0.007, 0.076) 0.573; items 0 and 2 (4, 0, -4, 0 and its rotation) 0.180 each, tied: id order.
+    head = 4 * torch.from_numpy(np.stack([e1, e2, -e1, -e2]))
+    path, model_id = _old_checkpoint_with_known_head(three_models["old"], tmp_path / "old", head)
+    registry = ModelRegistry(tmp_path / "registry.sqlite")
+    old = registry.register_first(path)
+    assert compute_order("uncertainty", store, 2, old) == [3, 1, 4, 0, 2]
+
+    # Centres e1 and e2. Distance to the nearest: item 3 sqrt(2) = 1.414; item 4 sqrt(2 - 2 * 0.6) = 0.894;
+    # item 1 sqrt(2 - sqrt(2)) = 0.765; items 0 and 2 on a centre, 0: id order.
+    with pytest.raises(DataError, match=r"needs the old class centres .* run `advbct stats --old .*model.pt`"):
+        check_inputs("centre-distance", old)
+    zeros = torch.zeros(2)
+    stats = ClassStatistics(torch.from_numpy(np.stack([e1, e2])), zeros, zeros, zeros, zeros, torch.ones(2).long(),
+                            torch.ones(2, dtype=torch.bool), model_id, ("a", "b"))  # fmt: skip
+    save_statistics(stats, tmp_path / "old" / "stats.pt")
+    check_inputs("centre-distance", old)
+    assert compute_order("centre-distance", store, 2, old) == [3, 4, 1, 0, 2]
+
+    # Seeded random: the permutation torch draws with seed 0, over the stale ids in id order.
+    assert (
+        compute_order("random", store, 2, old) == torch.randperm(5, generator=torch.Generator().manual_seed(0)).tolist()
+    )
+
+    # Traffic: items 1 and 4 returned 3 times (tied: id order), item 2 once, 0 and 3 never (id order); item 7 is
+    # not stored and item 5 not stale.
+    hits = (np.array([1, 2, 4, 5, 7]), np.array([3, 1, 3, 9, 5]))
+    assert compute_order("traffic", store, 2, old, traffic=hits) == [1, 4, 2, 0, 3]
+
+    plan = BackfillOrders(registry, "gallery").plan(2, None)
+    assert (plan.policy, plan.ids) == ("storage", None), "storage order: the store's own listing, nothing saved"
+    assert store.stale_items(2)[0].tolist() == [0, 1, 2, 3, 4]
+    with pytest.raises(DataError, match=r"'oracle' is refused in the service: it needs every item's new embedding"):
+        check_order("oracle")
+    with pytest.raises(DataError, match=r"unknown backfill order 'fastest'; choose one of storage, random, "):
+        check_order("fastest")
+    store.close()
+
+
+def test_a_saved_order_survives_kill_9_and_is_kept_by_a_restart_without_order(three_models, image_root, tmp_path):
+    from advbct.serving.orders import BackfillOrders
+
+    registry = tmp_path / "registry.sqlite"
+    db = GalleryDb(str(tmp_path / "gallery.db"))
+    build_gallery(three_models, image_root, db, registry)
+    command = [sys.executable, "-m", "advbct", "backfill", *db.args, "--registry", str(registry),
+               "--image-root", str(image_root), "--batch-size", "8"]  # fmt: skip
+    process = subprocess.Popen([*command, "--order", "random"], stdout=subprocess.PIPE, text=True,
+                               start_new_session=True)  # fmt: skip
+    done = 0
+    for line in process.stdout:
+        if line.startswith("{") and '"done"' in line:
+            done = json.loads(line)["done"]
+            break
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert 8 <= done < 40, f"the backfill was killed mid-way ({done} of 40 re-embedded)"
+
+    orders = BackfillOrders(ModelRegistry(registry), "gallery")
+    saved = orders.saved(2)
+    # All 40 items (ids 0..39) were stale when it started: the seed-0 permutation of them.
+    assert (
+        saved.policy == "random"
+        and saved.ids == torch.randperm(40, generator=torch.Generator().manual_seed(0)).tolist()
+    )
+
+    other = subprocess.run([*command, "--order", "uncertainty"], capture_output=True, text=True, timeout=300)
+    assert other.returncode == 2 and "keeps the 'random' order it started with" in other.stderr
+    assert "Traceback" not in other.stderr and len(other.stderr.strip().splitlines()) == 1
+    assert orders.saved(2) == saved, "a refused start changes nothing"
+
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr
+    summary = json.loads(finished.stdout.strip().splitlines()[-1])
+    assert summary["state"] == "finished" and summary["order"] == "random"
+    assert orders.saved(2) is None, "a finished backfill's order is dropped"
+
+    store = db.open(Embedder(three_models["new"]).dim)
+    embedded_at = {int(r["id"]): r["embedded_at"] for r in store.get(list(range(40)))}
+    times = [embedded_at[i] for i in saved.ids]
+    assert times == sorted(times), "before and after the kill, items were re-embedded in the saved order"
+    assert store.generations() == {2: 40}
+    store.close()

@@ -30,9 +30,20 @@ from advbct.serving.batcher import MicroBatcher
 from advbct.serving.ledger import GalleryDamaged, ItemLedger
 from advbct.serving.metrics import CONTENT_TYPE, ServiceMetrics
 from advbct.serving.models import Embedder, GateRefused
+from advbct.serving.orders import (
+    BackfillOrders,
+    OrderConflict,
+    check_inputs,
+    check_order,
+    forget_when_done,
+    old_generation,
+    resolve_order,
+)
 from advbct.serving.page import PAGE
 from advbct.serving.registry import Generation, ModelRegistry
 from advbct.serving.store import MAX_K, GalleryStore, StoreError
+from advbct.serving.traffic import SearchTraffic
+from advbct.serving.watch import LiveWatch, WatchConfig
 
 # What a degraded service (a damaged gallery) still answers: its health, its metrics and the page that shows them.
 UNGUARDED = ("/health", "/metrics", "/")
@@ -48,6 +59,8 @@ class ServiceConfig:
     max_upload_bytes: int = 20 * 2**20
     max_pixels: int = 40_000_000
     backfill_batch: int = 256
+    backfill_order: str = "storage"  # the order of a backfill started without one (and with none saved)
+    watch: WatchConfig | None = None  # the live watch's probe (advbct serve --probe)
 
 
 class UpgradeRequest(BaseModel):
@@ -55,6 +68,11 @@ class UpgradeRequest(BaseModel):
     validation: str
     force: bool = False
     reason: str | None = None
+
+
+class BackfillStart(BaseModel):
+    order: str | None = None
+    restart_order: bool = False
 
 
 class AddByPath(BaseModel):
@@ -91,6 +109,9 @@ class Service:
         self.backfill_thread: threading.Thread | None = None
         self.stop, self.pause = threading.Event(), threading.Event()
         self.progress = BackfillProgress(self.generation)
+        self.orders = BackfillOrders(self.registry, config.collection)
+        self.traffic = SearchTraffic.load(self.registry, config.collection)
+        self.watch = None if config.watch is None else LiveWatch(config.watch)
 
     def follow_registry(self) -> None:
         """Serve the generation the registry names active, whoever changed it (this server, or a CLI upgrade or
@@ -109,7 +130,10 @@ class Service:
         self.stop_backfill()
         self.embedder, self.generation = Embedder(generation.path, self.config.device), generation.number
         self.batcher.swap(self.embedder, self.generation)
-        self.start_backfill(paused=paused)
+        try:
+            self.start_backfill(paused=paused)
+        except DataError as exc:  # the switch stands; the backfill says why it did not start
+            self.progress = BackfillProgress(self.generation, state="failed", failed=[str(exc)])
 
     def decode(self, data: bytes, name: str) -> np.ndarray:
         if len(data) > self.config.max_upload_bytes:
@@ -124,27 +148,78 @@ class Service:
         except (UnidentifiedImageError, OSError, ValueError) as exc:
             raise HTTPException(400, f"{name} is not a readable image: {exc}") from None
 
-    def start_backfill(self, paused: bool = False) -> None:
-        if self.damage is not None or (self.backfill_thread is not None and self.backfill_thread.is_alive()):
+    def start_backfill(self, paused: bool = False, order: str | None = None, restart_order: bool = False) -> None:
+        """Start the backfill to the active generation (no-op while one runs in the same order) in ``order``, or
+        the order saved for it, or the configured default; ``restart_order`` replaces a saved or running order.
+
+        An order the service cannot follow, or that conflicts with the saved or running one, is refused here
+        (``DataError``, ``OrderConflict``) before anything changes; computing the order (reading every stale
+        vector) runs in the backfill's thread, as state "ordering"."""
+        if self.damage is not None:
             return
+        running = self.backfill_thread is not None and self.backfill_thread.is_alive()
+        if running and not restart_order:
+            if order is not None and order != self.progress.order:
+                check_order(order)
+                raise OrderConflict(
+                    f"the backfill to generation {self.progress.target_generation} is running in the "
+                    f'{self.progress.order!r} order; to replace it, ask again with "restart_order": true'
+                )
+            if not paused:
+                self.resume()
+            return
+        target, counts = self.generation, self.ledger.counts()
+        plan = self.orders.plan(target, order, restart_order, self.config.backfill_order)
+        if plan.ids is None:
+            check_inputs(plan.policy, old_generation(self.registry, counts, target))
+        if running:
+            self.stop_backfill()
+        self.traffic.save(self.registry, self.config.collection)
+        traffic = self.traffic.counts() if plan.policy == "traffic" else None
         self.stop.clear()
         if paused:
             self.pause.set()
         else:
-            self.pause.clear()
-        target = self.generation
-        self.progress = BackfillProgress(target)
+            self.resume()
+        self.progress = progress = BackfillProgress(target, order=plan.policy, state="ordering")
         embedder = self.embedder
+
+        def watched(p: BackfillProgress) -> None:
+            if self.watch is not None and self.watch.due(p.done):
+                self.watch_point(target, embedder, p.done, counts)
 
         def work() -> None:
             try:
+                ids = resolve_order(self.orders, plan, self.store, target, counts, traffic)
+                self.watch_point(target, embedder, 0, counts)
                 run_backfill(self.store, embedder, target, self.config.image_root, self.config.backfill_batch,
-                             stop=self.stop, pause=self.pause, progress=self.progress)  # fmt: skip
+                             stop=self.stop, pause=self.pause, progress=progress, order=ids,
+                             on_batch=watched)  # fmt: skip
+                forget_when_done(self.orders, self.store, target, progress.state, len(progress.skipped))
             except Exception as exc:  # whatever stops it, the state says so and why; the service stays up
-                self.progress.state, self.progress.failed = "failed", [f"{type(exc).__name__}: {exc}"]
+                progress.state, progress.failed = "failed", [f"{type(exc).__name__}: {exc}"]
 
         self.backfill_thread = threading.Thread(target=work, name="advbct-backfill", daemon=True)
         self.backfill_thread.start()
+
+    def resume(self) -> None:
+        """Let the backfill run: the operator's word overrides a pause, the live watch's included."""
+        if self.watch is not None:
+            self.watch.reason = None
+        self.pause.clear()
+
+    def watch_point(self, target: int, embedder: Embedder, done: int, counts: dict[int, int]) -> None:
+        """A point of the live watch (none without a probe); the first of a backfill also measures the default
+        threshold, the old generation's own score (``counts``, the items per generation when it started, name
+        the old generation)."""
+        watch = self.watch
+        if watch is None:
+            return
+        if watch.threshold(target) is None:
+            old = old_generation(self.registry, counts, target) or self.registry.generation(target)
+            watch.thresholds[target] = watch.old_score(Embedder(old.path, self.config.device), old.number, self.store)
+        score = watch.score(embedder, self.store, self.registry.generation(target).mixed_merge())
+        watch.observe(target, done, score, watch.threshold(target), self.pause)
 
     def generation_counts(self) -> dict[int, int]:
         """Items per generation from the registry's ledger: one short SQLite read, a snapshot whose counts sum to
@@ -157,9 +232,10 @@ class Service:
             self.backfill_thread.join()
 
     def close(self) -> None:
-        """Stop the backfill and the batcher: what the server's shutdown runs."""
+        """Stop the backfill and the batcher, and save the search traffic: what the server's shutdown runs."""
         self.stop_backfill()
         self.batcher.close()
+        self.traffic.save(self.registry, self.config.collection)
 
 
 def create_app(config: ServiceConfig) -> FastAPI:
@@ -238,6 +314,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
         service.follow_registry()
         vector, generation = service.batcher.embed(pixels[None])
         hits = service.store.search(vector, k, service.registry.generation(generation).mixed_merge())[0]
+        service.traffic.record([h.id for h in hits])
         return {"active": generation, "hits": [h.__dict__ for h in hits]}
 
     @app.post("/items")
@@ -299,6 +376,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
         stale = sum(n for g, n in by_generation.items() if g != service.generation)
         return {
             "state": p.state,
+            "order": p.order,
             "target_generation": p.target_generation,
             "done": p.done,
             "remaining": stale,
@@ -306,13 +384,23 @@ def create_app(config: ServiceConfig) -> FastAPI:
             "by_generation": by_generation,
             "failed": p.failed,
             "skipped": p.skipped,
+            "watch": None if service.watch is None else service.watch.to_json(p.target_generation),
         }
 
     @app.post("/backfill/{action}")
-    def backfill_control(action: str) -> dict:
+    def backfill_control(action: str, request: BackfillStart | None = None) -> dict:
+        """start, pause, resume or stop the backfill; start (or resume) takes an optional JSON body
+        ``{"order": POLICY, "restart_order": false}``."""
+        if request is not None and action not in ("start", "resume") and request.order is not None:
+            raise HTTPException(400, f"an order is chosen when the backfill starts, not with {action!r}")
         if action == "start" or action == "resume":
-            service.pause.clear()
-            service.start_backfill()
+            request = request or BackfillStart()
+            try:
+                service.start_backfill(order=request.order, restart_order=request.restart_order)
+            except OrderConflict as exc:
+                raise HTTPException(409, str(exc)) from None
+            except DataError as exc:
+                raise HTTPException(400, str(exc)) from None
         elif action == "pause":
             service.pause.set()
         elif action == "stop":

@@ -36,6 +36,7 @@ class BackfillProgress:
     remaining: int | None = 0  # None while the starting count is still running
     items_per_s: float = 0.0
     state: str = "idle"
+    order: str = "storage"  # the order policy the run follows
     started_at: float = field(default_factory=time.time)
     failed: list[str] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)  # {"id", "ref", "reason"}: items that could not be decoded

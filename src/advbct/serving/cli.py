@@ -19,9 +19,11 @@ from advbct.models.checkpoint import CheckpointError
 from advbct.serving.backfill import BackfillProgress, run_backfill
 from advbct.serving.ledger import ItemLedger, open_counted_store
 from advbct.serving.models import Embedder, GateRefused
+from advbct.serving.orders import SERVICE_ORDERS, BackfillOrders, check_order, forget_when_done, resolve_order
 from advbct.serving.ray_backfill import RayPlan
 from advbct.serving.registry import ModelRegistry
 from advbct.serving.store import MAX_K, GalleryStore, StoreError, is_server_uri
+from advbct.serving.traffic import SearchTraffic
 
 index_app = typer.Typer(add_completion=False, no_args_is_help=True, help="The gallery in Milvus.")
 console = Console()
@@ -215,6 +217,13 @@ def rollback_cmd(db: DbOpt = "gallery.db", registry: RegistryOpt = None) -> None
 
 
 ENGINES = ("process", "ray")
+OrderOpt = Annotated[
+    str | None,
+    typer.Option("--order", help=f"which first: {', '.join(SERVICE_ORDERS)} (default: the saved order, else storage)"),
+]
+RestartOrderOpt = Annotated[
+    bool, typer.Option("--restart-order", help="replace the order saved for this backfill with --order's")
+]
 
 
 def backfill_cmd(
@@ -234,8 +243,13 @@ def backfill_cmd(
     gpus_per_actor: Annotated[
         float | None, typer.Option("--gpus-per-actor", min=0, help="with --engine ray (default: 1 where GPUs exist)")
     ] = None,
+    order: OrderOpt = None,
+    restart_order: RestartOrderOpt = False,
 ) -> None:
-    """Re-embed items not at the active generation; safe to kill and restart at any point."""
+    """Re-embed items not at the active generation; safe to kill and restart at any point.
+
+    The order (``--order``) is saved with the backfill the first time it starts and kept by every resumed run;
+    another order for the same generation needs ``--restart-order``."""
 
     def report(progress: BackfillProgress) -> None:
         print(json.dumps({"done": progress.done, "remaining": progress.remaining,
@@ -248,22 +262,39 @@ def backfill_cmd(
             if workers != 1 or worker != 0:
                 raise DataError("--workers/--worker split a process backfill; --engine ray shares the work out itself")
             plan = RayPlan(address, actors, gpus_per_actor, batch_size)
-            progress = _ray_backfill(db, registry, collection, image_root, plan, report)
+            progress = _ray_backfill(db, registry, collection, image_root, plan, report, (order, restart_order))
         else:
             if address is not None or actors is not None or gpus_per_actor is not None:
                 raise DataError("--address, --actors and --gpus-per-actor need --engine ray")
             models, embedder, store = open_gallery(db, registry, device, collection)
             target = models.active.number
-            progress = run_backfill(store, embedder, target, image_root, batch_size, worker, workers, on_batch=report)
-    summary = {"state": progress.state, "done": progress.done, "remaining": progress.remaining}
+            orders = BackfillOrders(models, collection)
+            policy, ids = ordered_ids(orders, store, target, order, restart_order)
+            progress = BackfillProgress(target, order=policy)
+            run_backfill(store, embedder, target, image_root, batch_size, worker, workers, progress=progress,
+                         on_batch=report, order=ids)  # fmt: skip
+            forget_when_done(orders, store, target, progress.state, len(progress.skipped))
+    summary = {"state": progress.state, "order": progress.order, "done": progress.done, "remaining": progress.remaining}
     print(json.dumps({**summary, "skipped": progress.skipped}))
+
+
+def ordered_ids(
+    orders: BackfillOrders, store: GalleryStore, target: int, requested: str | None, restart: bool
+) -> tuple[str, list[int] | None]:
+    """The backfill's order policy and ids (``None``: storage order): the saved order, or the requested one
+    computed from what the gallery holds and saved."""
+    plan = orders.plan(target, requested, restart)
+    counts = store.ledger.counts() if store.ledger is not None else store.generations()
+    traffic = SearchTraffic.load(orders.registry, orders.collection).counts() if plan.policy == "traffic" else None
+    return plan.policy, resolve_order(orders, plan, store, target, counts, traffic)
 
 
 def _ray_backfill(
     db: str, registry: Path | None, collection: str, image_root: Path, plan: RayPlan,
-    report: Callable[[BackfillProgress], None],
+    report: Callable[[BackfillProgress], None], order: tuple[str | None, bool],
 ) -> BackfillProgress:  # fmt: skip
-    """The backfill on Ray Data: Ray is checked for first, and the model is loaded only by the Ray actors."""
+    """The backfill on Ray Data: Ray is checked for first, and the model is loaded only by the Ray actors.
+    ``order``: the requested order policy and whether it restarts a saved one."""
     from advbct.serving.ray_backfill import import_ray, run_ray_backfill
 
     import_ray()
@@ -272,7 +303,12 @@ def _ray_backfill(
     if active is None:
         raise DataError("no model is registered yet: run `advbct index add --model CHECKPOINT ...` first")
     store = open_counted_store(models, db, active.dim, collection)
-    return run_ray_backfill(store, active, image_root, plan, on_batch=report)
+    orders = BackfillOrders(models, collection)
+    policy, ids = ordered_ids(orders, store, active.number, *order)
+    progress = BackfillProgress(active.number, order=policy)
+    run_ray_backfill(store, active, image_root, plan, progress=progress, on_batch=report, order=ids)
+    forget_when_done(orders, store, active.number, progress.state, len(progress.skipped))
+    return progress
 
 
 def serve_cmd(
@@ -284,16 +320,32 @@ def serve_cmd(
     port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 8000,
     device: DeviceOpt = "cpu",
     backfill: Annotated[bool, typer.Option("--backfill/--no-backfill", help="start the backfill at once")] = True,
+    order: Annotated[
+        str, typer.Option("--order", help="the order of backfills started without one and with none saved")
+    ] = "storage",
+    probe: Annotated[
+        Path | None, typer.Option("--probe", help="live watch: a labelled folder <class>/<image>, not in the gallery")
+    ] = None,
+    probe_every: Annotated[int, typer.Option("--probe-every", min=1, help="re-embedded items between points")] = 1000,
+    probe_threshold: Annotated[
+        float | None,
+        typer.Option("--probe-threshold", min=0, max=1, help="pause below this precision@10 (default: old's own)"),
+    ] = None,
 ) -> None:
     """The HTTP API and web page (FastAPI + uvicorn) over the gallery."""
     import uvicorn
 
     from advbct.serving.api import ServiceConfig, create_app
+    from advbct.serving.watch import WatchConfig
 
     with refused_as_exit():
-        app = create_app(ServiceConfig(db, registry_path(db, registry), image_root, device, collection))
-    if app.state.service.damage is not None:
-        errors.print(f"[red]error:[/] {app.state.service.damage}; serving degraded: /health answers 503")
-    if backfill:
-        app.state.service.start_backfill()
+        check_order(order)
+        watch = None if probe is None else WatchConfig(probe, probe_every, probe_threshold)
+        config = ServiceConfig(db, registry_path(db, registry), image_root, device, collection, backfill_order=order,
+                               watch=watch)  # fmt: skip
+        app = create_app(config)
+        if app.state.service.damage is not None:
+            errors.print(f"[red]error:[/] {app.state.service.damage}; serving degraded: /health answers 503")
+        if backfill:
+            app.state.service.start_backfill()
     uvicorn.run(app, host=host, port=port)

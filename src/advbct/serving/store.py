@@ -264,6 +264,30 @@ class GalleryStore:
             listing.close()
         return states
 
+    def stale_items(self, generation: int, with_vectors: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """The ids (ascending: the order items were added in) of every item not at ``generation``, and with
+        ``with_vectors`` their stored (L2-normalised) vectors, listed in pages: what a backfill order is computed
+        from."""
+        batch = min(self.page_limit, 16_384)
+        fields = ["vector"] if with_vectors else ["generation"]
+        listing = self.client.query_iterator(
+            self.collection, batch_size=batch, filter=f"generation != {int(generation)}", output_fields=fields
+        )
+        ids: list[int] = []
+        vectors: list[np.ndarray] = []
+        try:
+            while rows := listing.next():
+                ids.extend(int(row["id"]) for row in rows)
+                if with_vectors:
+                    vectors.append(np.asarray([row["vector"] for row in rows], dtype=np.float32))
+        finally:
+            listing.close()
+        by_id = np.argsort(np.asarray(ids, dtype=np.int64), kind="stable")
+        if not with_vectors:
+            return np.asarray(ids, dtype=np.int64)[by_id], None
+        stacked = np.concatenate(vectors) if vectors else np.zeros((0, self.dim), dtype=np.float32)
+        return np.asarray(ids, dtype=np.int64)[by_id], stacked[by_id]
+
     def distinct_generations(self) -> list[int]:
         seen: set[int] = set()
         while True:
@@ -307,6 +331,12 @@ class GalleryStore:
         cross = self._search(vectors, k, f"generation != {int(merge.active)}")
         same = self._search(vectors, k, f"generation == {int(merge.active)}")
         return [merge.rank(mine, theirs, k) for mine, theirs in zip(same, cross, strict=True)]
+
+    def search_generation(self, vectors: np.ndarray, k: int, generation: int) -> list[list[Hit]]:
+        """The ``k`` best, by cosine, among the items ``generation`` embedded: one generation's own retrieval."""
+        if k < 1:
+            raise StoreError(f"k must be at least 1, got {k}")
+        return self._search(normalised(vectors, self.dim), k, f"generation == {int(generation)}")
 
     def _search(self, vectors: np.ndarray, k: int, clause: str) -> list[list[Hit]]:
         from pymilvus.exceptions import MilvusException

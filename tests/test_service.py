@@ -78,7 +78,7 @@ def test_bad_input_gets_a_4xx_and_changes_nothing(service, tmp_path):
 def test_backfill_through_the_api_while_searches_are_batched(service):
     client, state, root = service
     files = sorted((root / "train").rglob("*.png"))
-    assert client.post("/backfill/start").json()["state"] in ("running", "finished", "idle")
+    assert client.post("/backfill/start").json()["state"] in ("ordering", "running", "finished", "idle")
 
     def search(path):
         response = client.post("/search", files={"image": (path.name, path.read_bytes())}, data={"k": "40"})
@@ -181,6 +181,19 @@ def test_web_page_upload_shows_results_in_headless_chromium(service, browser, tm
     browser.wait_for("[...document.querySelectorAll('figure.hit img')].every(i => i.complete && i.naturalWidth > 0)")
     expected = client.post("/search", files={"image": ("q.png", query.read_bytes())}, data={"k": "12"}).json()
     assert [c.split(" ")[0] for c in captions] == [f"#{h['id']}" for h in expected["hits"]]
+    # The live watch's curve (drawn from GET /backfill's "watch" where the server has a probe): hand-worked
+    # coordinates for two points over a 40-item gallery. x = 10 + 460 done / 40; the top is 1.1 x the largest score
+    # (0.66) and y = 130 - 120 score / 0.66: (10, 57.3) and (240, 20.9), the threshold 0.5 at y = 39.1.
+    watch = {"metric": "precision@10", "threshold": 0.5, "paused_because": "below the threshold",
+             "points": [{"done": 0, "score": 0.4}, {"done": 20, "score": 0.6}]}  # fmt: skip
+    browser.evaluate(f"drawWatch({json.dumps(watch)}, 40)")
+    assert browser.evaluate("document.getElementById('watch').hidden") is False
+    points = browser.evaluate("document.querySelector('#watch-plot polyline').getAttribute('points')")
+    assert points == "10.0,57.3 240.0,20.9"
+    limit = float(browser.evaluate("document.querySelector('#watch-plot line').getAttribute('y1')"))
+    assert limit == pytest.approx(130 - 120 * 0.5 / 0.66, abs=1e-6)
+    text = browser.evaluate("document.getElementById('watch-text').textContent")
+    assert text == "0.600 at 20 re-embedded; threshold 0.500; paused: below the threshold"
     shot = browser("Page.captureScreenshot", format="png")["data"]
     (tmp_path / "page.png").write_bytes(base64.b64decode(shot))
     assert (tmp_path / "page.png").stat().st_size > 1000

@@ -62,20 +62,31 @@ def import_ray() -> Any:
     return ray
 
 
+# A local Ray waits 30 s for its raylet to register; on a machine busy with other work that can run out, and a
+# second start usually succeeds.
+LOCAL_START_ATTEMPTS = 2
+
+
 def connect(ray: Any, address: str | None) -> bool:
     """Join the cluster at ``address``, or start a local Ray for this machine's cores; whether this call started
     it (and so shuts it down). A Ray this process already runs is used as it is."""
     if ray.is_initialized():
         return False
     quiet = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": False}
-    try:
-        if address is None:
-            ray.init(address="local", num_cpus=len(os.sched_getaffinity(0)), **quiet)
-        else:
-            ray.init(address=address, **quiet)
-    except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
-        where = address or "this machine"
-        raise DataError(f"cannot start or reach Ray at {where}: {str(exc).splitlines()[0]}") from None
+    where = address or "this machine"
+    for attempt in range(1, LOCAL_START_ATTEMPTS + 1):
+        try:
+            if address is None:
+                ray.init(address="local", num_cpus=len(os.sched_getaffinity(0)), **quiet)
+            else:
+                ray.init(address=address, **quiet)
+            break
+        except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
+            raise DataError(f"cannot start or reach Ray at {where}: {str(exc).splitlines()[0]}") from None
+        except Exception as exc:  # Ray's own "node timed out during startup" is a bare Exception
+            ray.shutdown()
+            if address is not None or "timed out" not in str(exc) or attempt == LOCAL_START_ATTEMPTS:
+                raise DataError(f"cannot start or reach Ray at {where}: {str(exc).splitlines()[0]}") from None
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # the CLI reports progress itself, a line per written batch
     return True

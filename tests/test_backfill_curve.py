@@ -16,6 +16,7 @@ from advbct.evaluation.backfill import (
     backfill_order,
     fit_calibration,
     fit_platt,
+    mixed_similarity,
     negative_flip_rate,
     refreshed_count,
     refreshed_mask,
@@ -225,3 +226,13 @@ def test_metrics_from_full_rankings_equal_the_exact_metrics():
     out = metrics_from_rankings(ranked, torch.arange(50), labels)
     exact = label_retrieval_metrics(emb, labels, emb, labels, exclude_same_index=True)
     assert out["map"] == pytest.approx(exact["map"]) and out["top1"] == pytest.approx(exact["top1"])
+
+
+def test_a_shallow_calibration_still_tells_close_cosines_apart():
+    # Cosines 0.5 and 0.50002 of two old items under a slope of 1e-3 and a bias of -5: as log-odds they differ by
+    # 2e-8, below float32's spacing near 5 (4.8e-7); the ranking must still put the second first.
+    query = torch.tensor([[1.0, 0.0]])
+    old = torch.tensor([[0.5, math.sqrt(0.75)], [0.50002, math.sqrt(1 - 0.50002**2)]])
+    calibration = ScoreCalibration(same=PlattScaling(50.0, -40.0), cross=PlattScaling(1e-3, -5.0))
+    scores = mixed_similarity(query, old, old, torch.tensor([False, False]), calibration)(0, 1)
+    assert scores[0, 1] > scores[0, 0]

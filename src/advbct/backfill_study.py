@@ -78,17 +78,23 @@ def old_gallery_state(old_path: Path, old_embeddings: torch.Tensor, seed: int) -
 
 @dataclass(frozen=True)
 class StudyPlan:
-    """Which curves a study computes: ``studied`` models under every order policy (at ``order_fractions``, and
-    under ``order_merges``), every model in random order under both merges at ``fractions``."""
+    """Which curves a study computes: ``studied`` models in random order under both merges at ``fractions`` and
+    under every other order policy (at ``order_fractions``, under ``order_merges``); the other models in random
+    order under ``reference_merges``."""
 
     studied: tuple[str, ...]
     fractions: tuple[float, ...] = DEFAULT_FRACTIONS
     order_fractions: tuple[float, ...] = DEFAULT_FRACTIONS
     order_merges: tuple[str, ...] = MERGES
+    reference_merges: tuple[str, ...] = MERGES  # the merges of the models not studied (random order)
 
     def curves(self, models: list[str]) -> list[tuple[str, str, str, tuple[float, ...]]]:
         """(model, order, merge, fractions) of every curve."""
-        plans = [(name, "random", merge, self.fractions) for name in models for merge in MERGES]
+        plans = [
+            (name, "random", merge, self.fractions)
+            for name in models
+            for merge in (MERGES if name in self.studied else self.reference_merges)
+        ]
         others = [o for o in ORDER_POLICIES if o != "random"]
         return plans + [
             (name, o, merge, self.order_fractions)

@@ -283,14 +283,26 @@ def mixed_similarity(
     q = F.normalize(queries.float(), dim=1)
     old, new = F.normalize(old_gallery.float(), dim=1), F.normalize(new_gallery.float(), dim=1)
 
+    cross, same = (None, None) if calibration is None else _centred(calibration)
+
     def block(start: int, end: int) -> torch.Tensor:
         to_old, to_new = q[start:end] @ old.T, q[start:end] @ new.T
-        if calibration is not None:
-            # In float64: a shallow slope plus a bias would round distinct cosines to equal scores in float32.
-            to_old, to_new = calibration.cross.logits(to_old.double()), calibration.same.logits(to_new.double())
+        if cross is not None and same is not None:
+            to_old, to_new = cross.logits(to_old), same.logits(to_new)
         return torch.where(refreshed.unsqueeze(0), to_new, to_old)
 
     return block
+
+
+def _centred(calibration: ScoreCalibration) -> tuple[PlattScaling, PlattScaling]:
+    """Both maps less the bias of the shallower one: the same ranking (one constant moves every score), with the
+    shallow part's scores near zero, where float32 still tells apart the cosines a slope of 1e-3 separates; a bias
+    of a few units would round them to equal scores."""
+    shift = min((calibration.cross, calibration.same), key=lambda m: m.scale).bias
+    return (
+        PlattScaling(calibration.cross.scale, calibration.cross.bias - shift),
+        PlattScaling(calibration.same.scale, calibration.same.bias - shift),
+    )
 
 
 def negative_flip_rate(before: QueryScores, after: QueryScores) -> float:

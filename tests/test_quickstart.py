@@ -162,6 +162,14 @@ def test_refused_then_forced_upgrade_through_the_whole_flow(tiny_folder, tmp_pat
         for key, curve in backfill["curves"][name].items():
             if curve["fractions"] == study["curves"][name][key]["fractions"]:
                 assert study["curves"][name][key] == curve
+    random_only = run_cli("backfill-curves", str(out), "--orders", "random", "--merges", "raw", "--data",
+                          str(tiny_folder), "--no-progress")  # fmt: skip
+    assert random_only.returncode == 0, random_only.stderr
+    narrow = json.loads((out / "backfill_study.json").read_text())["curves"]
+    assert {name: set(c) for name, c in narrow.items()} == {"advbct": {"random/raw"}, "independent": {"random/raw"}}
+    assert narrow["advbct"]["random/raw"] == backfill["curves"]["advbct"]["random/raw"]
+    unknown = run_cli("backfill-curves", str(out), "--orders", "fifo", "--no-progress")
+    assert unknown.returncode == 2 and "unknown orders or merges ['fifo']" in unknown.stderr
     missing = run_cli("backfill-curves", str(tmp_path / "nowhere"), "--no-progress")
     assert missing.returncode == 2 and "lacks" in missing.stderr and "Traceback" not in missing.stderr
 
@@ -175,6 +183,6 @@ def test_refused_then_forced_upgrade_through_the_whole_flow(tiny_folder, tmp_pat
     assert f"`{info['command']}`" in text
     old_old, new_old = report["tests"]["old/old"]["map"], report["tests"]["new/old"]["map"]
     assert f"| run | {old_old:.2f} | {new_old:.2f} ({new_old - old_old:+.2f}) |" in text
-    assert "| advbct | oracle | raw |" in text and "| independent | random | calibrated |" in text
+    assert "| advbct | random | raw |" in text and "| independent | random | raw |" in text
     nothing = run_cli("report", str(tmp_path / "nowhere"))
     assert nothing.returncode == 2 and "no results.json" in nothing.stderr

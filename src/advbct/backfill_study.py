@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from rich.console import Console
 
 from advbct.compat.statistics import load_statistics
+from advbct.config import ConfigError
 from advbct.data.allocation import load_allocation
 from advbct.data.images import ImageSet
 from advbct.data.sources import load_split
@@ -78,30 +79,37 @@ def old_gallery_state(old_path: Path, old_embeddings: torch.Tensor, seed: int) -
 
 @dataclass(frozen=True)
 class StudyPlan:
-    """Which curves a study computes: ``studied`` models in random order under both merges at ``fractions`` and
-    under every other order policy (at ``order_fractions``, under ``order_merges``); the other models in random
-    order under ``reference_merges``."""
+    """Which curves a study computes: the ``studied`` models under each of ``orders`` (random order under
+    ``merges`` at ``fractions``, the other orders under ``order_merges`` at ``order_fractions``); the other models
+    in random order under ``reference_merges``."""
 
     studied: tuple[str, ...]
     fractions: tuple[float, ...] = DEFAULT_FRACTIONS
+    orders: tuple[str, ...] = tuple(ORDER_POLICIES)
+    merges: tuple[str, ...] = MERGES
     order_fractions: tuple[float, ...] = DEFAULT_FRACTIONS
     order_merges: tuple[str, ...] = MERGES
-    reference_merges: tuple[str, ...] = MERGES  # the merges of the models not studied (random order)
+    reference_merges: tuple[str, ...] = MERGES
+
+    def __post_init__(self) -> None:
+        unknown = [o for o in self.orders if o not in ORDER_POLICIES]
+        unknown += [m for m in (*self.merges, *self.order_merges, *self.reference_merges) if m not in MERGES]
+        if unknown:
+            raise ConfigError(f"unknown orders or merges {unknown}: orders are {', '.join(ORDER_POLICIES)}; merges "
+                             f"{', '.join(MERGES)}")  # fmt: skip
 
     def curves(self, models: list[str]) -> list[tuple[str, str, str, tuple[float, ...]]]:
         """(model, order, merge, fractions) of every curve."""
-        plans = [
-            (name, "random", merge, self.fractions)
-            for name in models
-            for merge in (MERGES if name in self.studied else self.reference_merges)
-        ]
-        others = [o for o in ORDER_POLICIES if o != "random"]
-        return plans + [
-            (name, o, merge, self.order_fractions)
-            for name in self.studied
-            for o in others
-            for merge in self.order_merges
-        ]
+        plans = []
+        for name in models:
+            if name not in self.studied:
+                plans += [(name, "random", m, self.fractions) for m in self.reference_merges]
+                continue
+            if "random" in self.orders:
+                plans += [(name, "random", m, self.fractions) for m in self.merges]
+            others = [o for o in self.orders if o != "random"]
+            plans += [(name, o, m, self.order_fractions) for o in others for m in self.order_merges]
+        return plans
 
 
 def backfill_study(
@@ -139,23 +147,22 @@ def backfill_study(
 
 def study_run_folder(
     run: Path,
-    methods: list[str],
+    plan: StudyPlan,
     seed: int = 0,
     data_root: str | None = None,
     device: str = "auto",
     console: Console | None = None,
     show_progress: bool = True,
 ) -> dict:
-    """The study of a run folder's ``methods`` (each ``run/<method>/model.pt``) beside its independent model,
+    """The study of a run folder's studied methods (each ``run/<method>/model.pt``) beside its independent model,
     written to ``run/backfill_study.json``."""
-    names = [*methods, "independent"]
+    names = [*plan.studied, "independent"]
     paths = {name: run / name / "model.pt" for name in ("old", *names)}
     missing = [str(p) for p in paths.values() if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"the run folder lacks {', '.join(missing)}")
     embeddings, labels = embed_test_set(paths, data_root, device)
     calibrations = fit_calibrations(paths, names, validation_images(paths["old"], data_root), device)
-    study = backfill_study(paths, embeddings, labels, calibrations, StudyPlan(tuple(methods)), seed, console,
-                           show_progress)  # fmt: skip
+    study = backfill_study(paths, embeddings, labels, calibrations, plan, seed, console, show_progress)
     (run / "backfill_study.json").write_text(json.dumps(study, indent=2))
     return study

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
 from advbct import backfill_study, pipeline
+from advbct.backfill_study import StudyPlan
 from advbct.compat import CompatError, StatisticsError, list_methods, radius_summary
 from advbct.compat.advbct import PAPER_TAU
 from advbct.config import (
@@ -33,6 +34,7 @@ from advbct.config import (
 from advbct.data.download import download_gldv2, download_revisited
 from advbct.data.images import DataError
 from advbct.distributed import current_world, init_from_environment, shutdown
+from advbct.evaluation.backfill import MERGES, ORDER_POLICIES
 from advbct.landmark_eval import PAPER_TESTS, evaluate_benchmarks, parse_benchmarks, print_landmark_report
 from advbct.models.checkpoint import CheckpointError
 from advbct.pipeline import JobMode
@@ -280,16 +282,21 @@ def compare_cmd(
 def backfill_curves_cmd(
     run: Annotated[Path, typer.Argument(help="a quickstart or compare run folder (old/, independent/, <method>/)")],
     methods: Annotated[str, typer.Option("--methods", help="comma-separated methods studied")] = "advbct",
+    orders: Annotated[str, typer.Option("--orders", help="comma-separated order policies")] = ",".join(ORDER_POLICIES),
+    merges: Annotated[str, typer.Option("--merges", help="raw (cosine), calibrated, or both")] = ",".join(MERGES),
     seed: Annotated[int, typer.Option("--seed", help="seed of the random order")] = 0,
     data: DataOpt = None,
     device: Annotated[str, typer.Option("--device")] = "auto",
     no_progress: QuietOpt = False,
 ) -> None:
-    """Exact backfill curves of a run folder's models on the test split: every order policy and both merges
-    (raw cosine, calibrated on the validation split) for each method, random order for the independent model;
-    writes RUN/backfill_study.json and prints one row per curve."""
-    chosen = _method_list(methods)
-    study = _run(backfill_study.study_run_folder, run, chosen, seed, data, device, console, not no_progress)
+    """Exact backfill curves of a run folder's models on the test split (0, 10, ..., 100% re-embedded): each order
+    policy and merge (raw cosine, or calibrated on the validation split) for each method, random order for the
+    independent model; writes RUN/backfill_study.json and prints one row per curve."""
+    chosen, split = _method_list(methods), lambda text: tuple(x.strip() for x in text.split(",") if x.strip())
+    merge_list = split(merges)
+    plan = _run(StudyPlan, tuple(chosen), orders=split(orders), merges=merge_list, order_merges=merge_list,
+                reference_merges=merge_list)  # fmt: skip
+    study = _run(backfill_study.study_run_folder, run, plan, seed, data, device, console, not no_progress)
     console.print(backfill_policy_table(study))
     (run / "backfill_study.run.json").write_text(json.dumps(run_info(), indent=2))
     console.print(f"results: {run / 'backfill_study.json'}")

@@ -135,7 +135,7 @@ def test_refused_then_forced_upgrade_through_the_whole_flow(tiny_folder, tmp_pat
         "random/raw",
         *(f"{o}/calibrated" for o in ("random", "uncertainty", "centre-distance", "oracle")),
     }
-    assert backfill["curves"]["advbct"]["oracle/calibrated"]["fractions"] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert backfill["curves"]["advbct"]["oracle/calibrated"]["fractions"] == [i / 10 for i in range(11)]
     _, _, old_hits = _reference_scores(old, old, labels.numpy())
     _check_curve(backfill["curves"]["advbct"]["random/raw"], new, old, labels.numpy(), order, old_hits)
     assert set(backfill["curves"]["independent"]) == {"random/calibrated"}

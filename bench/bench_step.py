@@ -46,8 +46,8 @@ from advbct.compat import (
 )
 from advbct.data.batches import Preprocessing, apply_crop_flip, crop_flip_params, normalise
 from advbct.models.checkpoint import ModelMeta, build_model
-from advbct.reporting.timing import median_interval, paired_ratios
 from advbct.training.cuda_graph import CudaGraphStep, StepScalars, prepare_optimizer
+from timing import median_interval, paired_ratios
 
 NUM_CLASSES = 100
 BASELINES = ("independent", "+ old forward")

@@ -6,10 +6,9 @@
 # The training images: /tmp/cifar100 is the subset as packed; /tmp/cifar100_full the same images repeated (hard links)
 # to CIFAR-100's 500 train / 100 test per class, so an epoch costs what a full one does (timings only).
 # A CPU dry run of the same path (the CUDA-graph phases run eagerly, without cuda_graph):
-#   DEVICE=cpu GRAPH=false EPOCHS=1 MILESTONES=[] JOBS=2 TABLE_JOBS=2 BENCH_PRESET=smoke TABLE_PRESET=smoke BATCH=32
+#   DEVICE=cpu GRAPH=false EPOCHS=1 MILESTONES=[] TABLE_JOBS=2 BENCH_PRESET=smoke TABLE_PRESET=smoke BATCH=32
 #   EXTRA_ARGS='-o common.data.max_train_per_class=10 -o common.data.max_test_per_class=5' PHASES="step graph_train
-#   concurrency table" GRAPH_TRAIN_ARGS='--modes eager --epochs 2 --rounds 1 -o data.max_train_per_class=10'
-#   CONCURRENCY_ARGS='--epochs 2 -o common.data.max_train_per_class=10 -o common.data.max_test_per_class=5'
+#   table" GRAPH_TRAIN_ARGS='--modes eager --epochs 2 --rounds 1 -o data.max_train_per_class=10'
 #   bash bench/gpu_check.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}
@@ -18,13 +17,11 @@ RUNS=/tmp/gpu_runs
 DEVICE=${DEVICE:-cuda}
 EPOCHS=${EPOCHS:-30}
 MILESTONES=${MILESTONES:-[5,10,20]}
-JOBS=${JOBS:-7}  # new models at once in the concurrency phase (TABLE_JOBS, default 14, in the table)
-JOB_MODE=${JOB_MODE:-processes}  # how the table trains its new models at once: processes or threads
-GRAPH=${GRAPH:-true}  # cuda_graph for the table and the concurrency phase
+GRAPH=${GRAPH:-true}  # cuda_graph for the table
 TABLE_DATA=${TABLE_DATA:-/tmp/cifar100}  # /tmp/cifar100_full: the full-size timing
 BATCH=${BATCH:-512}
 # Which of the numbered phases below run.
-PHASES=${PHASES:-step graph_train concurrency search table compile}
+PHASES=${PHASES:-step graph_train search table compile}
 BUDGET=${BUDGET:-560}  # seconds for the whole script: each phase is cut to what is left, so the packing still runs
 rm -rf "$LOGS" "$RUNS"
 mkdir -p "$OUT" "$LOGS" "$RUNS"
@@ -70,7 +67,6 @@ tail -3 "$LOGS/gpu_tests.txt" >> "$LOGS/summary.txt" 2>/dev/null
 # A failed GPU test turns its feature off for the table, in this call and in later calls on the same warm machine.
 if [ -f "$LOGS/gpu_tests.txt" ]; then
   : > /tmp/gpu_fallback.env
-  grep -q "\(FAILED\|ERROR\).*side_by_side_in_threads" "$LOGS/gpu_tests.txt" && echo "JOB_MODE=processes" >> /tmp/gpu_fallback.env
   grep -q "\(FAILED\|ERROR\).*\(graphed_advbct_run\|one_captured_step\)" "$LOGS/gpu_tests.txt" \
     && echo "GRAPH=false" >> /tmp/gpu_fallback.env
 fi
@@ -90,12 +86,6 @@ wanted graph_train && phase train_graph 240 python3 bench/bench_train_graph.py -
   --preset "${BENCH_PRESET:-paper-cifar100}" --device "$DEVICE" ${GRAPH_TRAIN_ARGS:---methods independent,advbct \
   --modes $TRAIN_MODE --epochs 3 --rounds 1 -o optim.batch_size=$BATCH}
 cat "$LOGS/train_graph.txt" >> "$LOGS/summary.txt" 2>/dev/null
-
-# 1c. A setting's new models trained JOBS at a time, in processes against threads (each on its own stream).
-wanted concurrency && phase concurrency "${CONCURRENCY_TIMEOUT:-200}" python3 bench/bench_concurrency.py \
-  --data /tmp/cifar100_full --preset "${TABLE_PRESET:-cifar100}" --device "$DEVICE" --jobs "$JOBS" \
-  -o "common.cuda_graph=$GRAPH" ${CONCURRENCY_ARGS:-}
-cat "$LOGS/concurrency.txt" >> "$LOGS/summary.txt" 2>/dev/null
 
 # 2. exact_search on the device returns what it returns on the CPU.
 wanted search && phase search 60 python3 - <<PY
@@ -117,7 +107,7 @@ nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 5 >
 monitor=$!
 wanted table && phase table "${TABLE_TIMEOUT:-480}" python3 -m advbct bench --settings extended-class,extended-data \
   --out "$RUNS/table" --preset "${TABLE_PRESET:-cifar100}" --data "$TABLE_DATA" --device "$DEVICE" --no-progress \
-  --jobs "${TABLE_JOBS:-14}" --job-mode "$JOB_MODE" --methods "${METHODS:-l2,bct,lce,unibct,hot-refresh,advbct}" \
+  --jobs "${TABLE_JOBS:-14}" --methods "${METHODS:-l2,bct,lce,unibct,hot-refresh,advbct}" \
   -o "common.optim.epochs=$EPOCHS" -o "common.optim.milestones=$MILESTONES" -o "common.cuda_graph=$GRAPH" \
   ${EXTRA_ARGS:-}
 cat "$RUNS/table/results.md" >> "$LOGS/summary.txt" 2>/dev/null

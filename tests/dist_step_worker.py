@@ -27,7 +27,7 @@ from advbct.distributed import (
     local_positions,
 )
 from advbct.models.embedding import EmbeddingModel
-from advbct.training.loop import TrainStep
+from advbct.training.step import TrainStep
 
 GLOBAL_BATCH, CLASSES, DIM = 8, 4, 16
 RANKS = 2  # the world size the single-process references stand for

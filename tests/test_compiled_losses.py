@@ -11,7 +11,7 @@ from torch._dynamo.utils import counters
 from advbct import pipeline
 from advbct.cli import train_config
 from advbct.compat import CompatBatch, create, list_methods
-from advbct.training import loop as loop_module
+from advbct.training import run_folder
 from advbct.training.cuda_graph import StepScalars
 from test_host_sync import make_context
 
@@ -72,7 +72,7 @@ def test_compiled_advbct_training_compiles_nothing_after_its_first_epoch(tiny_fo
     old_path = pipeline.train_old(old_cfg, tmp_path / "old", show_progress=False)
     _, stats_path = pipeline.compute_statistics(old_path, data_root=str(tiny_folder), device="cpu")
     graphs_after_epoch: list[int] = []
-    real_save = loop_module.atomic_save
+    real_save = run_folder.atomic_save
 
     def save_and_count(obj, path):
         real_save(obj, path)
@@ -85,7 +85,7 @@ def test_compiled_advbct_training_compiles_nothing_after_its_first_epoch(tiny_fo
         torch._dynamo.reset()
         counters.clear()
         graphs_after_epoch.clear()
-        monkeypatch.setattr(loop_module, "atomic_save", save_and_count)
+        monkeypatch.setattr(run_folder, "atomic_save", save_and_count)
         run = pipeline.train_new(cfg, tmp_path / f"new-{compiled}", old_path, stats_path, show_progress=False)
         histories[compiled] = json.loads((run.parent / "history.json").read_text())
     first, second = graphs_after_epoch

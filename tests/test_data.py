@@ -22,8 +22,9 @@ def test_image_folder_loads_real_pngs_and_caches(tiny_folder, tmp_path):
 
 
 def test_threads_decoding_one_folder_at_once_leave_one_valid_cache(tiny_folder, tmp_path):
-    # Runs training side by side in threads may all find the cache missing and write it at once: each writes its
-    # own temporary file and renames it, so every thread gets the images and one whole cache file remains.
+    # Runs training side by side (the processes of --jobs) may all find the cache missing and write it at once;
+    # threads stand in for them here. Each writes its own temporary file and renames it, so every writer gets the
+    # images and one whole cache file remains.
     def load(_: int):
         return load_image_folder(tiny_folder / "train", 32, cache_dir=tmp_path / "c")
 

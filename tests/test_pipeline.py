@@ -1,6 +1,5 @@
 """The upgrade path end to end through the real CLI, on real PNG files, plus its refusals of bad input."""
 
-import io
 import json
 import os
 import shutil
@@ -9,14 +8,12 @@ import sys
 
 import pytest
 import torch
-from rich.console import Console
 
 from advbct import pipeline
 from advbct.cli import quickstart_config, train_config
 from advbct.compat import StatisticsError
 from advbct.evaluation import compatibility_scores
 from advbct.models import CheckpointError
-from advbct.training import loop as loop_module
 
 TESTS = ("old/old", "new/new", "new/old", "independent/independent", "independent/old")
 
@@ -218,39 +215,22 @@ def test_compare_every_method_on_one_allocation(tiny_folder, tmp_path):
 def test_concurrent_runs_train_the_same_models_as_one_at_a_time(tiny_folder, tmp_path):
     common = ["--preset", "smoke", "--data", str(tiny_folder), "--no-progress", "--methods", "l2,advbct",
               "-o", "common.data.dataset=image-folder", "-o", "common.device=cpu"]  # fmt: skip
-    # Every run gives each training one thread (CPU float sums depend on the thread count, not on concurrency):
-    # two processes of one thread each, or two threads of one process whose operations run on one thread.
+    # Every training gets one thread (CPU float sums depend on the thread count, not on concurrency): one process
+    # of one thread, or two processes sharing two.
     one = run_cli("compare", *common, "--out", str(tmp_path / "one"), "--jobs", "1", env={"OMP_NUM_THREADS": "1"})
     assert one.returncode == 0, one.stdout + one.stderr
-    for mode, threads in (("processes", "2"), ("threads", "1")):
-        # The concurrent runs start from the finished old model, so each compares the same new-model training.
-        shutil.copytree(tmp_path / "one" / "old", tmp_path / mode / "old")
-        args = ["--out", str(tmp_path / mode), "--jobs", "2", "--job-mode", mode]
-        two = run_cli("compare", *common, *args, env={"OMP_NUM_THREADS": threads})
-        assert two.returncode == 0, two.stdout + two.stderr
-        assert f"(2 at a time, in {mode})" in two.stdout and "finished: advbct" in two.stdout
-        for name in ("independent", "l2", "advbct"):
-            first = torch.load(tmp_path / "one" / name / "model.pt", weights_only=True)["model"]
-            second = torch.load(tmp_path / mode / name / "model.pt", weights_only=True)["model"]
-            for key, value in first.items():
-                assert torch.equal(second[key], value), f"{mode}, {name}: {key}"
-        assert json.loads((tmp_path / mode / "results.json").read_text()).keys() == {"l2", "advbct"}
-
-
-def test_runs_training_in_threads_share_one_progress_display(tiny_folder, tmp_path, capsys, monkeypatch):
-    # Runs in threads add their bars to one display rather than each opening a live display of its own (which
-    # some rich versions refuse while another is live, and others stack).
-    displays = []
-    make_display = loop_module._progress
-    monkeypatch.setattr(loop_module, "_progress", lambda enabled: displays.append(enabled) or make_display(enabled))
-    overrides = ["common.data.dataset=image-folder", "common.device=cpu", "common.optim.epochs=1"]
-    cfg = quickstart_config("smoke", None, overrides, str(tiny_folder), None)
-    console = Console(file=io.StringIO())
-    paths = pipeline.train_methods(cfg, tmp_path, ["l2"], console, show_progress=True, jobs=2, job_mode="threads")
-    assert all(path.is_file() for path in paths.values())
-    assert displays == [True, True]  # the old model's own, then the one the two threaded runs share
-    shown = capsys.readouterr().out
-    assert "new independent" in shown and "new l2" in shown and "ep 1/1" in shown
+    # The concurrent runs start from the finished old model, so both compare the same new-model training.
+    shutil.copytree(tmp_path / "one" / "old", tmp_path / "two" / "old")
+    args = ["--out", str(tmp_path / "two"), "--jobs", "2"]
+    two = run_cli("compare", *common, *args, env={"OMP_NUM_THREADS": "2"})
+    assert two.returncode == 0, two.stdout + two.stderr
+    assert "(2 at a time, in processes)" in two.stdout and "finished: advbct" in two.stdout
+    for name in ("independent", "l2", "advbct"):
+        first = torch.load(tmp_path / "one" / name / "model.pt", weights_only=True)["model"]
+        second = torch.load(tmp_path / "two" / name / "model.pt", weights_only=True)["model"]
+        for key, value in first.items():
+            assert torch.equal(second[key], value), f"{name}: {key}"
+    assert json.loads((tmp_path / "two" / "results.json").read_text()).keys() == {"l2", "advbct"}
 
 
 @pytest.mark.slow

@@ -24,11 +24,11 @@ def run_bench(folder, out, cache, *extra):
 
 def test_bench_smoke_writes_the_table_json_and_plots(tiny_folder, tmp_path):
     out = tmp_path / "bench"
-    # Two old models train at once in threads (extended-backbone's is extended-class's, copied), then the new
+    # Two old models train at once in processes (extended-backbone's is extended-class's, copied), then the new
     # models of all three settings in one pool, two at a time (the re-run below: one at a time).
-    result = run_bench(tiny_folder, out, tmp_path / "cache", "--jobs", "2", "--job-mode", "threads")
+    result = run_bench(tiny_folder, out, tmp_path / "cache", "--jobs", "2")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "(2 at a time, in threads)" in result.stdout
+    assert "(2 at a time, in processes)" in result.stdout
     lines = result.stdout.splitlines()
     finished = [line.split("finished: ")[1].split(" (")[0] for line in lines if "finished:" in line]
     assert sorted(finished[:2]) == ["extended-class/old", "extended-data/old"]

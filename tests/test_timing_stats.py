@@ -2,10 +2,14 @@
 
 import math
 import random
+import sys
+from pathlib import Path
 
 import pytest
 
-from advbct.reporting.timing import MedianInterval, median_interval, paired_ratios
+# The statistics serve the benchmarks only, so they live beside them in bench/, outside the package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from timing import MedianInterval, median_interval, paired_ratios
 
 
 def test_ten_samples_give_the_second_and_ninth_order_statistics():

@@ -6,9 +6,10 @@ import torch
 from advbct import pipeline
 from advbct.cli import train_config
 from advbct.config import OptimConfig
+from advbct.models.checkpoint import CheckpointError
 from advbct.models.embedding import EmbeddingModel
-from advbct.training import learning_rate
-from advbct.training import loop as loop_module
+from advbct.training import learning_rate, run_folder
+from advbct.training.setup import start_from_old
 
 
 def test_learning_rate_schedule():
@@ -30,7 +31,7 @@ def test_resume_after_interruption_gives_identical_weights(tiny_folder, tmp_path
     )
     whole = pipeline.train_old(cfg, tmp_path / "whole", show_progress=False)
 
-    real_save = loop_module.atomic_save
+    real_save = run_folder.atomic_save
     calls = {"n": 0}
 
     def save_then_stop(obj, path):
@@ -39,11 +40,11 @@ def test_resume_after_interruption_gives_identical_weights(tiny_folder, tmp_path
         if calls["n"] == 2:  # killed right after the second epoch's checkpoint
             raise Interrupted
 
-    monkeypatch.setattr(loop_module, "atomic_save", save_then_stop)
+    monkeypatch.setattr(run_folder, "atomic_save", save_then_stop)
     with pytest.raises(Interrupted):
         pipeline.train_old(cfg, tmp_path / "broken", show_progress=False)
     assert not (tmp_path / "broken" / "model.pt").exists()
-    monkeypatch.setattr(loop_module, "atomic_save", real_save)
+    monkeypatch.setattr(run_folder, "atomic_save", real_save)
     resumed = pipeline.train_old(cfg, tmp_path / "broken", show_progress=False)
 
     a = torch.load(whole, weights_only=True)["model"]
@@ -53,6 +54,22 @@ def test_resume_after_interruption_gives_identical_weights(tiny_folder, tmp_path
         assert torch.allclose(a[key].float(), b[key].float(), atol=1e-6), key
 
 
+def test_a_run_trains_the_same_weights_whatever_the_process_drew_before(tiny_folder, tmp_path):
+    # Concurrent runs share no generator (each is a process of its own), and a run seeds the global one itself right
+    # before it draws initial weights: what the process drew earlier changes nothing.
+    overrides = ["data.dataset=image-folder", "device=cpu", "optim.epochs=1"]
+    cfg = train_config("old", "smoke", None, overrides, str(tiny_folder), None)
+    first = pipeline.train_old(cfg, tmp_path / "first", show_progress=False)
+    torch.manual_seed(12345)
+    torch.rand(1000)
+    second = pipeline.train_old(cfg, tmp_path / "second", show_progress=False)
+    a = torch.load(first, weights_only=True)["model"]
+    b = torch.load(second, weights_only=True)["model"]
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
 def test_a_run_folder_made_with_another_config_is_refused(tiny_folder, tmp_path):
     overrides = ["data.dataset=image-folder", "device=cpu", "optim.epochs=1"]
     cfg = train_config("old", "smoke", None, overrides, str(tiny_folder), None)
@@ -60,7 +77,7 @@ def test_a_run_folder_made_with_another_config_is_refused(tiny_folder, tmp_path)
     assert pipeline.train_old(cfg, tmp_path / "old", show_progress=False) == first  # same config: reused
     before = first.read_bytes()
     other = train_config("old", "smoke", None, [*overrides, "optim.lr=0.3"], str(tiny_folder), None)
-    with pytest.raises(loop_module.CheckpointError, match=r"different config \(sections optim differ\)"):
+    with pytest.raises(CheckpointError, match=r"different config \(sections optim differ\)"):
         pipeline.train_old(other, tmp_path / "old", show_progress=False)
     assert first.read_bytes() == before
 
@@ -85,7 +102,7 @@ def test_a_new_model_started_from_the_old_one_embeds_exactly_like_it(tiny_folder
         small_input=True,
         backbone_kwargs=new_cfg.model.backbone_kwargs,
     )
-    loop_module.start_from_old(model, new_cfg.model, old)
+    start_from_old(model, new_cfg.model, old)
     x = torch.randn(4, 3, 32, 32)
     model.eval()
     assert torch.equal(model(x), old.model(x))
@@ -116,14 +133,14 @@ def test_init_from_old_reaches_the_trained_model_and_refuses_other_shapes(tiny_f
         str(tiny_folder),
         None,
     )
-    with pytest.raises(loop_module.CheckpointError, match=r"embeds to dim 32"):
+    with pytest.raises(CheckpointError, match=r"embeds to dim 32"):
         pipeline.train_new(wider, tmp_path / "wider", old.path, show_progress=False)
     stride = new_cfg.model_copy(update={"model": new_cfg.model.model_copy(update={"small_input_stride": 2})})
-    with pytest.raises(loop_module.CheckpointError, match=r"differs from this model in model\.small_input_stride"):
+    with pytest.raises(CheckpointError, match=r"differs from this model in model\.small_input_stride"):
         pipeline.train_new(stride, tmp_path / "stride", old.path, show_progress=False)
     assert not (tmp_path / "stride").exists()
     old_run = train_config(
         "old", "smoke", None, ["data.dataset=image-folder", "device=cpu", "init_from_old=true"], str(tiny_folder), None
     )
-    with pytest.raises(loop_module.CheckpointError, match="init_from_old needs a new-model run"):
+    with pytest.raises(CheckpointError, match="init_from_old needs a new-model run"):
         pipeline.train_old(old_run, tmp_path / "old2", show_progress=False)

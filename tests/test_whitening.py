@@ -16,10 +16,11 @@ from advbct.compat import CompatContext, create
 from advbct.data.allocation import load_allocation
 from advbct.data.batches import Preprocessing
 from advbct.data.sources import load_split
-from advbct.models.checkpoint import load_checkpoint
+from advbct.models.checkpoint import CheckpointError, load_checkpoint
 from advbct.models.embedding import EmbeddingModel
 from advbct.models.whitening import set_whitened_stem, whitening_filters
-from advbct.training import loop as loop_module
+from advbct.training.setup import whitening_sample
+from advbct.training.step import TrainStep
 
 
 def _balanced_pixels(scales: tuple[float, float, float]) -> torch.Tensor:
@@ -81,9 +82,7 @@ def test_training_keeps_the_whitened_stem_it_started_from(tiny_folder, tmp_path)
 
     allocation = load_allocation(tmp_path / "old" / "allocation.json")
     train_set = load_split(cfg.data, "train")
-    sample = loop_module._whitening_sample(
-        train_set.images[allocation.old_indices], Preprocessing(cfg.data.image_size), cfg.seed
-    )
+    sample = whitening_sample(train_set.images[allocation.old_indices], Preprocessing(cfg.data.image_size), cfg.seed)
     fresh = copy.deepcopy(trained.backbone.conv1)
     set_whitened_stem(fresh, sample)
     stem = trained.backbone.conv1.weight
@@ -97,8 +96,8 @@ def test_label_smoothing_mixes_the_true_class_with_a_uniform_target():
     model.eval()
     images, labels = torch.randn(2, 3, 32, 32), torch.tensor([0, 2])
     independent = create("independent", CompatContext(embedding_dim=4, num_classes=3))
-    plain = loop_module.TrainStep(model, independent, True)(images, labels, labels, None, 0.0, 0, 1, False)[0]
-    smooth = loop_module.TrainStep(model, independent, True, 0.3)(images, labels, labels, None, 0.0, 0, 1, False)[0]
+    plain = TrainStep(model, independent, True)(images, labels, labels, None, 0.0, 0, 1, False)[0]
+    smooth = TrainStep(model, independent, True, 0.3)(images, labels, labels, None, 0.0, 0, 1, False)[0]
 
     log_p = F.log_softmax(model.classify(model(images)), dim=1)
     true_class = -log_p[torch.arange(2), labels].mean()
@@ -118,5 +117,5 @@ def test_a_run_folder_saved_before_an_option_existed_is_reused(tiny_folder, tmp_
     assert pipeline.train_old(cfg, tmp_path / "old", show_progress=False) == first
 
     smoothed = cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"label_smoothing": 0.1})})
-    with pytest.raises(loop_module.CheckpointError, match="optim"):
+    with pytest.raises(CheckpointError, match="optim"):
         pipeline.train_old(smoothed, tmp_path / "old", show_progress=False)

@@ -37,7 +37,6 @@ from advbct.distributed import current_world, init_from_environment, shutdown
 from advbct.evaluation.backfill import MERGES, ORDER_POLICIES
 from advbct.landmark_eval import PAPER_TESTS, evaluate_benchmarks, parse_benchmarks, print_landmark_report
 from advbct.models.checkpoint import CheckpointError
-from advbct.pipeline import JobMode
 from advbct.quickstart import quickstart as run_quickstart
 from advbct.reporting import comparison_table, print_report
 from advbct.reporting.markdown import render as render_markdown
@@ -59,14 +58,6 @@ DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda
 ABLATIONS = ("advbct-adv-only", "advbct-bound-only", "advbct-fixed-radius")
 QuietOpt = Annotated[bool, typer.Option("--no-progress", help="hide progress bars")]
 JobsOpt = Annotated[int, typer.Option("--jobs", min=1, help="new models trained at once (fills a GPU)")]
-JobModeOpt = Annotated[
-    JobMode,
-    typer.Option(
-        "--job-mode",
-        help="processes: each job its own process; threads: threads of this process, each on its own CUDA stream, "
-        "so the runs' kernels can overlap on one GPU (pair with -o common.cuda_graph=true)",
-    ),
-]
 
 
 def _role_tree(preset_or_file: dict[str, Any], role: str) -> dict[str, Any]:
@@ -264,12 +255,11 @@ def compare_cmd(
     device: DeviceOpt = None,
     no_progress: QuietOpt = False,
     jobs: JobsOpt = 1,
-    job_mode: JobModeOpt = "processes",
 ) -> None:
     """Train every method on one allocation and one seed set; one table, one results.json."""
     chosen = _method_list(methods, ABLATIONS if ablations else ())
     cfg = _run(quickstart_config, preset, config, overrides, data, device)
-    reports = _run(pipeline.compare, cfg, out, chosen, console, not no_progress, jobs, job_mode)
+    reports = _run(pipeline.compare, cfg, out, chosen, console, not no_progress, jobs)
     title = f"{cfg.new.data.allocation}, {cfg.new.model.backbone}, seed {cfg.new.seed}"
     console.print(comparison_table(reports, title))
     if current_world().is_main:
@@ -330,12 +320,11 @@ def bench_cmd(
     device: DeviceOpt = None,
     no_progress: QuietOpt = False,
     jobs: JobsOpt = 1,
-    job_mode: JobModeOpt = "processes",
 ) -> None:
     """The full comparison table: every method on every setting, one seed set; re-running skips finished runs."""
     chosen = _method_list(methods)
     picked = [s.strip() for s in settings.split(",") if s.strip()]
-    _run(run_bench, preset, out, picked, chosen, overrides, data, device, console, not no_progress, jobs, job_mode)
+    _run(run_bench, preset, out, picked, chosen, overrides, data, device, console, not no_progress, jobs)
     console.print(f"results: {out / 'results.json'}, {out / 'results.md'}, plots in {out}")
 
 

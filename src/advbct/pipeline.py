@@ -8,11 +8,9 @@ from __future__ import annotations
 import multiprocessing
 import os
 from collections.abc import Callable, Mapping
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
-from contextlib import nullcontext
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 from rich.console import Console
@@ -33,12 +31,11 @@ from advbct.data.sources import load_split
 from advbct.distributed import current_world, resolve_device
 from advbct.evaluation.protocol import embed_images, evaluate_pairs, upgrade_report
 from advbct.models.checkpoint import load_checkpoint, load_comparable_checkpoints
-from advbct.training.loop import OldModel, report_epochs_as_lines, shared_progress, train_model
+from advbct.training.logger import report_epochs_as_lines
+from advbct.training.loop import train_model
+from advbct.training.setup import OldModel
 
 ALLOCATION_FILE = "allocation.json"
-# How ``jobs`` > 1 new models train at once: in processes of their own, or in threads of this process, each
-# thread on its own CUDA stream (see ``_executor``).
-JobMode = Literal["processes", "threads"]
 TEST_ORDER = ("old/old", "new/new", "new/old", "independent/independent", "independent/old")
 
 
@@ -221,12 +218,10 @@ class NewModelRun:
     label: str
 
 
-def check_jobs(jobs: int, job_mode: str) -> None:
+def check_jobs(jobs: int) -> None:
     """Refuse a bad concurrency request before anything trains."""
     if jobs < 1:
         raise ValueError(f"jobs must be at least 1, got {jobs}")
-    if job_mode not in ("processes", "threads"):
-        raise ValueError(f"job_mode must be 'processes' or 'threads', got {job_mode!r}")
 
 
 def plan_new_models(
@@ -246,14 +241,13 @@ def train_new_models(
     console: Console,
     show_progress: bool = True,
     jobs: int = 1,
-    job_mode: JobMode = "processes",
 ) -> list[Path]:
     """Each run's ``model.pt``, in the order given; finished runs are skipped. With ``jobs`` > 1 they train ``jobs``
-    at a time, in processes or threads as ``job_mode`` says: one small model leaves most of a GPU idle."""
-    check_jobs(jobs, job_mode)
+    at a time, each in a process of its own: one small model leaves most of a GPU idle."""
+    check_jobs(jobs)
     if jobs > 1 and not current_world().distributed:
-        tasks = [_Task(run.label, run.cfg.new.device, _train_run, (run,)) for run in runs]
-        return _run_concurrently("new models", tasks, jobs, job_mode, console, show_progress)
+        tasks = [_Task(run.label, _train_run, (run,)) for run in runs]
+        return _run_concurrently("new models", tasks, jobs, console, show_progress)
     paths = []
     for run in runs:
         console.print(f"[bold]new model: {run.label}[/]")
@@ -266,16 +260,14 @@ def train_old_models(
     out: Path,
     console: Console,
     jobs: int,
-    job_mode: JobMode,
     show_progress: bool = True,
 ) -> None:
     """Train the old model of each ``configs`` entry into ``out/<name>/old`` at once, ``jobs`` at a time (finished
     ones are skipped), so that a table's settings do not wait for each other's old models one after another."""
-    check_jobs(jobs, job_mode)
+    check_jobs(jobs)
     if jobs > 1 and len(configs) > 1 and not current_world().distributed:
-        tasks = [_Task(f"{name}/old", cfg.old.device, train_old, (cfg.old, out / name / "old"))
-                 for name, cfg in configs.items()]  # fmt: skip
-        _run_concurrently("old models", tasks, jobs, job_mode, console, show_progress)
+        tasks = [_Task(f"{name}/old", train_old, (cfg.old, out / name / "old")) for name, cfg in configs.items()]
+        _run_concurrently("old models", tasks, jobs, console, show_progress)
 
 
 def train_methods(
@@ -285,22 +277,17 @@ def train_methods(
     console: Console,
     show_progress: bool = True,
     jobs: int = 1,
-    job_mode: JobMode = "processes",
 ) -> dict[str, Path]:
     """The old model, its statistics, the independent model and every method: ``{name: model.pt}``."""
-    check_jobs(jobs, job_mode)
+    check_jobs(jobs)
     old_path, runs = plan_new_models(cfg, out, methods, console, show_progress)
-    paths = train_new_models(runs, console, show_progress, jobs, job_mode)
+    paths = train_new_models(runs, console, show_progress, jobs)
     return {"old": old_path, **{run.method: path for run, path in zip(runs, paths, strict=True)}}
 
 
-def _executor(workers: int, job_mode: JobMode, show_progress: bool) -> Executor:
-    """Processes are spawned (CUDA cannot be forked) and share the machine's cores. Threads share this process,
-    and each trains on a CUDA stream of its own (``_on_own_stream``): kernels of different runs can then
-    overlap on one GPU, where those of separate processes take turns. Threads pay off with ``cuda_graph``, whose
-    step is one launch, so they seldom wait on each other for Python."""
-    if job_mode == "threads":
-        return ThreadPoolExecutor(workers)
+def _executor(workers: int, show_progress: bool) -> ProcessPoolExecutor:
+    """Spawned processes (CUDA cannot be forked) that share the machine's cores; each seeds and draws from its own
+    global random generator, so a run trains the same model as it would alone."""
     context = multiprocessing.get_context("spawn")
     return ProcessPoolExecutor(
         workers, mp_context=context, initializer=_start_worker, initargs=(workers, show_progress)
@@ -317,27 +304,23 @@ def _start_worker(workers: int, show_progress: bool) -> None:
 @dataclass(frozen=True)
 class _Task:
     """One training to run concurrently: ``fn(*args, show_progress)`` (module-level, so a spawned process can
-    unpickle it) on ``device``, named ``label`` in progress messages."""
+    unpickle it), named ``label`` in progress messages."""
 
     label: str
-    device: str | None
     fn: Callable[..., Path]
     args: tuple
 
 
-def _run_concurrently(
-    what: str, tasks: list[_Task], jobs: int, job_mode: JobMode, console: Console, show_progress: bool
-) -> list[Path]:
-    """Run ``jobs`` tasks at a time; their results in the order given. A failed task's exception is raised here
-    once the others finish or fail. Threads show their progress bars in one shared display; processes, none."""
+def _run_concurrently(what: str, tasks: list[_Task], jobs: int, console: Console, show_progress: bool) -> list[Path]:
+    """Run ``jobs`` tasks at a time, each in a process of its own; their results in the order given. A failed
+    task's exception is raised here once the others finish or fail. The processes show no progress bars (they
+    cannot share this process's display), only a line per finished epoch."""
     workers = min(jobs, len(tasks))
     labels = ", ".join(task.label for task in tasks)
-    console.print(f"[bold]{what}:[/] {labels} ({workers} at a time, in {job_mode})")
+    console.print(f"[bold]{what}:[/] {labels} ({workers} at a time, in processes)")
     paths: dict[int, Path] = {}
-    bars = show_progress and job_mode == "threads"
-    with shared_progress(bars), _executor(workers, job_mode, show_progress) as pool:
-        run = _on_own_stream if job_mode == "threads" else _run_task
-        futures = {pool.submit(run, task, bars): i for i, task in enumerate(tasks)}
+    with _executor(workers, show_progress) as pool:
+        futures = {pool.submit(_run_task, task): i for i, task in enumerate(tasks)}
         for future in as_completed(futures):
             i = futures[future]
             paths[i] = future.result()
@@ -345,16 +328,10 @@ def _run_concurrently(
     return [paths[i] for i in range(len(tasks))]
 
 
-def _run_task(task: _Task, show_progress: bool) -> Path:
-    return task.fn(*task.args, show_progress)
-
-
-def _on_own_stream(task: _Task, show_progress: bool) -> Path:
-    """``task`` with this thread's CUDA work on a stream of its own (the current stream is per thread)."""
-    device = resolve_device(task.device)
-    stream = torch.cuda.stream(torch.cuda.Stream(device)) if device.type == "cuda" else nullcontext()
-    with stream:
-        return _run_task(task, show_progress)
+def _run_task(task: _Task) -> Path:
+    """``task`` in a worker process, without a progress bar (where progress is shown, the worker prints a line per
+    epoch instead)."""
+    return task.fn(*task.args, False)
 
 
 SHARED_PAIRS = (("old", "old"), ("independent", "independent"), ("independent", "old"))
@@ -383,12 +360,11 @@ def compare(
     console: Console | None = None,
     show_progress: bool = True,
     jobs: int = 1,
-    job_mode: JobMode = "processes",
 ) -> dict[str, dict]:
     """Train the old model, the independent model and every method on one allocation and one seed set;
     return one quickstart-format report per method (the test set is embedded once per model)."""
     console = console or Console()
-    paths = train_methods(cfg, out, methods, console, show_progress, jobs, job_mode)
+    paths = train_methods(cfg, out, methods, console, show_progress, jobs)
     console.print("[bold]evaluation[/]")
     embeddings, labels = embed_test_set(paths, device=cfg.new.device)
     tests = evaluate_pairs(embeddings, labels, method_pairs(methods), resolve_device(cfg.new.device))

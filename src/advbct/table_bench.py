@@ -20,7 +20,6 @@ from advbct.data.images import DataError
 from advbct.distributed import current_world, resolve_device
 from advbct.evaluation.protocol import evaluate_pairs
 from advbct.pipeline import (
-    JobMode,
     check_jobs,
     embed_test_set,
     method_reports,
@@ -119,19 +118,18 @@ def run_bench(
     console: Console | None = None,
     show_progress: bool = True,
     jobs: int = 1,
-    job_mode: JobMode = "processes",
 ) -> dict:
     """Train and evaluate every setting into ``out/<setting>/``; write results.json, results.md and plots.
     The old models come first, then the new models of every setting together, each ``jobs`` at a time in
-    processes or threads (``job_mode``), so one command can keep a GPU full across settings."""
+    processes of their own, so one command can keep a GPU full across settings."""
     console = console or Console()
-    check_jobs(jobs, job_mode)
+    check_jobs(jobs)
     unknown = [s for s in settings if s not in SETTINGS]
     if unknown:
         raise DataError(f"unknown setting(s) {', '.join(unknown)}; use {', '.join(SETTINGS)}")
     configs = {s: setting_config(preset, s, list(overrides or []), data, device) for s in settings}
     twins = _old_model_twins(configs)
-    train_old_models({s: c for s, c in configs.items() if s not in twins}, out, console, jobs, job_mode, show_progress)
+    train_old_models({s: c for s, c in configs.items() if s not in twins}, out, console, jobs, show_progress)
     plans = {}
     for setting, cfg in configs.items():
         console.rule(f"[bold]{setting}")
@@ -141,7 +139,7 @@ def run_bench(
         plans[setting] = plan_new_models(cfg, out / setting, methods, console, show_progress, label=setting)
     runs = [run for _, setting_runs in plans.values() for run in setting_runs]
     console.rule("[bold]new models")
-    model_paths = train_new_models(runs, console, show_progress, jobs, job_mode)
+    model_paths = train_new_models(runs, console, show_progress, jobs)
     trained = {run.label: path for run, path in zip(runs, model_paths, strict=True)}
     results: dict = {"preset": preset, "settings": {}}
     for setting, (old_path, setting_runs) in plans.items():

@@ -53,19 +53,7 @@ class ModelMeta(BaseModel):
         return Preprocessing.from_json(self.preprocessing)
 
 
-# Building a model draws its initial weights from the process's global random generator, also where a checkpoint's
-# weights replace them next. Runs training side by side in threads of one process (``--job-mode threads``) hold this
-# lock while they seed the generator and draw from it, and every model build holds it too, so no thread draws from
-# the generator between another's seeding and drawing: each run starts from the weights it would have alone.
-GLOBAL_RNG_LOCK = threading.RLock()
-
-
 def build_model(meta: ModelMeta, load_pretrained: bool = True) -> EmbeddingModel:
-    with GLOBAL_RNG_LOCK:
-        return _build(meta, load_pretrained)
-
-
-def _build(meta: ModelMeta, load_pretrained: bool) -> EmbeddingModel:
     arch = meta.architecture
     return EmbeddingModel(
         backbone=arch.backbone,
@@ -86,7 +74,7 @@ def _build(meta: ModelMeta, load_pretrained: bool) -> EmbeddingModel:
 
 def atomic_save(obj: Any, path: Path) -> None:
     """Write to a temporary file and rename, so a crash never leaves a half-written checkpoint. The temporary name
-    is unique to the process and thread, as runs may train side by side in threads of one process."""
+    is unique to the writing process and thread, so two writers of one path never share a temporary file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     torch.save(obj, tmp)

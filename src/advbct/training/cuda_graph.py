@@ -12,12 +12,10 @@ synchronises the whole device, which stalls every other run training on it at th
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 
 import torch
 
-_CAPTURE = threading.Lock()
 Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
 
 
@@ -78,10 +76,7 @@ class CudaGraphStep:
     """Runs ``step(images, labels, progress, epoch)`` eagerly for the first ``warmup`` calls (on a side stream, as
     CUDA graph capture asks, so cuDNN's kernel search and the optimizer's momentum buffers are done before capture),
     then captures it once and replays the graph. ``progress`` and ``epoch`` reach the step as 0-d tensors. The
-    returned tensors are the graph's own outputs, overwritten by the next call.
-
-    The capture is thread-local, so runs training side by side in threads of one process (``advbct bench
-    --job-mode threads``) keep launching work on their own streams while one of them captures."""
+    returned tensors are the graph's own outputs, overwritten by the next call."""
 
     def __init__(self, warmup: int = 3):
         self.warmup_left = warmup
@@ -115,10 +110,7 @@ class CudaGraphStep:
             return outputs
         if self.graph is None:
             graph = torch.cuda.CUDAGraph()
-            # One capture at a time in the process: a capture begins with a device-wide synchronisation, which
-            # another thread's capture in progress would not survive. Each on its own capture stream, as the
-            # default one is shared by every graph of the process.
-            with _CAPTURE, torch.cuda.graph(graph, stream=torch.cuda.Stream(), capture_error_mode="thread_local"):
+            with torch.cuda.graph(graph):
                 self.outputs = step(*inputs)
             self.graph = graph
         self.graph.replay()

@@ -110,10 +110,11 @@ def main() -> None:
         print(f"{'status from':<16} {'polls':>6} {'status p50':>11} {'p99':>8} {'searches':>9} {'search p50':>11} "
               f"{'p99':>8}  sums seen")  # fmt: skip
         for name, status in phases:
-            r = phase(store, status, args.pages, args.interval, args.seconds)
-            s, q = r["status_ms"], r["search_ms"]
-            print(f"{name:<16} {len(s):>6} {percentile(s, 50):>11.2f} {percentile(s, 99):>8.2f} {len(q):>9} "
-                  f"{statistics.median(q):>11.2f} {percentile(q, 99):>8.2f}  {sorted(r['sums'])}")  # fmt: skip
+            result = phase(store, status, args.pages, args.interval, args.seconds)
+            polls, searches = result["status_ms"], result["search_ms"]
+            print(f"{name:<16} {len(polls):>6} {percentile(polls, 50):>11.2f} {percentile(polls, 99):>8.2f} "
+                  f"{len(searches):>9} {statistics.median(searches):>11.2f} {percentile(searches, 99):>8.2f}  "
+                  f"{sorted(result['sums'])}")  # fmt: skip
         store.close()
 
 

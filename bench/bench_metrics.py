@@ -1,7 +1,7 @@
 """Ranking cost of the label-retrieval metrics: counting against a full stable argsort, in the same run.
 
 ``relevant_positions`` (sort the irrelevant scores as plain values, binary-search each relevant score among them)
-and ``relevant_positions_by_sort`` (the stable argsort of every row that it replaced) are timed on the same
+and ``relevant_positions_by_sort`` (the straightforward stable argsort of every row) are timed on the same
 (chunk x gallery) similarity blocks; the whole ``label_retrieval_metrics`` call is timed as well. The data is a
 CIFAR-100-sized test set (100 classes x 100 images, 128-d embeddings clustered by class), and both paths are
 checked to give the same positions before anything is timed.

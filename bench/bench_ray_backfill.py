@@ -59,6 +59,7 @@ def raw_rate(embedder: Embedder, paths: list[Path], batch: int) -> float:
 
 
 def timed(job) -> float:
+    """Items per second of a backfill ``job``, which must finish with nothing skipped (else its rate means little)."""
     started = time.perf_counter()
     progress = job()
     seconds = time.perf_counter() - started

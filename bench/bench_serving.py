@@ -4,9 +4,9 @@ Prints (median / percentiles over many calls, measured in one run):
 - search latency p50 / p99 for one query image's vector, top-10;
 - backfill throughput (decode image files, embed, check, upsert) in items/s over the whole gallery, as a ratio
   to the raw embedding throughput of the same model on the same files and batch size (decode + forward only).
-  Target: >= 0.8. The backfill runs in segments with the raw rate measured before, between and after them: on a
-  shared machine the raw rate alone drifts by 30% within a minute, so both sides must be sampled across the same
-  span. Each extra segment re-lists the stale items once, a cost a single backfill would not pay;
+  Target: >= 0.8. The backfill runs in segments with the raw rate measured before, between and after them: a
+  shared machine's speed drifts within a minute, so both sides must be sampled across the same span. Each extra
+  segment re-lists the stale items once, a cost a single backfill would not pay;
 - the time from registering a compatible model (the gate included) to the first query it answers.
 
 The gallery starts as random unit vectors at generation 1 (search cost does not depend on the values); the

@@ -4,8 +4,8 @@ The four ways a 32x32 image enters a ResNet here: a stride-1 3x3 conv with no po
 setting: every later layer runs at full resolution), the same conv followed by the max-pool, a stride-2 conv
 with no pool, and a stride-2 conv followed by the max-pool (the quickstart's: an 8x8 map reaches the first
 block). The middle two hand a 16x16 map to the first block, but the pooled stem still runs its conv, batch norm
-and ReLU at 32x32. Rounds interleave the stems, so drift in the machine's speed (30% within
-a minute on the shared 2-core machine) falls on all of them alike; each figure is the median over rounds.
+and ReLU at 32x32. Rounds interleave the stems, so drift in a shared machine's speed falls on all of them
+alike; each figure is the median over rounds.
 
     python bench/bench_stem.py                       # CPU, the quickstart network
     python bench/bench_stem.py --preset paper-cifar100 --device cuda --batch-size 512

@@ -54,6 +54,7 @@ BASELINES = ("independent", "+ old forward")
 
 
 def make_model(cfg, head_classes: list[int]):
+    """The preset's network with a head over ``head_classes``, built as a checkpoint would be (random weights)."""
     meta = ModelMeta(
         architecture=cfg.model,
         data=cfg.data,
@@ -166,7 +167,7 @@ def print_table(
 ) -> None:
     """One row per step: median ms and images/s, the paired ratios with the loss overhead's interval, the operator
     counts; then which losses meet ``target``, all intervals holding together with ``confidence``."""
-    each = 1.0 - (1.0 - confidence) / len(needs_old)
+    per_interval = 1.0 - (1.0 - confidence) / len(needs_old)
     print(f"{'step':<22}{'ms':>9}{'img/s':>10}{'vs independent':>16}{'loss overhead':>15}{'interval':>18}"
           f"{'ops':>7}{'loss ops':>12}")  # fmt: skip
     verdicts: dict[str, list[str]] = {"yes": [], "undecided": [], "no": []}
@@ -176,7 +177,7 @@ def print_table(
         row = f"{name:<22}{median * 1e3:9.1f}{batch_size / median:10.0f}{vs_plain:16.3f}"
         if name in needs_old:
             base = "+ old forward" if needs_old[name] else "independent"
-            overhead = median_interval([r - 1.0 for r in paired_ratios(times, samples[base])], each)
+            overhead = median_interval([r - 1.0 for r in paired_ratios(times, samples[base])], per_interval)
             verdicts[overhead.verdict(target)].append(name)
             added = ops[name] - ops[base]
             interval = f"[{overhead.low:+.1%}, {overhead.high:+.1%}]"
@@ -185,7 +186,7 @@ def print_table(
             row += f"{'':>33}{ops[name]:7d}"
         print(row)
     rounds = len(samples["independent"])
-    joint = 1.0 - len(needs_old) * (1.0 - median_interval(samples["independent"], each).coverage)
+    joint = 1.0 - len(needs_old) * (1.0 - median_interval(samples["independent"], per_interval).coverage)
     print(f"loss overhead at most {target:.0%}, all {len(needs_old)} intervals together at {max(joint, 0.0):.1%} "
           f"confidence or more ({rounds} rounds):")  # fmt: skip
     for verdict, names in verdicts.items():

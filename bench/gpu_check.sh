@@ -74,13 +74,14 @@ if [ -s /tmp/gpu_fallback.env ]; then
   note "GPU test failures turn off: $(tr '\n' ' ' < /tmp/gpu_fallback.env)"
   . /tmp/gpu_fallback.env
 fi
-# Every loss's overhead over the step with the old forward, all steps replayed from CUDA graphs (issue 3's figure).
+# Every loss's overhead over the step with the old forward, all steps replayed from CUDA graphs: what the losses'
+# kernels cost once launch overhead is gone.
 wanted graph_train && [ "$GRAPH" = true ] && phase bench_step_graph "${STEP_GRAPH_TIMEOUT:-120}" python3 \
   bench/bench_step.py --device "$DEVICE" --preset "${BENCH_PRESET:-paper-cifar100}" --batch-size "$BATCH" \
   --warmup 3 --repeats 31 --steps-per-sample 10 --cuda-graph
 cat "$LOGS/bench_step_graph.txt" >> "$LOGS/summary.txt" 2>/dev/null
 # Real training at batch 512 on the full-size folder (graphed unless a graph test failed): AdvBCT's images/s against
-# independent's (issue 6).
+# independent's, the cost of its loss in a whole run rather than a single step.
 TRAIN_MODE=$([ "$GRAPH" = true ] && echo graphed || echo eager)
 wanted graph_train && phase train_graph 240 python3 bench/bench_train_graph.py --data /tmp/cifar100_full \
   --preset "${BENCH_PRESET:-paper-cifar100}" --device "$DEVICE" ${GRAPH_TRAIN_ARGS:---methods independent,advbct \

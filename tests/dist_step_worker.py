@@ -63,7 +63,6 @@ def step(method_name: str) -> dict[str, torch.Tensor]:
     loss.backward()
     mean_loss = loss.detach().clone()
     if world.distributed:
-        mean_loss = loss.detach().clone()
         dist.all_reduce(mean_loss)
         mean_loss /= world.size
         assert gather_rows(labels[mine], world).tolist() == labels.tolist()

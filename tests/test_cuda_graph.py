@@ -52,7 +52,7 @@ SCHEDULE = (0.1, 0.05, 0.02, 0.3, 0.2, 0.01, 0.4)
 
 def test_fused_sgd_reading_its_rate_from_a_device_tensor_follows_the_schedule_a_float_rate_does():
     # The graphed path's optimizer (fused, the rate a 0-d tensor filled in place) against the eager path's, over a
-    # schedule that changes every step: the same schedule with the rate stuck at 0.1 ends 0.3 away.
+    # schedule that changes every step, so a rate stuck at its first value could not end at the same weights.
     eager, twin = _twin_linear_models("cpu")
     hyper = {"momentum": 0.9, "weight_decay": 5e-4}
     eager_opt = torch.optim.SGD(eager.parameters(), lr=0.1, **hyper)
@@ -136,8 +136,8 @@ def test_a_graphed_advbct_run_replays_each_steps_batch_progress_and_epoch(tiny_f
     _, stats_path = pipeline.compute_statistics(old_path, device="cuda")
     # A learning rate of 1e-6 holds both runs at their shared start, so float noise (cuDNN's algorithms, atomic
     # adds) cannot grow between them, and each epoch's mean loss parts must agree closely. A replay that read the
-    # captured batch instead of each step's, or baked in the capture's epoch weight, would move them by percents:
-    # the first 4-epoch version of this test, at the preset's learning rate, drifted 2.6% apart by epoch 2.
+    # captured batch instead of each step's, or baked in the capture's epoch weight, would move them by percents,
+    # far outside the 0.1% tolerance; at a real learning rate float noise alone would grow that large.
     runs = {}
     for name, graphed in (("eager", "false"), ("graphed", "true")):
         # 4 steps per epoch, 4 epochs: 3 eager warm-up steps, then one capture replayed 13 times

@@ -67,6 +67,7 @@ def write_item_files(images: ImageSet, root: Path, refs: list[str]) -> None:
 
 
 def progress_bars(console: Console, show: bool) -> Progress:
+    """Bars that disappear when done (``transient``), so the report printed after them stays readable."""
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     return Progress(*columns, console=console, disable=not show, transient=True)
 

@@ -115,6 +115,7 @@ def live_upgrade(
 
 
 def gallery_state(gallery: LiveGallery) -> dict:
+    """The serving generation and how many items each generation holds: what the backfill left behind."""
     active = gallery.registry.active
     counts = gallery.store.ledger.counts()
     return {"active_generation": active.number, "by_generation": {str(g): n for g, n in counts.items()}}

@@ -21,6 +21,10 @@ from advbct.data.images import DataError
 
 @dataclass(frozen=True)
 class Allocation:
+    """Which training images each model sees: ``old_indices`` for the old model, everything outside
+    ``validation_indices`` for the new ones. The request (kind, fraction, seed, sizes) is kept with the result, so
+    a saved file can be checked against a later run's request."""
+
     kind: AllocationKind
     old_fraction: float
     seed: int
@@ -155,6 +159,7 @@ def _validation_indices(
 
 
 def save_allocation(allocation: Allocation, path: Path) -> None:
+    """Written to a temporary file and renamed, so a reader never sees half a split."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(allocation.to_json()))

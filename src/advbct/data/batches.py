@@ -115,6 +115,8 @@ class BatchStream:
         return self.images.shape[0] // self.batch_size if self.batch_size else 0
 
     def _epoch_order(self, epoch: int) -> torch.Tensor:
+        # The sampler seeds each epoch with seed + epoch; spreading the seeds 100_003 apart keeps run s's later
+        # epochs from replaying run s + 1's earlier ones.
         sampler = DistributedSampler(
             range(self.images.shape[0]),
             num_replicas=self.world.size,
@@ -128,7 +130,8 @@ class BatchStream:
 
     def _epoch_crops(self, epoch: int, steps: range, padding: int) -> tuple[torch.Tensor, ...]:
         """This rank's crop offsets and flips for ``steps``, stacked (steps, per_rank, 1, 1). One generator per
-        step, so a run resumed mid-epoch draws the same crops as an unbroken one."""
+        step, so a run resumed mid-epoch draws the same crops as an unbroken one; its seed packs (seed, epoch, step)
+        with primes larger than any epoch or step count, so no two steps of any run share one."""
         per_step = [
             crop_flip_params(
                 self.batch_size, padding, torch.Generator().manual_seed((self.seed * 100_003 + epoch) * 1_000_003 + s)

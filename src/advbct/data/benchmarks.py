@@ -16,7 +16,7 @@ from advbct.data.revisited import REVISITED_NAMES
 BENCHMARK_NAMES = (*REVISITED_NAMES, "gldv2")
 
 
-def _marker(name: str) -> str:
+def _ground_truth_file(name: str) -> str:
     return "retrieval_solution_v2.1.csv" if name == "gldv2" else f"gnd_{name}.pkl"
 
 
@@ -31,9 +31,9 @@ def find_benchmark_root(name: str, explicit: str | Path | None = None) -> Path:
         bases = [Path(env)] if env else [Path.cwd().parent / "shared" / "data"]
     for base in bases:
         for candidate in (base, base / name, base / "revisitop"):
-            if (candidate / _marker(name)).is_file():
+            if (candidate / _ground_truth_file(name)).is_file():
                 return candidate
     raise DataError(
-        f"{_marker(name)} not found under {bases[0]} (looked in it, {name}/ and revisitop/); "
+        f"{_ground_truth_file(name)} not found under {bases[0]} (looked in it, {name}/ and revisitop/); "
         f"get the benchmark with `advbct download {name} --root DIR` and pass --data DIR"
     )

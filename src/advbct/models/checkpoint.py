@@ -30,6 +30,10 @@ class CheckpointError(ValueError):
 
 
 class ModelMeta(BaseModel):
+    """Everything needed to rebuild, feed and trust a checkpoint without the run that made it: the architecture,
+    the preprocessing, which classes its head covers, the allocation it trained on, and the old model it claims to
+    be compatible with. Unknown fields are refused, so a checkpoint from a newer advbct is not half-read."""
+
     model_config = ConfigDict(extra="forbid")
 
     format_version: int = FORMAT_VERSION
@@ -54,6 +58,8 @@ class ModelMeta(BaseModel):
 
 
 def build_model(meta: ModelMeta, load_pretrained: bool = True) -> EmbeddingModel:
+    """The untrained network ``meta`` describes. ``load_pretrained=False`` skips downloading or reading backbone
+    weights where a checkpoint's own weights replace them anyway."""
     arch = meta.architecture
     return EmbeddingModel(
         backbone=arch.backbone,
@@ -86,6 +92,8 @@ def save_checkpoint(path: Path, model: torch.nn.Module, meta: ModelMeta, **extra
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The raw entries of a checkpoint file (a resumable ``last.pt`` holds more than weights and metadata); every
+    failure is a CheckpointError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -99,6 +107,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def read_meta(blob: dict[str, Any], path: str | Path) -> ModelMeta:
+    """The validated metadata of a checkpoint read by ``read_checkpoint``; a newer format is refused."""
     try:
         meta = ModelMeta.model_validate(json.loads(blob["meta"]))
     except Exception as exc:

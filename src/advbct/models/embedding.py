@@ -18,9 +18,9 @@ def _small_input_stem(backbone: nn.Module, name: str, keep_pool: bool, stride: i
 
     At stride 1 with no pool every pixel reaches the first block (the paper's CIFAR setting). Halving the
     resolution once, by keeping the max-pool (``keep_pool``) or by ``stride`` 2, quarters the compute of every
-    later layer; stride 2 also skips the full-resolution batch norm, ReLU and pool of the stem, which makes a
-    CPU training step 1.2x (bench/bench_stem.py) to 1.45x (inside training) as fast as with the pooled stem. The
-    CPU quickstart keeps the pool after a stride-2 stem: its blocks start at 8x8, for short runs on 2 cores.
+    later layer; stride 2 also runs the stem's own batch norm and ReLU at the lower resolution, which the pooled
+    stride-1 stem does not. Both together (the quickstart and cpu-large presets) start the blocks at 8x8, cheap
+    enough for CPU runs; ``bench/bench_stem.py`` times the four combinations.
     """
     conv1 = getattr(backbone, "conv1", None)
     if not isinstance(conv1, nn.Conv2d) or not hasattr(backbone, "maxpool"):
@@ -48,6 +48,9 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
 
 
 class EmbeddingModel(nn.Module):
+    """Any timm backbone as a retrieval model. The embedding is what galleries store and what compatibility is
+    about; the classifier head is there to train it."""
+
     def __init__(
         self,
         backbone: str,
@@ -93,4 +96,5 @@ class EmbeddingModel(nn.Module):
         return self.bn(self.proj(self.backbone(images)))
 
     def classify(self, emb: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Class logits of embeddings; margin heads need the ``labels`` while training (see ``heads``)."""
         return self.head(emb, labels)

@@ -14,6 +14,8 @@ from torch import nn
 
 
 class SoftmaxHead(nn.Module):
+    """A linear classifier without bias; it takes ``labels`` only to share the margin heads' signature."""
+
     def __init__(self, dim: int, num_classes: int):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_classes, dim))

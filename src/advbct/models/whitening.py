@@ -2,10 +2,9 @@
 
 The stem conv's filters are the leading eigenvectors of the covariance of the image patches it sees, each scaled
 by 1 / sqrt(eigenvalue + eps) and used with both signs (so the ReLU after the stem's batch norm passes either
-half). Its outputs are decorrelated and of equal scale from the first step, which is what the fast CIFAR
-training recipes (tysam-code's hlb-cifar10, Keller Jordan's airbench) found to speed up short runs most. Frozen,
-the stem cannot drift from that, and it costs nothing in the backward pass. On the CPU quickstart's network it
-raised the old model's mAP from 11.5 to 13.2 at an equal number of steps.
+half). Its outputs are decorrelated and of equal scale from the first step, the property the fast CIFAR
+training recipes (tysam-code's hlb-cifar10, Keller Jordan's airbench) rely on to make short runs learn quickly.
+Frozen, the stem cannot drift from that, and it costs nothing in the backward pass.
 
 Channels beyond twice the patch dimension keep their random initialisation (also frozen): a 3x3 RGB patch has
 27 dimensions, so a 64-channel stem gets 54 whitening filters and 10 random ones.

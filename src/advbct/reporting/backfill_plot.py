@@ -20,7 +20,7 @@ def _reference_lines(ax: plt.Axes, tests: dict) -> None:
     ax.axhline(tests["new/new"]["map"], color="tab:blue", ls=":", lw=1, label=f"M(n,n) {tests['new/new']['map']:.2f}")
 
 
-def _draw(ax: plt.Axes, curve: dict, label: str, **style: object) -> None:
+def _plot_curve(ax: plt.Axes, curve: dict, label: str, **style: object) -> None:
     xs = [100 * f for f in curve["fractions"]]
     ax.plot(xs, curve["map"], marker="o", ms=3, label=f"{label}, AUC {curve['auc_map']:.2f}", **style)
 
@@ -31,7 +31,7 @@ def _merges_panel(ax: plt.Axes, report: dict) -> None:
     for colour, (name, curves) in zip(("tab:blue", "tab:orange"), backfill["curves"].items(), strict=False):
         for merge, ls in (("raw", "-"), ("calibrated", "--")):
             if f"random/{merge}" in curves:
-                _draw(ax, curves[f"random/{merge}"], f"{LABELS.get(name, name)}, {merge}", color=colour, ls=ls)
+                _plot_curve(ax, curves[f"random/{merge}"], f"{LABELS.get(name, name)}, {merge}", color=colour, ls=ls)
     live = backfill.get("live")
     if live and live["points"]:
         xs = [100 * p["fraction"] for p in live["points"]]
@@ -44,7 +44,7 @@ def _orders_panel(ax: plt.Axes, report: dict) -> None:
     """AdvBCT under every order policy, calibrated merge."""
     for key, curve in report["backfill"]["curves"].get("advbct", {}).items():
         if key.endswith("/calibrated"):
-            _draw(ax, curve, key.split("/")[0])
+            _plot_curve(ax, curve, key.split("/")[0])
     ax.set_title("AdvBCT, calibrated merge: which items first")
 
 

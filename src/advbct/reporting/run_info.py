@@ -14,7 +14,7 @@ import torch
 RUN_FILE = "run.json"
 
 
-def _processor() -> str:
+def _cpu_name() -> str:
     """The CPU's model name (``/proc/cpuinfo`` on Linux, the platform's word elsewhere)."""
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
@@ -25,15 +25,15 @@ def _processor() -> str:
 
 
 def run_info() -> dict:
-    """The command as typed (``advbct ...``) and the hardware it ran on. (No duration: a re-run that finds its
-    models trained takes minutes where the first took many more, and both write this file.)"""
+    """The command as typed (``advbct ...``) and the hardware it ran on. No duration: a re-run that finds its
+    models trained writes this file too, and its own time would say nothing about the numbers."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     gpus = (
         [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
     )
     return {
         "command": " ".join(["advbct", *sys.argv[1:]]),
-        "machine": {"cpu": _processor(), "cores": cores, "gpus": gpus},
+        "machine": {"cpu": _cpu_name(), "cores": cores, "gpus": gpus},
         "torch": torch.__version__,
     }
 

@@ -41,7 +41,7 @@ def independent_above_old(tests: dict) -> bool:
     return tests["independent/independent"]["map"] > tests["old/old"]["map"]
 
 
-def _verdict(holds: bool) -> str:
+def _coloured_yes_no(holds: bool) -> str:
     return "[green]yes[/]" if holds else "[red]no[/]"
 
 
@@ -51,8 +51,8 @@ def print_report(report: dict, console: Console) -> None:
         console.print(f"P_up {report['p_up']:.2f}   P_comp {report['p_comp']:.2f}   P_1 {report['p_1']:.2f}")
         if not independent_above_old(report["tests"]):
             console.print(f"[yellow]{P_COMP_CAVEAT}[/]")
-    console.print(f"empirical criterion M(n,o) > M(o,o): {_verdict(report['criterion'])}")
-    console.print(f"self test M(n,n) > M(o,o): {_verdict(report['self_criterion'])}")
+    console.print(f"empirical criterion M(n,o) > M(o,o): {_coloured_yes_no(report['criterion'])}")
+    console.print(f"self test M(n,n) > M(o,o): {_coloured_yes_no(report['self_criterion'])}")
     if "cross_vs_independent" in report:
         console.print(f"cross test / independent cross test M(n,o) / M(*,o): {report['cross_vs_independent']:.2f}x")
 

@@ -20,8 +20,8 @@ SUMMARY_PARTS = ("loss", "cls", "adv", "bound")
 
 class LossMeter:
     """Sums of loss parts kept on the device; ``read`` syncs once and resets. A step's parts are stacked into one
-    tensor and added at once: two kernel launches per step whatever the number of parts, where one add per part
-    cost the host a launch each."""
+    tensor and added at once: two kernel launches per step whatever the number of parts, rather than one per part
+    for the host to pay."""
 
     def __init__(self) -> None:
         self.names: list[str] = []
@@ -60,6 +60,7 @@ class _EpochLines:
 
 
 def report_epochs_as_lines() -> None:
+    """Called by a worker process of a training pool: from then on its runs print one line per finished epoch."""
     _EpochLines.enabled = True
 
 

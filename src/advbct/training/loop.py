@@ -69,7 +69,7 @@ def train_model(
     if resuming:
         meta, position = folder.resume(parts)
     prepare_optimizer(parts.optimizer, cfg.cuda_graph, device)
-    module, step = _step(cfg, parts, meta, old, device, world, train_set.num_classes)
+    module, step = _build_step(cfg, parts, meta, old, device, world, train_set.num_classes)
     # On a GPU the uint8 training images live on the device: batches are gathered and augmented there, and
     # nothing crosses the PCIe bus per step. On the CPU the same code runs in place.
     images, labels = train_images.to(device), train_set.labels[indices].to(device)
@@ -86,7 +86,7 @@ def train_model(
     return folder.finish(model, meta, position.history)
 
 
-def _step(
+def _build_step(
     cfg: TrainConfig,
     parts: TrainingParts,
     meta: ModelMeta,

@@ -9,6 +9,8 @@ from advbct.config import OptimConfig
 
 
 def learning_rate(cfg: OptimConfig, global_step: int, steps_per_epoch: int) -> float:
+    """The rate of ``global_step``: ``lr`` times ``gamma`` per milestone passed, ramped up linearly over the
+    warm-up epochs."""
     epoch = global_step // max(1, steps_per_epoch)
     lr = cfg.lr * cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
     warmup_steps = cfg.warmup_epochs * steps_per_epoch

@@ -50,6 +50,9 @@ class TrainStep(nn.Module):
         num_epochs: int,
         batch_wide: bool,
     ) -> tuple[torch.Tensor, LossOutput]:
+        """The classification loss and the method's output. ``head_labels`` index the classifier's rows (an old
+        model's head covers only the old classes), ``labels`` are the dataset's. With ``batch_wide`` the method
+        sees the whole distributed batch, gathered from every rank."""
         new_emb = self.model(images).float()
         logits = self.model.classify(new_emb, head_labels).float()
         cls_loss = F.cross_entropy(logits, head_labels, label_smoothing=self.label_smoothing)

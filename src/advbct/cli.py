@@ -16,10 +16,10 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, Trans
 
 from advbct import backfill_study, pipeline
 from advbct.backfill_study import StudyPlan
-from advbct.compat import CompatError, StatisticsError, list_methods, radius_summary
+from advbct.cli_errors import errors, refused_as_exit
+from advbct.compat import list_methods, radius_summary
 from advbct.compat.advbct import PAPER_TAU
 from advbct.config import (
-    ConfigError,
     QuickstartConfig,
     TrainConfig,
     apply_overrides,
@@ -32,11 +32,9 @@ from advbct.config import (
     read_yaml,
 )
 from advbct.data.download import download_gldv2, download_revisited
-from advbct.data.images import DataError
 from advbct.distributed import current_world, init_from_environment, shutdown
 from advbct.evaluation.backfill import MERGES, ORDER_POLICIES
 from advbct.landmark_eval import PAPER_TESTS, evaluate_benchmarks, parse_benchmarks, print_landmark_report
-from advbct.models.checkpoint import CheckpointError
 from advbct.pipeline import JobMode
 from advbct.quickstart import quickstart as run_quickstart
 from advbct.reporting import comparison_table, print_report
@@ -48,8 +46,6 @@ from advbct.table_bench import DEFAULT_METHODS, SETTINGS, run_bench
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console()
-errors = Console(stderr=True, soft_wrap=True)  # one unwrapped line per error, whatever the terminal width
-USER_ERRORS = (ConfigError, DataError, CheckpointError, StatisticsError, CompatError, FileNotFoundError)
 
 PresetOpt = Annotated[str, typer.Option("--preset", help=f"built-in preset: {', '.join(list_presets())}")]
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config merged over the preset")]
@@ -113,14 +109,11 @@ def _method_list(text: str, extra: tuple[str, ...] = ()) -> list[str]:
 
 
 def _run(fn, *args, **kwargs):
-    try:
+    with refused_as_exit():
         world = init_from_environment()
         console.quiet = not world.is_main
         pipeline.set_threads()
         return fn(*args, **kwargs)
-    except USER_ERRORS as exc:
-        errors.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(2) from None
 
 
 @app.command("train-old")

@@ -17,13 +17,14 @@ import torch.nn.functional as F
 
 from advbct.data.batches import Preprocessing
 from advbct.data.images import ImageSet
+from advbct.errors import AdvbctError
 from advbct.evaluation.backfill import fit_calibration
 from advbct.evaluation.metrics import label_retrieval_scores
 from advbct.evaluation.protocol import embed_files, embed_images, ready_for_inference
 from advbct.models.checkpoint import load_checkpoint
 
 
-class GateRefused(ValueError):
+class GateRefused(AdvbctError):
     """The candidate model failed the compatibility gate; the message holds the numbers."""
 
 

@@ -17,6 +17,8 @@ from collections.abc import Callable
 
 import torch
 
+from advbct.config import ConfigError
+
 _CAPTURE = threading.Lock()
 Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
 
@@ -31,7 +33,7 @@ def check_cuda_graph_setup(device: torch.device, distributed: bool, compiled: bo
     if compiled:
         problems.append("and compile are alternatives; set one of them")
     if problems:
-        raise ValueError("cuda_graph " + "; ".join(problems))
+        raise ConfigError("cuda_graph " + "; ".join(problems))
 
 
 def prepare_optimizer(optimizer: torch.optim.SGD, graphed: bool, device: torch.device) -> None:

@@ -34,10 +34,11 @@ from advbct.config import (
 from advbct.data.download import download_gldv2, download_revisited
 from advbct.distributed import current_world, init_from_environment, shutdown
 from advbct.evaluation.backfill import MERGES, ORDER_POLICIES
-from advbct.landmark_eval import PAPER_TESTS, evaluate_benchmarks, parse_benchmarks, print_landmark_report
+from advbct.evaluation.landmarks import PAPER_TESTS, evaluate_benchmarks, parse_benchmarks
 from advbct.pipeline import JobMode
 from advbct.quickstart import quickstart as run_quickstart
 from advbct.reporting import comparison_table, print_report
+from advbct.reporting.landmarks import print_landmark_report
 from advbct.reporting.markdown import render as render_markdown
 from advbct.reporting.run_info import run_info, write_run_info
 from advbct.reporting.tables import backfill_policy_table
@@ -202,7 +203,7 @@ def eval_cmd(
     if benchmark == "cifar100":
         if single:
             report = _run(pipeline.evaluate_one, query_model, gallery_model, data, device)
-            console.print(report)
+            console.print(report.to_json())
         else:
             report = _run(pipeline.evaluate, old, new, independent, data, device)
             print_report(report, console)
@@ -217,7 +218,7 @@ def eval_cmd(
         print_landmark_report(report, console)
     if out is not None and current_world().is_main:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2))
+        out.write_text(json.dumps(report.to_json(), indent=2))
 
 
 @app.command("quickstart")
@@ -266,7 +267,7 @@ def compare_cmd(
     title = f"{cfg.new.data.allocation}, {cfg.new.model.backbone}, seed {cfg.new.seed}"
     console.print(comparison_table(reports, title))
     if current_world().is_main:
-        (out / "results.json").write_text(json.dumps(reports, indent=2))
+        (out / "results.json").write_text(json.dumps({m: r.to_json() for m, r in reports.items()}, indent=2))
         write_run_info(out)
     console.print(f"results: {out / 'results.json'}")
 

@@ -1,12 +1,16 @@
 """The terminal report, the comparison table and the bench markdown: what they print and when they warn."""
 
+import json
+from pathlib import Path
+
 import pytest
 from rich.console import Console
 
 from advbct.evaluation import TestResult, UpgradeReport
-from advbct.evaluation.results import BenchResults, RunCost, SettingResult
+from advbct.evaluation.results import BenchResults, LiveUpgradeReport, RunCost, SettingResult
 from advbct.reporting import comparison_table, print_report
 from advbct.reporting.bench_report import markdown_table
+from advbct.reporting.markdown import render
 
 
 def _test(value: float) -> TestResult:
@@ -107,3 +111,21 @@ def test_a_curve_above_another_everywhere_before_the_end():
     # Above at 0 and 0.5; the end (t = 1) is the self tests, which compatible training is not asked to win.
     assert _above_everywhere(mine, {"map": [2.0, 3.9, 9.0]})
     assert not _above_everywhere(mine, {"map": [2.0, 4.0, 1.0]}), "equal is not above"
+
+
+REPORT_RUNS = Path(__file__).parent / "report_runs"
+
+
+def test_advbct_report_renders_run_folders_written_before_the_typed_results_as_it_did():
+    # The two results.json files come from a smoke quickstart and a smoke compare (bct, advbct) of the code before
+    # the typed results; expected.md is what that code's `advbct report` printed for them.
+    runs = [REPORT_RUNS / "smoke-quickstart", REPORT_RUNS / "smoke-compare"]
+    assert render(runs) == (REPORT_RUNS / "expected.md").read_text()
+
+
+def test_the_typed_reports_write_back_exactly_the_results_json_they_read():
+    quickstart = json.loads((REPORT_RUNS / "smoke-quickstart" / "results.json").read_text())
+    assert json.dumps(LiveUpgradeReport.from_json(quickstart).to_json()) == json.dumps(quickstart)
+    compare = json.loads((REPORT_RUNS / "smoke-compare" / "results.json").read_text())
+    typed = {method: UpgradeReport.from_json(report).to_json() for method, report in compare.items()}
+    assert json.dumps(typed) == json.dumps(compare)

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from advbct.evaluation import compatibility_scores, empirical_criterion
+from advbct.evaluation import compatibility_criterion, compatibility_scores
 
 OLD = (75.45, 49.15, 10.03)
 INDEPENDENT = (81.15, 63.85, 16.48)
@@ -42,6 +42,10 @@ def test_bad_input_is_refused():
         compatibility_scores([math.nan], [60.0], [55.0], [52.0])
 
 
-def test_empirical_criterion():
-    assert empirical_criterion(cross_test=31.0, old_test=30.0)
-    assert not empirical_criterion(cross_test=30.0, old_test=30.0)
+def test_the_criterion_needs_both_margins_strictly_above_zero():
+    both = compatibility_criterion(cross_margin=1.0, self_margin=0.5)
+    assert both.cross and both.self_test and both.upgrade_ok
+    tie = compatibility_criterion(cross_margin=0.0, self_margin=2.0)
+    assert not tie.cross and tie.self_test and not tie.upgrade_ok
+    weak_self = compatibility_criterion(cross_margin=0.1, self_margin=-0.1)
+    assert weak_self.cross and not weak_self.upgrade_ok

@@ -18,9 +18,10 @@ from advbct.data.gldv2 import gldv2_allocation, gldv2_image_path, load_gldv2_ret
 from advbct.data.images import DataError, decode_image
 from advbct.data.revisited import load_revisited
 from advbct.data.safe_pickle import load_plain_pickle
-from advbct.evaluation import compatibility_scores
+from advbct.evaluation.landmarks import paper_summary
 from conftest import REPO
 from landmark_layouts import write_gldv2, write_revisited
+from paper_scores import reference_p_scores
 
 
 def shared_revisitop():
@@ -177,7 +178,7 @@ def test_eval_benchmarks_end_to_end(three_models, tmp_path):
     summary = report["summary"]
     assert summary["criterion"] == {n: h["new/old"] > h["old/old"] for n, h in zip(names, heads, strict=True)}
     if "p_scores_undefined" not in summary:
-        expected = compatibility_scores(
+        expected = reference_p_scores(
             *[[h[k] for h in heads] for k in ("old/old", "independent/independent", "new/new", "new/old")]
         )
         assert {k: summary[k] for k in expected} == pytest.approx(expected)
@@ -197,3 +198,22 @@ def test_eval_benchmark_refusals(three_models, tmp_path):
     broken = run_cli("eval", "--benchmark", "roxford5k", "--query-model", old, "--gallery-model", old,
                      "--data", str(tmp_path), "--no-progress")  # fmt: skip
     assert broken.returncode == 2 and "cannot decode image" in broken.stderr
+
+
+def test_the_paper_summary_over_benchmarks_from_hand_worked_headlines():
+    names = ("old/old", "new/new", "new/old", "independent/independent", "independent/old")
+    # roxford: cross 50 > old 40; gldv2: cross 19 < old 20.
+    headlines = {"roxford5k": dict(zip(names, (40.0, 60.0, 50.0, 60.0, 2.0), strict=True)),
+                 "gldv2": dict(zip(names, (20.0, 30.0, 19.0, 30.0, 1.0), strict=True))}  # fmt: skip
+    summary = paper_summary(headlines)
+    assert summary.criterion == {"roxford5k": True, "gldv2": False}
+    # P_up: both 100 s(0) = 50. P_comp: 100 s(0.5) = 62.2459 and 100 s(-0.1) = 47.5021, mean 54.8740.
+    # P_1: 55.4550 and 2 * 50 * 47.5021 / 97.5021 = 48.7190, mean 52.0870.
+    assert summary.scores.p_up == pytest.approx(50.0)
+    assert summary.scores.p_comp == pytest.approx(54.8740, abs=1e-4)
+    assert summary.scores.p_1 == pytest.approx(52.0870, abs=1e-4)
+    assert summary.to_json() == {"criterion": summary.criterion, "p_up": summary.scores.p_up,
+                                 "p_comp": summary.scores.p_comp, "p_1": summary.scores.p_1}  # fmt: skip
+    headlines["gldv2"]["independent/independent"] = 20.0  # M(*,*) = M(o,o): P_comp divides by zero
+    undefined = paper_summary(headlines)
+    assert undefined.scores is None and "P_comp is undefined" in undefined.to_json()["p_scores_undefined"]

@@ -12,8 +12,8 @@ import torch
 from advbct import pipeline
 from advbct.cli import quickstart_config, train_config
 from advbct.compat import StatisticsError
-from advbct.evaluation import compatibility_scores
 from advbct.models import CheckpointError
+from paper_scores import reference_p_scores
 
 TESTS = ("old/old", "new/new", "new/old", "independent/independent", "independent/old")
 
@@ -35,16 +35,12 @@ def check_results_dict(report):
     for values in report["tests"].values():
         assert set(values) >= {"map", "map_at_r", "top1", "top5"}
         assert all(0.0 <= v <= 100.0 for v in values.values())
-    t = report["tests"]
-    expected = compatibility_scores(
-        [t["old/old"]["map"]],
-        [t["independent/independent"]["map"]],
-        [t["new/new"]["map"]],
-        [t["new/old"]["map"]],
-    )
-    for key in ("p_up", "p_comp", "p_1"):
-        assert report[key] == pytest.approx(expected[key])
-    assert report["criterion"] == (t["new/old"]["map"] > t["old/old"]["map"])
+    maps = {key: values["map"] for key, values in report["tests"].items()}
+    old, new, cross, independent = (maps[k] for k in ("old/old", "new/new", "new/old", "independent/independent"))
+    expected = reference_p_scores([old], [independent], [new], [cross])
+    assert {key: report[key] for key in expected} == pytest.approx(expected)
+    assert report["criterion"] == (cross > old) and report["self_criterion"] == (new > old)
+    assert report["cross_vs_independent"] == pytest.approx(cross / maps["independent/old"])
     return report
 
 

@@ -1,37 +1,64 @@
 """The terminal report, the comparison table and the bench markdown: what they print and when they warn."""
 
+import json
+from pathlib import Path
+
 import pytest
 from rich.console import Console
 
-from advbct.evaluation import upgrade_report
+from advbct.evaluation import TestResult, UpgradeReport
+from advbct.evaluation.results import BenchResults, LiveUpgradeReport, RunCost, SettingResult
 from advbct.reporting import comparison_table, print_report
 from advbct.reporting.bench_report import markdown_table
+from advbct.reporting.markdown import render
 
 
-def _report(old: float, new: float, cross: float, independent: float, independent_cross: float) -> dict:
-    maps = {"old/old": old, "new/new": new, "new/old": cross}
-    maps |= {"independent/independent": independent, "independent/old": independent_cross}
-    metrics = {key: {"map": value, "map_at_r": value / 2, "top1": value, "top5": value} for key, value in maps.items()}
-    return upgrade_report(metrics)
+def _test(value: float) -> TestResult:
+    return TestResult({"map": value, "map_at_r": value / 2, "top1": value, "top5": value})
+
+
+def _report(old: float, new: float, cross: float, independent: float, independent_cross: float) -> UpgradeReport:
+    return UpgradeReport(_test(old), _test(new), _test(cross), _test(independent), _test(independent_cross))
 
 
 def test_upgrade_report_holds_both_checks_and_the_cross_ratio():
     # Both criteria hold; the cross test is 12.37 / 1.24 = 9.976x the independent model's.
     report = _report(11.61, 18.08, 12.37, 14.79, 1.24)
-    assert report["criterion"] and report["self_criterion"] and report["upgrade_ok"]
-    assert report["cross_vs_independent"] == pytest.approx(9.976, abs=5e-4)
+    assert report.criterion.cross and report.criterion.self_test and report.criterion.upgrade_ok
+    assert report.cross_vs_independent == pytest.approx(9.976, abs=5e-4)
     weak_self = _report(11.61, 11.0, 12.37, 14.79, 1.24)
-    assert weak_self["criterion"] and not weak_self["self_criterion"] and not weak_self["upgrade_ok"]
+    assert weak_self.criterion.cross and not weak_self.criterion.self_test and not weak_self.criterion.upgrade_ok
 
 
 def test_upgrade_report_without_independent_has_no_ratio():
-    tests = {key: {"map": value} for key, value in (("old/old", 10.0), ("new/new", 12.0), ("new/old", 11.0))}
-    report = upgrade_report(tests)
-    assert "cross_vs_independent" not in report and "p_up" not in report
-    assert report["upgrade_ok"]
+    report = UpgradeReport(TestResult({"map": 10.0}), TestResult({"map": 12.0}), TestResult({"map": 11.0}))
+    assert report.cross_vs_independent is None and report.p_scores is None
+    assert report.to_json() == {
+        "tests": {"old/old": {"map": 10.0}, "new/new": {"map": 12.0}, "new/old": {"map": 11.0}},
+        "criterion": True,
+        "self_criterion": True,
+        "upgrade_ok": True,
+    }
 
 
-def _printed(report: dict) -> str:
+def test_upgrade_report_json_has_the_results_json_layout_and_reads_back():
+    # M(o,o) 40, M(n,n) 60, M(n,o) 50, M(*,*) 60, M(*,o) 2: P_up = 100 sigmoid(0) = 50,
+    # P_comp = 100 sigmoid((50 - 40) / (60 - 40)) = 100 sigmoid(0.5) = 62.2459,
+    # P_1 = 2 * 50 * 62.2459 / 112.2459 = 55.4550.
+    report = _report(40.0, 60.0, 50.0, 60.0, 2.0)
+    data = report.to_json()
+    assert list(data) == ["tests", "p_up", "p_comp", "p_1", "cross_vs_independent", "criterion", "self_criterion",
+                          "upgrade_ok"]  # fmt: skip
+    assert list(data["tests"]) == ["old/old", "new/new", "new/old", "independent/independent", "independent/old"]
+    assert data["tests"]["new/old"] == {"map": 50.0, "map_at_r": 25.0, "top1": 50.0, "top5": 50.0}
+    assert data["p_up"] == pytest.approx(50.0)
+    assert data["p_comp"] == pytest.approx(62.2459, abs=1e-4)
+    assert data["p_1"] == pytest.approx(55.4550, abs=1e-4)
+    assert data["cross_vs_independent"] == pytest.approx(25.0)
+    assert UpgradeReport.from_json(data) == report
+
+
+def _printed(report: UpgradeReport) -> str:
     console = Console(record=True, width=120)
     print_report(report, console)
     return console.export_text()
@@ -48,7 +75,7 @@ def test_report_prints_both_checks_and_the_cross_ratio():
 def test_report_warns_when_the_independent_model_is_below_the_old_one():
     report = _report(14.02, 15.0, 14.5, 13.40, 1.3)
     # A cross test above the old test scores *below* 50: 100 sigmoid((14.5 - 14.02) / (13.40 - 14.02)) = 31.56.
-    assert report["p_comp"] == pytest.approx(31.56, abs=0.005)
+    assert report.p_scores.p_comp == pytest.approx(31.56, abs=0.005)
     text = _printed(report)
     assert "M(*,*) <= M(o,o)" in text and "mean nothing" in text
 
@@ -62,10 +89,11 @@ def test_comparison_table_keeps_method_names_whole_in_80_columns():
     assert "ratio: M(n,o) / M(*,o)" in text and "mean nothing" not in text
 
 
-def _bench_results(independent: float) -> dict:
-    runs = {name: {"seconds": 10.0, "images_per_s": 100.0} for name in ("old", "independent", "advbct")}
-    block = {"methods": {"advbct": _report(4.88, 4.95, 2.01, independent, 1.86)}, "runs": runs}
-    return {"preset": "smoke", "settings": {"extended-class": {**block, "old_backbone": "a", "new_backbone": "b"}}}
+def _bench_results(independent: float) -> BenchResults:
+    runs = {name: RunCost(10.0, 100.0) for name in ("old", "independent", "advbct")}
+    methods = {"advbct": _report(4.88, 4.95, 2.01, independent, 1.86)}
+    block = SettingResult(methods, {}, ["old", "independent", "advbct"], runs, "a", "b")
+    return BenchResults("smoke", {"extended-class": block})
 
 
 def test_bench_markdown_has_the_ratio_column_and_the_caveat_only_where_it_applies():
@@ -83,3 +111,21 @@ def test_a_curve_above_another_everywhere_before_the_end():
     # Above at 0 and 0.5; the end (t = 1) is the self tests, which compatible training is not asked to win.
     assert _above_everywhere(mine, {"map": [2.0, 3.9, 9.0]})
     assert not _above_everywhere(mine, {"map": [2.0, 4.0, 1.0]}), "equal is not above"
+
+
+REPORT_RUNS = Path(__file__).parent / "report_runs"
+
+
+def test_advbct_report_renders_run_folders_written_before_the_typed_results_as_it_did():
+    # The two results.json files come from a smoke quickstart and a smoke compare (bct, advbct) of the code before
+    # the typed results; expected.md is what that code's `advbct report` printed for them.
+    runs = [REPORT_RUNS / "smoke-quickstart", REPORT_RUNS / "smoke-compare"]
+    assert render(runs) == (REPORT_RUNS / "expected.md").read_text()
+
+
+def test_the_typed_reports_write_back_exactly_the_results_json_they_read():
+    quickstart = json.loads((REPORT_RUNS / "smoke-quickstart" / "results.json").read_text())
+    assert json.dumps(LiveUpgradeReport.from_json(quickstart).to_json()) == json.dumps(quickstart)
+    compare = json.loads((REPORT_RUNS / "smoke-compare" / "results.json").read_text())
+    typed = {method: UpgradeReport.from_json(report).to_json() for method, report in compare.items()}
+    assert json.dumps(typed) == json.dumps(compare)

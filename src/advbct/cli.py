@@ -16,10 +16,10 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, Trans
 
 from advbct import backfill_study, pipeline
 from advbct.backfill_study import StudyPlan
-from advbct.compat import CompatError, StatisticsError, list_methods, radius_summary
+from advbct.cli_errors import errors, refused_as_exit
+from advbct.compat import list_methods, radius_summary
 from advbct.compat.advbct import PAPER_TAU
 from advbct.config import (
-    ConfigError,
     QuickstartConfig,
     TrainConfig,
     apply_overrides,
@@ -32,13 +32,12 @@ from advbct.config import (
     read_yaml,
 )
 from advbct.data.download import download_gldv2, download_revisited
-from advbct.data.images import DataError
 from advbct.distributed import current_world, init_from_environment, shutdown
 from advbct.evaluation.backfill import MERGES, ORDER_POLICIES
-from advbct.landmark_eval import PAPER_TESTS, evaluate_benchmarks, parse_benchmarks, print_landmark_report
-from advbct.models.checkpoint import CheckpointError
+from advbct.evaluation.landmarks import PAPER_TESTS, evaluate_benchmarks, parse_benchmarks
 from advbct.quickstart import quickstart as run_quickstart
 from advbct.reporting import comparison_table, print_report
+from advbct.reporting.landmarks import print_landmark_report
 from advbct.reporting.markdown import render as render_markdown
 from advbct.reporting.run_info import run_info, write_run_info
 from advbct.reporting.tables import backfill_policy_table
@@ -47,8 +46,6 @@ from advbct.table_bench import DEFAULT_METHODS, SETTINGS, run_bench
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console()
-errors = Console(stderr=True, soft_wrap=True)  # one unwrapped line per error, whatever the terminal width
-USER_ERRORS = (ConfigError, DataError, CheckpointError, StatisticsError, CompatError, FileNotFoundError)
 
 PresetOpt = Annotated[str, typer.Option("--preset", help=f"built-in preset: {', '.join(list_presets())}")]
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config merged over the preset")]
@@ -104,14 +101,11 @@ def _method_list(text: str, extra: tuple[str, ...] = ()) -> list[str]:
 
 
 def _run(fn, *args, **kwargs):
-    try:
+    with refused_as_exit():
         world = init_from_environment()
         console.quiet = not world.is_main
         pipeline.set_threads()
         return fn(*args, **kwargs)
-    except USER_ERRORS as exc:
-        errors.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(2) from None
 
 
 @app.command("train-old")
@@ -200,7 +194,7 @@ def eval_cmd(
     if benchmark == "cifar100":
         if single:
             report = _run(pipeline.evaluate_one, query_model, gallery_model, data, device)
-            console.print(report)
+            console.print(report.to_json())
         else:
             report = _run(pipeline.evaluate, old, new, independent, data, device)
             print_report(report, console)
@@ -215,7 +209,7 @@ def eval_cmd(
         print_landmark_report(report, console)
     if out is not None and current_world().is_main:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2))
+        out.write_text(json.dumps(report.to_json(), indent=2))
 
 
 @app.command("quickstart")
@@ -263,7 +257,7 @@ def compare_cmd(
     title = f"{cfg.new.data.allocation}, {cfg.new.model.backbone}, seed {cfg.new.seed}"
     console.print(comparison_table(reports, title))
     if current_world().is_main:
-        (out / "results.json").write_text(json.dumps(reports, indent=2))
+        (out / "results.json").write_text(json.dumps({m: r.to_json() for m, r in reports.items()}, indent=2))
         write_run_info(out)
     console.print(f"results: {out / 'results.json'}")
 

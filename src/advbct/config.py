@@ -15,12 +15,14 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from advbct.errors import AdvbctError
+
 AllocationKind = Literal["extended-class", "extended-data"]
 HeadKind = Literal["softmax", "arcface", "cosface"]
 T = TypeVar("T", bound=BaseModel)
 
 
-class ConfigError(ValueError):
+class ConfigError(AdvbctError):
     """A configuration file or override is malformed; the message names the key."""
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,14 +29,14 @@ from advbct.data.allocation import Allocation, load_allocation, load_or_make_all
 from advbct.data.images import DataError, ImageSet
 from advbct.data.sources import load_split
 from advbct.distributed import current_world, resolve_device
-from advbct.evaluation.protocol import embed_images, evaluate_pairs, upgrade_report
+from advbct.evaluation.protocol import embed_images, evaluate_pairs
+from advbct.evaluation.results import TestResult, UpgradeReport, method_pairs, method_reports
 from advbct.models.checkpoint import load_checkpoint, load_comparable_checkpoints
 from advbct.training.logger import report_epochs_as_lines
 from advbct.training.loop import train_model
 from advbct.training.setup import OldModel
 
 ALLOCATION_FILE = "allocation.json"
-TEST_ORDER = ("old/old", "new/new", "new/old", "independent/independent", "independent/old")
 
 
 def _with_root(data: DataConfig, root: str | None) -> DataConfig:
@@ -159,7 +159,7 @@ def evaluate(
     data_root: str | None = None,
     device: str = "auto",
     batch_size: int = 1024,
-) -> dict:
+) -> UpgradeReport:
     """M(o,o), M(n,n), M(n,o) (and M(*,*), M(*,o) with an independent model) on the test split."""
     paths = {"old": old_path, "new": new_path}
     if independent_path is not None:
@@ -168,10 +168,12 @@ def evaluate(
     pairs = [("old", "old"), ("new", "new"), ("new", "old")]
     if independent_path is not None:
         pairs += [("independent", "independent"), ("independent", "old")]
-    return upgrade_report(evaluate_pairs(embeddings, labels, pairs, resolve_device(device)))
+    return UpgradeReport.from_tests(evaluate_pairs(embeddings, labels, pairs, resolve_device(device)))
 
 
-def evaluate_one(query_path: Path, gallery_path: Path, data_root: str | None = None, device: str = "auto") -> dict:
+def evaluate_one(
+    query_path: Path, gallery_path: Path, data_root: str | None = None, device: str = "auto"
+) -> TestResult:
     """One test on the test split: queries embedded by one model, the gallery by another (or the same)."""
     embeddings, labels = embed_test_set({"query": query_path, "gallery": gallery_path}, data_root, device)
     return evaluate_pairs(embeddings, labels, [("query", "gallery")], resolve_device(device))["query/gallery"]
@@ -334,25 +336,6 @@ def _run_task(task: _Task) -> Path:
     return task.fn(*task.args, False)
 
 
-SHARED_PAIRS = (("old", "old"), ("independent", "independent"), ("independent", "old"))
-
-
-def method_pairs(methods: list[str]) -> list[tuple[str, str]]:
-    """The tests the per-method reports read: the shared ones once, then each method's self and cross test."""
-    return [*SHARED_PAIRS, *[pair for method in methods for pair in ((method, method), (method, "old"))]]
-
-
-def method_reports(tests: Mapping[str, dict], methods: list[str]) -> dict[str, dict]:
-    """One quickstart-format report per method from scored tests ``{"query/gallery": metrics}`` that hold at
-    least :func:`method_pairs` (a full table's matrix does)."""
-    reports = {}
-    for method in methods:
-        own = {"new/new": tests[f"{method}/{method}"], "new/old": tests[f"{method}/old"]}
-        named = {**{f"{q}/{g}": tests[f"{q}/{g}"] for q, g in SHARED_PAIRS}, **own}
-        reports[method] = upgrade_report({key: named[key] for key in TEST_ORDER})
-    return reports
-
-
 def compare(
     cfg: QuickstartConfig,
     out: Path,
@@ -360,9 +343,9 @@ def compare(
     console: Console | None = None,
     show_progress: bool = True,
     jobs: int = 1,
-) -> dict[str, dict]:
+) -> dict[str, UpgradeReport]:
     """Train the old model, the independent model and every method on one allocation and one seed set;
-    return one quickstart-format report per method (the test set is embedded once per model)."""
+    return one upgrade report per method (the test set is embedded once per model)."""
     console = console or Console()
     paths = train_methods(cfg, out, methods, console, show_progress, jobs)
     console.print("[bold]evaluation[/]")

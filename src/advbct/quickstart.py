@@ -24,6 +24,7 @@ from advbct.evaluation.backfill import (
     backfill_order,
 )
 from advbct.evaluation.protocol import evaluate_pairs
+from advbct.evaluation.results import LiveUpgradeReport, UpgradeReport, method_pairs, method_reports
 from advbct.live import (
     LiveGallery,
     backfill_with_checks,
@@ -34,8 +35,6 @@ from advbct.live import (
 )
 from advbct.pipeline import (
     embed_test_set,
-    method_pairs,
-    method_reports,
     plan_new_models,
     train_new_models,
 )
@@ -50,8 +49,11 @@ GALLERY = "gallery"
 QUICKSTART_STUDY = StudyPlan((METHOD,), order_merges=("calibrated",), reference_merges=("calibrated",))
 
 
-def quickstart(cfg: QuickstartConfig, out: Path, console: Console | None = None, show_progress: bool = True) -> dict:
-    """Run (or finish) the main job in ``out``; its report, also written to ``out/results.json``."""
+def quickstart(
+    cfg: QuickstartConfig, out: Path, console: Console | None = None, show_progress: bool = True
+) -> UpgradeReport | LiveUpgradeReport:
+    """Run (or finish) the main job in ``out``; its report, also written to ``out/results.json``. Ranks other than
+    the first of a torchrun job return the offline tests alone: the live half runs in one serving process."""
     console = console or Console()
     main = current_world().is_main
     old_path, runs = plan_new_models(cfg, out, [METHOD], console, show_progress)
@@ -65,18 +67,19 @@ def quickstart(cfg: QuickstartConfig, out: Path, console: Console | None = None,
     console.print("[bold]evaluation[/] (test split)")
     embeddings, labels = embed_test_set(paths, device=cfg.new.device)
     tests = evaluate_pairs(embeddings, labels, method_pairs([METHOD]), resolve_device(cfg.new.device))
-    report = method_reports(tests, [METHOD])[METHOD]
+    upgrade = method_reports(tests, [METHOD])[METHOD]
     # The live half is one serving process, as a deployment is: the other ranks are done with the offline table.
     shutdown()
     if not main:
-        return report
+        return upgrade
     try:
-        report.update(live_upgrade(cfg, out, gallery, paths, embeddings, labels, console, show_progress))
+        live = live_upgrade(cfg, out, gallery, paths, embeddings, labels, console, show_progress)
     finally:
         gallery.close()
-    (out / "results.json").write_text(json.dumps(report, indent=2))
+    report = LiveUpgradeReport(upgrade, **live)
+    (out / "results.json").write_text(json.dumps(report.to_json(), indent=2))
     plot_backfill(report, out / "backfill.png")
-    print_report(report, console)
+    print_report(upgrade, console)
     print_live_report(report, console)
     return report
 

@@ -19,10 +19,10 @@ from advbct.config import ModelConfig, QuickstartConfig, build_quickstart, deep_
 from advbct.data.images import DataError
 from advbct.distributed import current_world, resolve_device
 from advbct.evaluation.protocol import evaluate_pairs
+from advbct.evaluation.results import BenchResults, RunCost, SettingResult, method_reports, pair_name
 from advbct.pipeline import (
     check_jobs,
     embed_test_set,
-    method_reports,
     plan_new_models,
     train_new_models,
     train_old_models,
@@ -64,33 +64,26 @@ def setting_config(
     return build_quickstart(tree, overrides, data, device, f"bench preset {preset} ({setting})")
 
 
-def _run_summary(history_path: Path) -> dict:
-    history = json.loads(history_path.read_text()) if history_path.is_file() else []
-    seconds = sum(epoch.get("seconds", 0.0) for epoch in history)
-    rates = [epoch["images_per_s"] for epoch in history if "images_per_s" in epoch]
-    return {"seconds": seconds, "images_per_s": sum(rates) / len(rates) if rates else None}
-
-
 def _architecture(model: ModelConfig) -> str:
     """The backbone name, with its layer and channel changes when a preset narrows or deepens it."""
     kwargs = ", ".join(f"{k}={v}" for k, v in model.backbone_kwargs.items())
     return f"{model.backbone} ({kwargs})" if kwargs else model.backbone
 
 
-def evaluate_setting(cfg: QuickstartConfig, paths: dict[str, Path], methods: list[str]) -> dict:
+def evaluate_setting(cfg: QuickstartConfig, paths: dict[str, Path], methods: list[str]) -> SettingResult:
     """Score every (query model, gallery model) pair of one setting's trained models ``{name: model.pt}``."""
     embeddings, labels = embed_test_set(paths, device=cfg.new.device)
     names = list(paths)
     # Every pair is scored once; the per-method reports read the same numbers.
     matrix = evaluate_pairs(embeddings, labels, [(q, g) for q in names for g in names], resolve_device(cfg.new.device))
-    return {
-        "methods": method_reports(matrix, methods),
-        "matrix": {key: value["map"] for key, value in matrix.items()},
-        "models": names,
-        "runs": {name: _run_summary(path.parent / "history.json") for name, path in paths.items()},
-        "old_backbone": _architecture(cfg.old.model),
-        "new_backbone": _architecture(cfg.new.model),
-    }
+    return SettingResult(
+        methods=method_reports(matrix, methods),
+        matrix={pair_name(q, g): matrix[pair_name(q, g)].map for q in names for g in names},
+        models=names,
+        runs={name: RunCost.from_history(path.parent / "history.json") for name, path in paths.items()},
+        old_backbone=_architecture(cfg.old.model),
+        new_backbone=_architecture(cfg.new.model),
+    )
 
 
 def _old_model_twins(configs: dict[str, QuickstartConfig]) -> dict[str, str]:
@@ -118,7 +111,7 @@ def run_bench(
     console: Console | None = None,
     show_progress: bool = True,
     jobs: int = 1,
-) -> dict:
+) -> BenchResults:
     """Train and evaluate every setting into ``out/<setting>/``; write results.json, results.md and plots.
     The old models come first, then the new models of every setting together, each ``jobs`` at a time in
     processes of their own, so one command can keep a GPU full across settings."""
@@ -141,13 +134,14 @@ def run_bench(
     console.rule("[bold]new models")
     model_paths = train_new_models(runs, console, show_progress, jobs)
     trained = {run.label: path for run, path in zip(runs, model_paths, strict=True)}
-    results: dict = {"preset": preset, "settings": {}}
+    blocks = {}
     for setting, (old_path, setting_runs) in plans.items():
         paths = {"old": old_path, **{run.method: trained[run.label] for run in setting_runs}}
-        results["settings"][setting] = evaluate_setting(configs[setting], paths, methods)
+        blocks[setting] = evaluate_setting(configs[setting], paths, methods)
+    results = BenchResults(preset, blocks)
     if current_world().is_main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps(results, indent=2))
+        (out / "results.json").write_text(json.dumps(results.to_json(), indent=2))
         write_markdown(results, out / "results.md")
         write_plots(results, out)
     return results

@@ -190,9 +190,9 @@ class AdvBCT(CompatibilityMethod):
         stats = context.statistics
         assert stats is not None  # guaranteed by `requires`, checked in create()
         if stats.dim != context.embedding_dim:
-            raise ValueError(f"statistics have dim {stats.dim}, the new model embeds to {context.embedding_dim}")
+            raise CompatError(f"statistics have dim {stats.dim}, the new model embeds to {context.embedding_dim}")
         if stats.num_classes != context.num_classes:
-            raise ValueError(f"statistics cover {stats.num_classes} classes, training has {context.num_classes}")
+            raise CompatError(f"statistics cover {stats.num_classes} classes, training has {context.num_classes}")
         self.tau, self.use_boundary, self.use_adversarial, self.elastic = tau, boundary, adversarial, elastic
         self.needs_old_embeddings = adversarial  # only the discriminator reads old embeddings
         self.normalise_discriminator_input = normalise_discriminator_input

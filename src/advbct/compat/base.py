@@ -18,9 +18,10 @@ import torch
 from torch import nn
 
 from advbct.compat.statistics import ClassStatistics
+from advbct.errors import AdvbctError
 
 
-class CompatError(ValueError):
+class CompatError(AdvbctError):
     """A compatibility method is unknown, misconfigured, or its requirements are not met."""
 
 

@@ -13,12 +13,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from advbct.errors import AdvbctError
 from advbct.models.checkpoint import atomic_save
 
 MIN_SAMPLES_FOR_IQR = 4
 
 
-class StatisticsError(ValueError):
+class StatisticsError(AdvbctError):
     """A statistics file is missing, unreadable, or belongs to another checkpoint."""
 
 

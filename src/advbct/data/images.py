@@ -19,10 +19,12 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from advbct.errors import AdvbctError
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
 
 
-class DataError(ValueError):
+class DataError(AdvbctError):
     """Input data is missing or unreadable; the message names the file or folder."""
 
 

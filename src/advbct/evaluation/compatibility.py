@@ -1,4 +1,4 @@
-"""The AdvBCT paper's compatibility summary scores and the empirical compatibility criterion."""
+"""The AdvBCT paper's compatibility summary scores (the criterion is ``results.compatibility_criterion``)."""
 
 from __future__ import annotations
 
@@ -52,8 +52,3 @@ def compatibility_scores(
         p_comp.append(comp)
         p_1.append(2.0 * up * comp / (up + comp))
     return {"p_up": sum(p_up) / n, "p_comp": sum(p_comp) / n, "p_1": sum(p_1) / n}
-
-
-def empirical_criterion(cross_test: float, old_test: float) -> bool:
-    """M(n,o) > M(o,o): the new model's queries find the old gallery better than the old model does."""
-    return cross_test > old_test

@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from advbct.evaluation.metrics import EmptyQueries, average_over_queries, check_ranks
+
 
 def _first_occurrences(rows: torch.Tensor) -> torch.Tensor:
     """True where a value appears in its row for the first time (left to right)."""
@@ -23,25 +25,35 @@ def _first_occurrences(rows: torch.Tensor) -> torch.Tensor:
     return first
 
 
-def gldv2_map(ranks: torch.Tensor, solution: Mapping[int, Sequence[int]], k: int = 100) -> float:
-    """mAP@k in percent over the queries that ``solution`` scores.
+def gldv2_map(
+    ranks: torch.Tensor, solution: Mapping[int, Sequence[int]], k: int = 100, empty_queries: EmptyQueries = "skip"
+) -> float:
+    """mAP@k in percent over the queries that ``solution`` lists.
 
     ``ranks``: (num_queries, n) 0-based index rows, best first (only the first ``k`` columns are read).
-    ``solution``: query row -> the index rows showing its landmark; rows absent from it (or with an empty list)
-    are not scored. AP_q = (1 / min(m_q, k)) * sum_{i <= k} P_q(i) rel_q(i), m_q = the number of relevant rows.
+    ``solution``: query row -> the index rows showing its landmark; rows absent from it are not this solution's
+    queries (the other usage's, or test photos of no landmark), and rows listed with an empty list are empty queries,
+    handled as ``empty_queries`` says. AP_q = (1 / min(m_q, k)) * sum_{i <= k} P_q(i) rel_q(i), m_q = the number of
+    relevant rows.
     """
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
-    ranks = torch.as_tensor(ranks)
-    if ranks.ndim != 2:
-        raise ValueError(f"ranks must be (num_queries, n), got shape {tuple(ranks.shape)}")
-    if ranks.dtype.is_floating_point or ranks.dtype == torch.bool:
-        raise ValueError(f"ranks must hold integer index rows, got {ranks.dtype}")
-    scored = sorted(q for q, relevant in solution.items() if len(relevant) > 0)
-    if not scored:
-        raise ValueError("the solution scores no query: nothing to average")
-    if scored[0] < 0 or scored[-1] >= ranks.shape[0]:
-        raise ValueError(f"solution names query row {scored[-1]}, ranks have {ranks.shape[0]} rows")
+    ranks = check_ranks(ranks)
+    listed = sorted(solution)
+    if listed and (listed[0] < 0 or listed[-1] >= ranks.shape[0]):
+        raise ValueError(f"solution names query row {listed[-1]}, ranks have {ranks.shape[0]} rows")
+    has_relevant = torch.tensor([len(solution[q]) > 0 for q in listed], dtype=torch.bool)
+    scored = [q for q in listed if len(solution[q]) > 0]
+    ap = torch.zeros(len(listed), dtype=torch.float64)
+    if scored:
+        ap[has_relevant] = _average_precisions(ranks, solution, scored, k)
+    return 100.0 * average_over_queries(ap, has_relevant, empty_queries)
+
+
+def _average_precisions(
+    ranks: torch.Tensor, solution: Mapping[int, Sequence[int]], scored: list[int], k: int
+) -> torch.Tensor:
+    """AP@k of each query row in ``scored`` (each with a non-empty solution list), in that order."""
     query_rows = torch.as_tensor(scored, dtype=torch.long)
     predictions = ranks.long().cpu()[query_rows, :k]
     relevant_sets = [torch.unique(torch.as_tensor(solution[q], dtype=torch.long)) for q in scored]
@@ -56,5 +68,4 @@ def gldv2_map(ranks: torch.Tensor, solution: Mapping[int, Sequence[int]], k: int
     hit = (sorted_keys[slot] == probe) & _first_occurrences(predictions)
     positions = torch.arange(1, predictions.shape[1] + 1, dtype=torch.float64)
     precision_at_hits = hit.cumsum(1).double() / positions * hit
-    ap = precision_at_hits.sum(1) / counts.clamp(max=k).double()
-    return 100.0 * ap.mean().item()
+    return precision_at_hits.sum(1) / counts.clamp(max=k).double()

@@ -1,8 +1,15 @@
-"""Class-label retrieval metrics: mAP over the full ranking, mAP@R, top-k retrieval accuracy.
+"""Class-label retrieval metrics: mAP over the full ranking, mAP@R, top-k retrieval accuracy; and the two
+conventions every metric of ``advbct.evaluation`` shares.
+
+Input: a ranking is ``ranks`` (queries, depth), 0-based integer gallery indices, best first, checked by
+:func:`check_ranks` (the label metrics here take embeddings instead and rank them themselves). Output: percent.
+
+Empty queries (no relevant gallery item): every metric takes ``empty_queries`` (see :data:`EMPTY_QUERY_ACTIONS`),
+by default ``"skip"``, which leaves them out of every average, as the standard protocols do; an average over no
+query at all raises :class:`NothingToScore`.
 
 Queries are scored in chunks: one (chunk x gallery) similarity block at a time, so memory stays bounded by
-``chunk_size * gallery_size`` whatever the number of queries. A query with no relevant gallery item is left out of
-every average, as in the standard protocols.
+``chunk_size * gallery_size`` whatever the number of queries.
 
 Every one of these metrics depends only on where the relevant items land in the ranking, and the k-th relevant
 item (best first) lands at k + (the number of irrelevant items scored above it). So no index-carrying argsort of
@@ -16,12 +23,52 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 SimilarityBlock = Callable[[int, int], torch.Tensor]
+# What a metric does with a query that has no relevant gallery item (as torchmetrics' ``empty_target_action``):
+# "skip" leaves it out of the average, "zero" counts it as scoring 0, "error" refuses the whole evaluation.
+EmptyQueries = Literal["skip", "zero", "error"]
+EMPTY_QUERY_ACTIONS: tuple[str, ...] = get_args(EmptyQueries)
+
+
+class NothingToScore(ValueError):
+    """No query is left to average over: none has a relevant gallery item."""
+
+
+def average_over_queries(values: torch.Tensor, has_relevant: torch.Tensor, empty_queries: EmptyQueries) -> float:
+    """The mean of per-query ``values`` under the empty-query policy; ``has_relevant`` (bool, one per query) says
+    which queries have a relevant item. The values of the others must be 0 (what "zero" counts them as). The mean
+    is taken in the dtype of ``values``."""
+    if empty_queries not in EMPTY_QUERY_ACTIONS:
+        raise ValueError(f"empty_queries must be one of {', '.join(EMPTY_QUERY_ACTIONS)}, got {empty_queries!r}")
+    empty = int((~has_relevant).sum())
+    if empty_queries == "error" and empty:
+        raise ValueError(f"{empty} of {has_relevant.numel()} queries have no relevant gallery item")
+    kept = values if empty_queries == "zero" else values[has_relevant]
+    if kept.numel() == 0:
+        raise NothingToScore("no query has a relevant gallery item; nothing to score")
+    return float(kept.mean())
+
+
+def check_ranks(ranks: torch.Tensor, num_queries: int | None = None, gallery_size: int | None = None) -> torch.Tensor:
+    """``ranks`` as int64 after checking the ranking convention: (queries, depth) integer gallery indices, with
+    ``num_queries`` rows and indices below ``gallery_size`` where those are given."""
+    ranks = torch.as_tensor(ranks)
+    if ranks.ndim != 2:
+        raise ValueError(f"ranks must be (queries, depth) gallery indices, got shape {tuple(ranks.shape)}")
+    if ranks.dtype.is_floating_point or ranks.dtype == torch.bool:
+        raise ValueError(f"ranks must hold integer gallery indices, got {ranks.dtype}")
+    if num_queries is not None and ranks.shape[0] != num_queries:
+        raise ValueError(f"ranks have {ranks.shape[0]} rows, the ground truth has {num_queries} queries")
+    ranks = ranks.long()
+    if gallery_size is not None and ranks.numel() and (int(ranks.min()) < 0 or int(ranks.max()) >= gallery_size):
+        raise ValueError(f"ranks hold indices outside [0, {gallery_size})")
+    return ranks
 
 
 @dataclass(frozen=True)
@@ -36,12 +83,10 @@ class QueryScores:
     hits: dict[int, torch.Tensor]
     scored: torch.Tensor
 
-    def means(self) -> dict[str, float]:
-        """mAP, mAP@R and top-k accuracy in percent over the scored queries."""
-        if not bool(self.scored.any()):
-            raise ValueError("no query has a relevant gallery item; nothing to score")
+    def means(self, empty_queries: EmptyQueries = "skip") -> dict[str, float]:
+        """mAP, mAP@R and top-k accuracy in percent over the queries, empty ones as ``empty_queries`` says."""
         kept = {"map": self.ap, "map_at_r": self.ap_at_r, **{f"top{k}": hit for k, hit in self.hits.items()}}
-        return {name: 100.0 * float(v[self.scored].double().mean()) for name, v in kept.items()}
+        return {name: 100.0 * average_over_queries(v.double(), self.scored, empty_queries) for name, v in kept.items()}
 
 
 def label_retrieval_metrics(
@@ -53,6 +98,7 @@ def label_retrieval_metrics(
     ks: tuple[int, ...] = (1, 5),
     chunk_size: int = 256,
     own_gallery_index: torch.Tensor | None = None,
+    empty_queries: EmptyQueries = "skip",
 ) -> dict[str, float]:
     """mAP, mAP@R and top-k accuracy in percent, with cosine similarity on L2-normalised embeddings.
 
@@ -64,7 +110,7 @@ def label_retrieval_metrics(
     """
     return label_retrieval_scores(
         query_emb, query_labels, gallery_emb, gallery_labels, exclude_same_index, ks, chunk_size, own_gallery_index
-    ).means()
+    ).means(empty_queries)
 
 
 def label_retrieval_scores(
@@ -196,25 +242,29 @@ def average_precision_from_positions(positions: torch.Tensor, n_rel: torch.Tenso
     return ap, ap_at_r
 
 
-def metrics_from_rankings(ranked: torch.Tensor, own: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+def metrics_from_rankings(
+    ranks: torch.Tensor, own: torch.Tensor, labels: torch.Tensor, empty_queries: EmptyQueries = "skip"
+) -> dict[str, float]:
     """mAP and top-1 (percent) of rankings that a search engine returned, for queries that are gallery items.
 
-    ``ranked`` (Q, K): gallery positions best first, for instance the ids of a vector database's hits; ``own``
+    ``ranks`` (Q, K): gallery positions best first, for instance the ids of a vector database's hits; ``own``
     (Q,): each query's own position, left out of its ranking wherever it appears; ``labels``: every gallery
     item's class. A relevant item beyond the K returned counts as never found, so with K the gallery size these
     are exactly :func:`label_retrieval_metrics`' mAP and top-1.
     """
-    if ranked.ndim != 2 or own.shape != (ranked.shape[0],):
-        raise ValueError(f"rankings {tuple(ranked.shape)} and own positions {tuple(own.shape)} do not match")
-    kept = ranked != own.unsqueeze(1)
-    relevant = (labels[ranked] == labels[own].unsqueeze(1)) & kept
+    ranks = check_ranks(ranks, gallery_size=labels.shape[0])
+    if own.shape != (ranks.shape[0],):
+        raise ValueError(f"rankings {tuple(ranks.shape)} and own positions {tuple(own.shape)} do not match")
+    kept = ranks != own.unsqueeze(1)
+    relevant = (labels[ranks] == labels[own].unsqueeze(1)) & kept
     place = torch.cumsum(kept, 1).to(torch.float64)
     positions = torch.sort(torch.where(relevant, place, float("inf")), dim=1).values
     n_relevant = torch.bincount(labels, minlength=int(labels.max()) + 1)[labels[own]] - 1
     scored = n_relevant > 0
-    if not bool(scored.any()):
-        raise ValueError("no query has a relevant gallery item; nothing to score")
     ap, _ = average_precision_from_positions(positions, n_relevant)
     first_kept = kept.to(torch.int8).argmax(1)
-    top1 = relevant[torch.arange(ranked.shape[0]), first_kept]
-    return {"map": 100.0 * float(ap[scored].mean()), "top1": 100.0 * float(top1[scored].float().mean())}
+    top1 = relevant[torch.arange(ranks.shape[0]), first_kept]
+    return {
+        "map": 100.0 * average_over_queries(ap, scored, empty_queries),
+        "top1": 100.0 * average_over_queries(top1.float(), scored, empty_queries),
+    }

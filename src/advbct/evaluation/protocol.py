@@ -13,8 +13,8 @@ from torch import nn
 from advbct.data.batches import Preprocessing, normalise
 from advbct.data.images import decode_image
 from advbct.distributed import current_world, gather_rows
-from advbct.evaluation.compatibility import compatibility_scores, empirical_criterion
 from advbct.evaluation.metrics import label_retrieval_metrics
+from advbct.evaluation.results import TestResult, pair_name
 
 Box = tuple[float, float, float, float]
 
@@ -123,8 +123,8 @@ def evaluate_pairs(
     labels: torch.Tensor,
     pairs: Iterable[tuple[str, str]],
     device: torch.device | str | None = None,
-) -> dict[str, dict[str, float]]:
-    """``{"query/gallery": metrics}``: each test image queries the rest of the set (itself excluded).
+) -> dict[str, TestResult]:
+    """``{"query/gallery": result}``: each test image queries the rest of the set (itself excluded).
 
     ``device``: where the rankings are computed (each embedding is moved there once). Sorting every row of a
     10k x 10k score matrix takes seconds per pair on a CPU and milliseconds on a GPU, and a full table has
@@ -134,26 +134,8 @@ def evaluate_pairs(
     used = {name for pair in pairs for name in pair}
     placed = {name: embeddings[name].to(device) if device is not None else embeddings[name] for name in used}
     labels = labels.to(device) if device is not None else labels
-    return {
-        f"{q}/{g}": label_retrieval_metrics(placed[q], labels, placed[g], labels, exclude_same_index=True)
-        for q, g in pairs
-    }
 
+    def scored(query: str, gallery: str) -> TestResult:
+        return TestResult(label_retrieval_metrics(placed[query], labels, placed[gallery], labels, True))
 
-def upgrade_report(tests: Mapping[str, Mapping[str, float]], metric: str = "map") -> dict:
-    """The quickstart's summary: the test matrix plus P_up / P_comp / P_1 and the empirical criterion.
-
-    ``cross_vs_independent`` is M(n,o) / M(*,o): how far the cross test stands above an incompatible model's,
-    which sits near chance. A criterion met against a weak old model can still leave the cross test close to
-    chance; this ratio shows it.
-    """
-    old, new, cross = tests["old/old"][metric], tests["new/new"][metric], tests["new/old"][metric]
-    report: dict = {"tests": {k: dict(v) for k, v in tests.items()}}
-    if "independent/independent" in tests:
-        report.update(compatibility_scores([old], [tests["independent/independent"][metric]], [new], [cross]))
-    if tests.get("independent/old", {}).get(metric, 0.0) > 0.0:
-        report["cross_vs_independent"] = cross / tests["independent/old"][metric]
-    report["criterion"] = empirical_criterion(cross, old)
-    report["self_criterion"] = new > old
-    report["upgrade_ok"] = report["criterion"] and report["self_criterion"]
-    return report
+    return {pair_name(q, g): scored(q, g) for q, g in pairs}

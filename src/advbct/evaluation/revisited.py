@@ -14,6 +14,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from advbct.evaluation.metrics import EmptyQueries, NothingToScore, average_over_queries, check_ranks
+
 FLAGS = {"easy": 1, "hard": 2, "junk": 4}
 PROTOCOLS: dict[str, tuple[int, int]] = {
     "easy": (FLAGS["easy"], FLAGS["junk"] | FLAGS["hard"]),
@@ -38,21 +40,18 @@ def _ground_truth_flags(gnd: Sequence[Mapping[str, Sequence[int]]], db_size: int
     return flags
 
 
-def _check_ranks(ranks: torch.Tensor, num_queries: int) -> torch.Tensor:
-    ranks = torch.as_tensor(ranks)
-    if ranks.ndim != 2:
-        raise ValueError(f"ranks must be (num_queries, db_size), got shape {tuple(ranks.shape)}")
-    if ranks.shape[0] != num_queries:
-        raise ValueError(f"ranks have {ranks.shape[0]} rows, the ground truth has {num_queries} queries")
-    if ranks.dtype.is_floating_point or ranks.dtype == torch.bool:
-        raise ValueError(f"ranks must hold integer database indices, got {ranks.dtype}")
-    ranks = ranks.long().cpu()
-    if ranks.numel() and (int(ranks.min()) < 0 or int(ranks.max()) >= ranks.shape[1]):
-        raise ValueError(f"ranks hold indices outside [0, {ranks.shape[1]})")
-    return ranks
+def _percent(values: torch.Tensor, scored: torch.Tensor, empty_queries: EmptyQueries) -> float:
+    """The policy's average in percent; NaN where no query is left under this protocol, as revisitop's
+    ``compute_map`` reports it, so the other protocols still report."""
+    try:
+        return 100.0 * average_over_queries(values, scored, empty_queries)
+    except NothingToScore:
+        return float("nan")
 
 
-def protocol_scores(ranked_flags: torch.Tensor, ok_bits: int, junk_bits: int, kappas: Sequence[int]) -> dict:
+def protocol_scores(
+    ranked_flags: torch.Tensor, ok_bits: int, junk_bits: int, kappas: Sequence[int], empty_queries: EmptyQueries
+) -> dict:
     """mAP and mP@k (percent) from ground-truth flags in ranked order (queries x database).
 
     Only the ok and junk positions are looked at after one pass over the flags, so the work is proportional to
@@ -73,28 +72,33 @@ def protocol_scores(ranked_flags: torch.Tensor, ok_bits: int, junk_bits: int, ka
     p1 = (j + 1) / (r + 1)
     scored = counts > 0
     ap = torch.zeros(num_queries, dtype=torch.float64).index_add_(0, rows, (p0 + p1) / 2)
-    ap = ap[scored] / counts[scored].double()
-    result = {"map": 100.0 * ap.mean().item() if scored.any() else float("nan")}
+    ap = ap / counts.clamp(min=1).double()
+    result = {"map": _percent(ap, scored, empty_queries)}
     one_based = r + 1
     last_positive = torch.zeros(num_queries, dtype=torch.float64)
     last_positive[scored] = one_based[(first_of_row + counts - 1)[scored]]  # positives come in rank order
     for k in kappas:
         kq = last_positive.clamp(max=k)
         hits = torch.zeros(num_queries, dtype=torch.float64).index_add_(0, rows, (one_based <= kq[rows]).double())
-        precision = hits[scored] / kq[scored]
-        result[f"mp@{k}"] = 100.0 * precision.mean().item() if scored.any() else float("nan")
+        precision = hits / kq.clamp(min=1)
+        result[f"mp@{k}"] = _percent(precision, scored, empty_queries)
     return result
 
 
 def revisited_map(
-    ranks: torch.Tensor, gnd: Sequence[Mapping[str, Sequence[int]]], kappas: Sequence[int] = (1, 5, 10)
+    ranks: torch.Tensor,
+    gnd: Sequence[Mapping[str, Sequence[int]]],
+    kappas: Sequence[int] = (1, 5, 10),
+    empty_queries: EmptyQueries = "skip",
 ) -> dict[str, dict[str, float]]:
     """Easy / Medium / Hard mAP and mP@k in percent.
 
     ``ranks``: (num_queries, db_size) 0-based database indices, best first. ``gnd``: one mapping per query with
     ``easy``, ``hard`` and ``junk`` index lists (``bbx`` is ignored here). Queries without any ok image under a
-    protocol are left out of that protocol's averages.
+    protocol are handled as ``empty_queries`` says (by default left out of that protocol's averages).
     """
-    ranks = _check_ranks(ranks, len(gnd))
+    ranks = check_ranks(ranks, len(gnd), gallery_size=torch.as_tensor(ranks).shape[-1]).cpu()
     ranked_flags = _ground_truth_flags(gnd, ranks.shape[1]).gather(1, ranks)
-    return {name: protocol_scores(ranked_flags, ok, junk, kappas) for name, (ok, junk) in PROTOCOLS.items()}
+    return {
+        name: protocol_scores(ranked_flags, ok, junk, kappas, empty_queries) for name, (ok, junk) in PROTOCOLS.items()
+    }

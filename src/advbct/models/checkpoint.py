@@ -20,12 +20,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from advbct.config import DataConfig, ModelConfig
 from advbct.data.batches import Preprocessing
+from advbct.errors import AdvbctError
 from advbct.models.embedding import EmbeddingModel
 
 FORMAT_VERSION = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(AdvbctError):
     """A checkpoint is missing, unreadable, or does not fit what it is used with."""
 
 

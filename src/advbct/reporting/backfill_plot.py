@@ -12,12 +12,15 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from advbct.evaluation.results import LiveUpgradeReport, UpgradeReport
+
 LABELS = {"advbct": "AdvBCT", "independent": "independent (no compatible training)"}
 
 
-def _reference_lines(ax: plt.Axes, tests: dict) -> None:
-    ax.axhline(tests["old/old"]["map"], color="grey", ls="--", lw=1, label=f"M(o,o) {tests['old/old']['map']:.2f}")
-    ax.axhline(tests["new/new"]["map"], color="tab:blue", ls=":", lw=1, label=f"M(n,n) {tests['new/new']['map']:.2f}")
+def _reference_lines(ax: plt.Axes, upgrade: UpgradeReport) -> None:
+    old, new = upgrade.old.map, upgrade.self_test.map
+    ax.axhline(old, color="grey", ls="--", lw=1, label=f"M(o,o) {old:.2f}")
+    ax.axhline(new, color="tab:blue", ls=":", lw=1, label=f"M(n,n) {new:.2f}")
 
 
 def _plot_curve(ax: plt.Axes, curve: dict, label: str, **style: object) -> None:
@@ -25,9 +28,8 @@ def _plot_curve(ax: plt.Axes, curve: dict, label: str, **style: object) -> None:
     ax.plot(xs, curve["map"], marker="o", ms=3, label=f"{label}, AUC {curve['auc_map']:.2f}", **style)
 
 
-def _merges_panel(ax: plt.Axes, report: dict) -> None:
+def _merges_panel(ax: plt.Axes, backfill: dict) -> None:
     """Both models in random order, raw cosine (solid) and calibrated merge (dashed), and the live checks."""
-    backfill = report["backfill"]
     for colour, (name, curves) in zip(("tab:blue", "tab:orange"), backfill["curves"].items(), strict=False):
         for merge, ls in (("raw", "-"), ("calibrated", "--")):
             if f"random/{merge}" in curves:
@@ -40,21 +42,21 @@ def _merges_panel(ax: plt.Axes, report: dict) -> None:
     ax.set_title("Random order: raw cosine vs calibrated merge")
 
 
-def _orders_panel(ax: plt.Axes, report: dict) -> None:
+def _orders_panel(ax: plt.Axes, backfill: dict) -> None:
     """AdvBCT under every order policy, calibrated merge."""
-    for key, curve in report["backfill"]["curves"].get("advbct", {}).items():
+    for key, curve in backfill["curves"].get("advbct", {}).items():
         if key.endswith("/calibrated"):
             _plot_curve(ax, curve, key.split("/")[0])
     ax.set_title("AdvBCT, calibrated merge: which items first")
 
 
-def backfill_figure(report: dict) -> plt.Figure:
+def backfill_figure(report: LiveUpgradeReport) -> plt.Figure:
     """Two panels of the report's ``backfill`` block, with M(o,o) and M(n,n) as lines."""
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.4), dpi=120, sharey=True)
-    _merges_panel(axes[0], report)
-    _orders_panel(axes[1], report)
+    _merges_panel(axes[0], report.backfill)
+    _orders_panel(axes[1], report.backfill)
     for ax in axes:
-        _reference_lines(ax, report["tests"])
+        _reference_lines(ax, report.upgrade)
         ax.set_xlabel("gallery re-embedded by the new model (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="best")
@@ -63,7 +65,7 @@ def backfill_figure(report: dict) -> plt.Figure:
     return fig
 
 
-def plot_backfill(report: dict, path: Path) -> Path:
+def plot_backfill(report: LiveUpgradeReport, path: Path) -> Path:
     fig = backfill_figure(report)
     fig.savefig(path)
     plt.close(fig)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from advbct.evaluation.results import CROSS, OLD, LiveUpgradeReport, UpgradeReport
 from advbct.reporting.run_info import read_run_info
 
 
@@ -55,41 +56,42 @@ def _above_everywhere(mine: dict, other: dict) -> bool:
     return all(a > b for f, a, b in zip(mine["fractions"], mine["map"], other["map"], strict=True) if f < 1)
 
 
+def _quickstart_row(name: str, report: LiveUpgradeReport) -> list[str]:
+    up, backfill, gate = report.upgrade, report.backfill, report.gate
+    old, cross, new = up.old.map, up.cross.map, up.self_test.map
+    curves = {model: c[backfill["headline"]] for model, c in backfill["curves"].items()}
+    mine, other = curves["advbct"], curves["independent"]
+    decision = "passed" if gate["passed"] else "refused"
+    return [
+        name, f"{old:.2f}", f"{cross:.2f} ({cross - old:+.2f})", f"{new:.2f} ({new - old:+.2f})",
+        f"{up.independent.map:.2f}", f"{up.independent_cross.map:.2f}",
+        f"{decision} ({gate[CROSS]:.2f} vs {gate[OLD]:.2f})",
+        f"{mine['auc_map']:.2f} / {other['auc_map']:.2f}", f"{mine['min_map']:.2f}",
+        f"{mine['max_negative_flips']:.2f}", "yes" if _above_everywhere(mine, other) else "no",
+    ]  # fmt: skip
+
+
 def quickstart_markdown(runs: list[Path]) -> str:
     """One row per quickstart run: the tests, both margins, the gate and the headline backfill curves."""
     header = ["run", "M(o,o)", "M(n,o) (margin)", "M(n,n) (margin)", "M(\\*,\\*)", "M(\\*,o)", "gate (validation)",
               "AUC AdvBCT / independent", "lowest AdvBCT", "worst flips %", "AdvBCT above at every t < 1"]  # fmt: skip
-    rows = []
-    for run in runs:
-        r = _load(run / "results.json")
-        t = {k: v["map"] for k, v in r["tests"].items()}
-        backfill = r["backfill"]
-        curves = {name: c[backfill["headline"]] for name, c in backfill["curves"].items()}
-        mine, other = curves["advbct"], curves["independent"]
-        gate = r["gate"]
-        decision = "passed" if gate["passed"] else "refused"
-        rows.append([
-            run.name, f"{t['old/old']:.2f}", f"{t['new/old']:.2f} ({t['new/old'] - t['old/old']:+.2f})",
-            f"{t['new/new']:.2f} ({t['new/new'] - t['old/old']:+.2f})", f"{t['independent/independent']:.2f}",
-            f"{t['independent/old']:.2f}", f"{decision} ({gate['new/old']:.2f} vs {gate['old/old']:.2f})",
-            f"{mine['auc_map']:.2f} / {other['auc_map']:.2f}", f"{mine['min_map']:.2f}",
-            f"{mine['max_negative_flips']:.2f}", "yes" if _above_everywhere(mine, other) else "no",
-        ])  # fmt: skip
-    merge = _load(runs[0] / "results.json")["backfill"]["headline"]
+    reports = [LiveUpgradeReport.from_json(_load(run / "results.json")) for run in runs]
+    rows = [_quickstart_row(run.name, report) for run, report in zip(runs, reports, strict=True)]
+    merge = reports[0].backfill["headline"]
     caption = f"mAP in percent, test split; backfill curves in {merge.replace('/', ' order, ')} merge."
     return "\n\n".join([_provenance(runs), _table(header, rows), caption])
 
 
 def compare_markdown(run: Path) -> str:
     """``advbct compare``'s table: one row per method."""
-    reports = _load(run / "results.json")
-    tests = next(iter(reports.values()))["tests"]
-    labels = (("old/old", "M(o,o)"), ("independent/independent", "M(\\*,\\*)"), ("independent/old", "M(\\*,o)"))
-    shared = ", ".join(f"{label} {tests[key]['map']:.2f}" for key, label in labels)
+    reports = {method: UpgradeReport.from_json(report) for method, report in _load(run / "results.json").items()}
+    first = next(iter(reports.values()))
+    labels = (("M(o,o)", first.old), ("M(\\*,\\*)", first.independent), ("M(\\*,o)", first.independent_cross))
+    shared = ", ".join(f"{label} {test.map:.2f}" for label, test in labels)
     header = ["method", "M(n,n)", "M(n,o)", "P_up", "P_comp", "P_1", "M(n,o) > M(o,o)"]
     rows = [
-        [m, f"{r['tests']['new/new']['map']:.2f}", f"{r['tests']['new/old']['map']:.2f}", f"{r['p_up']:.2f}",
-         f"{r['p_comp']:.2f}", f"{r['p_1']:.2f}", "yes" if r["criterion"] else "no"]
+        [m, f"{r.self_test.map:.2f}", f"{r.cross.map:.2f}", f"{r.p_scores.p_up:.2f}", f"{r.p_scores.p_comp:.2f}",
+         f"{r.p_scores.p_1:.2f}", "yes" if r.criterion.cross else "no"]
         for m, r in reports.items()
     ]  # fmt: skip
     return "\n\n".join([_provenance([run]), _table(header, rows), f"mAP in percent, test split; {shared}."])

@@ -5,29 +5,26 @@ registry's counter. Bad input is one line on stderr and exit status 2."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 
+from advbct.cli_errors import errors, refused_as_exit
 from advbct.data.images import IMAGE_SUFFIXES, DataError
-from advbct.models.checkpoint import CheckpointError
 from advbct.serving.backfill import BackfillProgress, run_backfill
 from advbct.serving.ledger import ItemLedger, open_counted_store
-from advbct.serving.models import Embedder, GateRefused
+from advbct.serving.models import Embedder
 from advbct.serving.orders import SERVICE_ORDERS, BackfillOrders, check_order, forget_when_done, resolve_order
 from advbct.serving.ray_backfill import RayPlan
 from advbct.serving.registry import ModelRegistry
-from advbct.serving.store import MAX_K, GalleryStore, StoreError, is_server_uri
+from advbct.serving.store import MAX_K, GalleryStore, is_server_uri
 from advbct.serving.traffic import SearchTraffic
 
 index_app = typer.Typer(add_completion=False, no_args_is_help=True, help="The gallery in Milvus.")
 console = Console()
-errors = Console(stderr=True, soft_wrap=True)
 
 DbOpt = Annotated[str, typer.Option("--db", help="Milvus Lite file or Milvus URI (http://host:19530)")]
 RegistryOpt = Annotated[Path | None, typer.Option("--registry", help="model registry (default: <db>.registry.sqlite)")]
@@ -44,19 +41,6 @@ def registry_path(db: str, registry: Path | None) -> Path:
     if is_server_uri(db):
         raise DataError("a Milvus server URI needs --registry PATH for the model registry file")
     return Path(db + ".registry.sqlite")
-
-
-SERVING_ERRORS = (DataError, GateRefused, StoreError, CheckpointError, FileNotFoundError)
-
-
-@contextmanager
-def refused_as_exit() -> Iterator[None]:
-    """A refused request (bad input, failed gate) is one line on stderr and exit status 2, not a traceback."""
-    try:
-        yield
-    except SERVING_ERRORS as exc:
-        errors.print(f"[red]error:[/] {escape(str(exc))}")  # a message's own brackets are text, not markup
-        raise typer.Exit(2) from None
 
 
 def open_gallery(

@@ -17,13 +17,15 @@ import torch.nn.functional as F
 
 from advbct.data.batches import Preprocessing
 from advbct.data.images import ImageSet
+from advbct.errors import AdvbctError
 from advbct.evaluation.backfill import fit_calibration
 from advbct.evaluation.metrics import label_retrieval_scores
 from advbct.evaluation.protocol import embed_files, embed_images, ready_for_inference
+from advbct.evaluation.results import CROSS, OLD, SELF, compatibility_criterion, pair_name
 from advbct.models.checkpoint import load_checkpoint
 
 
-class GateRefused(ValueError):
+class GateRefused(AdvbctError):
     """The candidate model failed the compatibility gate; the message holds the numbers."""
 
 
@@ -106,24 +108,28 @@ def compatibility_gate(old: Embedder, new: Embedder, validation: ImageSet, polic
         "new": embed_images(new.model, validation.images, new.prep, new.device),
     }
     scores = {
-        f"{q}/{g}": label_retrieval_scores(embeddings[q], validation.labels, embeddings[g], validation.labels, True)
+        pair_name(q, g): label_retrieval_scores(
+            embeddings[q], validation.labels, embeddings[g], validation.labels, True
+        )
         for q, g in (("old", "old"), ("new", "new"), ("new", "old"))
     }
-    scored = scores["old/old"].scored
+    scored = scores[OLD].scored
     ap = {test: 100.0 * s.ap[scored] for test, s in scores.items()}
     numbers: dict = {test: float(values.mean()) for test, values in ap.items()}
-    differences = torch.stack([ap["new/old"] - ap["old/old"], ap["new/new"] - ap["old/old"]])
+    differences = torch.stack([ap[CROSS] - ap[OLD], ap[SELF] - ap[OLD]])
     bounds = bootstrap_interval(differences, policy.resamples, policy.level, policy.seed)
     numbers["margins"] = {
         test: {"point": float(row.mean()), "low": float(low), "high": float(high)}
-        for test, row, (low, high) in zip(("new/old", "new/new"), differences, bounds.tolist(), strict=True)
+        for test, row, (low, high) in zip((CROSS, SELF), differences, bounds.tolist(), strict=True)
     }
     numbers["validation"] = size
     numbers["bootstrap"] = {"resamples": policy.resamples, "level": policy.level, "seed": policy.seed}
     numbers["decided"], numbers["undecided"] = too_small is None, too_small
-    margins = numbers["margins"].values()
-    numbers["passed"] = too_small is None and all(m["point"] > 0 for m in margins)
-    numbers["confident"] = too_small is None and all(m["low"] > 0 for m in margins)
+    margins = numbers["margins"]
+    on_points = compatibility_criterion(margins[CROSS]["point"], margins[SELF]["point"])
+    on_lower_bounds = compatibility_criterion(margins[CROSS]["low"], margins[SELF]["low"])
+    numbers["passed"] = too_small is None and on_points.upgrade_ok
+    numbers["confident"] = too_small is None and on_lower_bounds.upgrade_ok
     numbers["calibration"] = gallery_calibration(embeddings, validation.labels)
     return numbers
 
@@ -182,13 +188,13 @@ def bootstrap_interval(values: torch.Tensor, resamples: int, level: float, seed:
 
 def describe_gate(numbers: dict) -> str:
     """The gate's decision in one line, with the numbers and intervals it was made on."""
-    line = f"M(n,o) {numbers['new/old']:.2f}, M(n,n) {numbers['new/new']:.2f}, M(o,o) {numbers['old/old']:.2f}"
+    line = f"M(n,o) {numbers[CROSS]:.2f}, M(n,n) {numbers[SELF]:.2f}, M(o,o) {numbers[OLD]:.2f}"
     margins, size = numbers.get("margins"), numbers.get("validation")
     if margins is not None:
         level = round(100 * numbers["bootstrap"]["level"])
         spans = [
             f"{name} {m['point']:+.2f} [{m['low']:+.2f}, {m['high']:+.2f}]"
-            for name, m in (("M(n,o)", margins["new/old"]), ("M(n,n)", margins["new/new"]))
+            for name, m in (("M(n,o)", margins[CROSS]), ("M(n,n)", margins[SELF]))
         ]
         line += f"; over M(o,o): {', '.join(spans)} ({level}% bootstrap over {size['queries']} queries)"
     if numbers.get("undecided"):

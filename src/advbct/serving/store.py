@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from advbct.errors import AdvbctError
+
 if TYPE_CHECKING:
     from advbct.serving.ledger import ItemLedger
 
@@ -40,7 +42,7 @@ def is_server_uri(db: str) -> bool:
     return "://" in db
 
 
-class StoreError(ValueError):
+class StoreError(AdvbctError):
     """A request the gallery refuses (unknown or duplicate id, wrong dimension); nothing was changed."""
 
 

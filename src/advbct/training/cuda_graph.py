@@ -16,6 +16,8 @@ from collections.abc import Callable
 
 import torch
 
+from advbct.config import ConfigError
+
 Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
 
 
@@ -29,7 +31,7 @@ def check_cuda_graph_setup(device: torch.device, distributed: bool, compiled: bo
     if compiled:
         problems.append("and compile are alternatives; set one of them")
     if problems:
-        raise ValueError("cuda_graph " + "; ".join(problems))
+        raise ConfigError("cuda_graph " + "; ".join(problems))
 
 
 def prepare_optimizer(optimizer: torch.optim.SGD, graphed: bool, device: torch.device) -> None:

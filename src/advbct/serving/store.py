@@ -257,12 +257,12 @@ class GalleryStore:
             row for row in self.get(ids, with_vectors=True)
             if row["previous_generation"] == generation and row["generation"] != generation
         ]  # fmt: skip
+        written = [int(r["id"]) for r in rows]
         if rows:
             swapped = np.hstack([np.stack([r["previous_vector"] for r in rows]), np.stack([r["vector"] for r in rows])])
-            ids_written = [int(r["id"]) for r in rows]
-            self._upsert(self._pack(ids_written, [r["ref"] for r in rows], swapped, generation,
-                                    [int(r["generation"]) for r in rows]), generation, flush)  # fmt: skip
-        return [int(r["id"]) for r in rows]
+            was = [int(r["generation"]) for r in rows]
+            self._upsert(self._pack(written, [r["ref"] for r in rows], swapped, generation, was), generation, flush)
+        return written
 
     def _upsert(self, rows: list[dict], generation: int, flush: bool) -> None:
         with self._writing, self._journalled([row["id"] for row in rows], generation):

@@ -1,9 +1,11 @@
 """The backfill on Ray Data (``advbct backfill --engine ray``) on a local Ray with two CPUs: a whole backfill on
-Milvus Lite with an undecodable image skipped and listed, an order written first, the one-line refusal where Ray is
-not installed, and (slow) a driver killed with SIGKILL mid-way on a Milvus server and restarted."""
+Milvus Lite with an undecodable image skipped and listed, an order written first and kept vectors restored after a
+rollback, the one-line refusal where Ray is not installed, and (slow) a driver killed with SIGKILL mid-way on a
+Milvus server and restarted."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -96,6 +98,18 @@ def test_an_ordered_ray_backfill_writes_the_order_first(three_models, image_root
     ordered = [written_at[i] for i in order]
     assert ordered == sorted(ordered), "the order's items are written in the order given"
     assert max(ordered) < min(t for i, t in written_at.items() if i not in order), "and before every other item"
+
+    # After a rollback every item kept generation 1's vector: the Ray backfill swaps them back without embedding
+    # (handed the independent model's checkpoint, it still leaves generation 1's own vectors).
+    registry_models = ModelRegistry(registry)
+    assert registry_models.rollback().number == 1
+    stranger = dataclasses.replace(registry_models.active, path=str(three_models["independent"]))
+    back = run_ray_backfill(store, stranger, image_root, plan)
+    assert back.state == "finished" and back.done == 40
+    old = expected_vectors(three_models["old"], image_root, sorted((image_root / "train").rglob("*.png")))
+    for row in store.get(list(range(40)), with_vectors=True):
+        assert (row["generation"], row["previous_generation"]) == (1, 2)
+        np.testing.assert_allclose(row["vector"], old[row["ref"]], atol=1e-5)
 
 
 def test_without_ray_the_ray_engine_is_refused_in_one_line(three_models, image_root, tmp_path):

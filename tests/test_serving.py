@@ -150,26 +150,85 @@ def test_searches_during_backfill_never_fail_or_miss_an_item(three_models, image
     assert searches > 3 and generations_seen == {1, 2}, "searches ran over the mixed gallery"
 
 
-@pytest.mark.parametrize("gallery_db", ["lite"], indirect=True)  # the same logic as on a server
-def test_rollback_with_part_of_the_gallery_re_embedded(three_models, image_root, tmp_path, gallery_db):
+def test_a_re_embedding_keeps_the_previous_vector_searched_by_its_own_generation(gallery_db):
+    # Items 0 [1, 0], 1 [0.6, 0.8] and 2 [0, 1] at generation 1; item 1 re-embedded at generation 2 as [-1, 0]
+    # keeps [0.6, 0.8]. The query [1, 0] scores item 1 at 0.6 through its kept vector for generation 1, at -1
+    # through its current one for generation 2 and for a plain search.
+    store = gallery_db.open(dim=2)
+    store.add([0, 1, 2], ["a", "b", "c"], np.array([[1, 0], [0.6, 0.8], [0, 1]], dtype=np.float32), generation=1)
+    assert store.replace([1, 7], ["b", "gone"], np.array([[-1.0, 0.0], [1.0, 0.0]]), generation=2) == [1]
+    assert store.replace([1], ["b"], np.array([[0.0, 1.0]]), generation=2) == [], "already at generation 2"
+    query = np.array([[1.0, 0.0]], dtype=np.float32)
+
+    def ranked(hits):
+        return [(h.id, round(h.score, 5), h.generation) for h in hits]
+
+    assert ranked(store.search(query, k=3, merge=MixedMerge(active=1))[0]) == [(0, 1.0, 1), (1, 0.6, 1), (2, 0.0, 1)]
+    assert ranked(store.search(query, k=3, merge=MixedMerge(active=2))[0]) == [(0, 1.0, 1), (2, 0.0, 1), (1, -1.0, 2)]
+    assert ranked(store.search(query, k=3)[0]) == [(0, 1.0, 1), (2, 0.0, 1), (1, -1.0, 2)]
+    assert ranked(store.search_generation(query, 3, 2)[0]) == [(1, -1.0, 2)]
+
+    assert store.restore([0, 1], generation=1) == [1], "item 0 kept no vector of generation 1 to restore"
+    row = store.get([1], with_vectors=True)[0]
+    assert (row["generation"], row["previous_generation"]) == (1, 2)
+    np.testing.assert_allclose(row["vector"], [0.6, 0.8], atol=1e-6)
+    np.testing.assert_allclose(row["previous_vector"], [-1.0, 0.0], atol=1e-6)
+    assert store.get([0])[0]["previous_generation"] == 0, "an item never re-embedded keeps no vector"
+    assert ranked(store.search(query, k=3, merge=MixedMerge(active=2))[0]) == [(0, 1.0, 1), (2, 0.0, 1), (1, -1.0, 2)]
+    store.close()
+
+
+def test_rollback_keeps_re_embedded_items_findable_and_a_roll_forward_swaps_them_back(
+    three_models, image_root, tmp_path, gallery_db
+):
     registry = tmp_path / "registry.sqlite"
     build_gallery(three_models, image_root, gallery_db, registry)
     models = ModelRegistry(registry)
-    store = gallery_db.open(Embedder(models.active.path).dim)
+    new = Embedder(three_models["new"])
+    store = gallery_db.open(new.dim)
     stop = threading.Event()
-    run_backfill(store, Embedder(models.active.path), 2, image_root, batch_size=5, stop=stop,
+    run_backfill(store, new, 2, image_root, batch_size=5, stop=stop,
                  on_batch=lambda p: stop.set() if p.done >= 10 else None)  # fmt: skip
-    counts = store.generations()  # stopping lets the batches already embedded be written
-    assert counts[1] + counts[2] == 40 and 10 <= counts[2] < 40
+    moved = sorted(int(r["id"]) for r in store.get(list(range(40))) if r["generation"] == 2)
+    assert 10 <= len(moved) < 40
+
     assert models.rollback().number == 1
-    old = Embedder(models.active.path)
-    assert run_backfill(store, old, 1, image_root, batch_size=8).state == "finished"
-    expected = _expected_vectors(three_models["old"], image_root, train_files(image_root))
+    files = train_files(image_root)
+    old_vectors = _expected_vectors(three_models["old"], image_root, files)
+    new_vectors = _expected_vectors(three_models["new"], image_root, files)
+    refs = {int(r["id"]): r["ref"] for r in store.get(list(range(40)))}
+    queries = np.stack([old_vectors[refs[i]] for i in moved])
+    for item, hits in zip(moved, store.search(queries, 40, models.active.mixed_merge()), strict=True):
+        assert sorted(h.id for h in hits) == list(range(40)), "every item once, none missed"
+        assert (hits[0].id, hits[0].generation) == (item, 1) and hits[0].score == pytest.approx(1.0, abs=1e-5)
+
+    # The backfill back to generation 1 swaps the kept vectors in without embedding anything: handed the
+    # independent model, it still leaves every item with generation 1's own vector.
+    stranger = Embedder(three_models["independent"])
+    back = run_backfill(store, stranger, 1, image_root, batch_size=8)
+    assert back.state == "finished" and back.done == len(moved)
     for row in store.get(list(range(40)), with_vectors=True):
         assert row["generation"] == 1
-        np.testing.assert_allclose(np.asarray(row["vector"]), expected[row["ref"]], atol=1e-5)
+        np.testing.assert_allclose(row["vector"], old_vectors[row["ref"]], atol=1e-5)
+        if int(row["id"]) in moved:
+            assert row["previous_generation"] == 2
+            np.testing.assert_allclose(row["previous_vector"], new_vectors[row["ref"]], atol=1e-5)
+
+    forward = models.upgrade(three_models["new"], image_root / "test", force=True, reason="roll forward")
+    assert forward.number == 2 and len(models.generations) == 2, "the registered checkpoint, not a new generation"
+    queries = np.stack([new_vectors[refs[i]] for i in moved])
+    for item, hits in zip(moved, store.search(queries, 1, forward.mixed_merge()), strict=True):
+        assert (hits[0].id, hits[0].generation) == (item, 2) and hits[0].score == pytest.approx(1.0, abs=1e-5)
+    again = run_backfill(store, new, 2, image_root, batch_size=8)
+    assert again.state == "finished" and again.done == 40
+    for row in store.get(list(range(40)), with_vectors=True):
+        assert (row["generation"], row["previous_generation"]) == (2, 1)
+        np.testing.assert_allclose(row["vector"], new_vectors[row["ref"]], atol=1e-5)
+        np.testing.assert_allclose(row["previous_vector"], old_vectors[row["ref"]], atol=1e-5)
+    assert models.rollback().number == 1
     with pytest.raises(GateRefused, match="no earlier generation"):
         models.rollback()
+    store.close()
 
 
 @pytest.mark.parametrize("gallery_db", ["lite"], indirect=True)  # the same logic as on a server

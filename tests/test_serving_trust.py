@@ -1,5 +1,6 @@
 """The serving side under the failures users meet: concurrent writers, a CLI beside a running server, hostile
-images, bad options, a file another process holds, a folder added twice."""
+images, bad options, a file another process holds, a folder added twice, a rollback and roll-forward, a gallery
+of an older schema."""
 
 import json
 import sqlite3
@@ -14,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -25,7 +27,7 @@ from advbct.models.checkpoint import load_checkpoint, save_checkpoint
 from advbct.serving.metrics import ServiceMetrics
 from advbct.serving.models import Embedder, GateRefused, bootstrap_interval, describe_gate
 from advbct.serving.registry import ModelRegistry
-from advbct.serving.store import GalleryStore
+from advbct.serving.store import GalleryStore, StoreError
 from conftest import GalleryDb, build_gallery, run_advbct, write_image_folder
 
 
@@ -361,12 +363,16 @@ def _crash_mid_write(db: GalleryDb, registry: Path, dim: int) -> None:
     re-embedded at generation 2 and items 1000-1004 added, as the store's writes journal them."""
     script = f"""
 import os
+import numpy as np
 from advbct.serving.ledger import open_counted_store
 from advbct.serving.registry import ModelRegistry
 store = open_counted_store(ModelRegistry({str(registry)!r}), {db.uri!r}, {dim})
-rows = store.get(list(range(10)), with_vectors=True)
+rows = [{{"id": r["id"], "ref": r["ref"], "vectors": np.concatenate([r["vector"], r["previous_vector"]]),
+          "generation": r["generation"], "previous_generation": r["previous_generation"],
+          "embedded_at": r["embedded_at"], "bucket": r["id"] % 64}}
+        for r in store.get(list(range(10)), with_vectors=True)]
 store.ledger.begin([r["id"] for r in rows])
-store.client.upsert(store.collection, [{{**r, "generation": 2, "bucket": r["id"] % 64}} for r in rows])
+store.client.upsert(store.collection, [{{**r, "generation": 2}} for r in rows])
 new = [{{**r, "id": 1000 + i, "bucket": (1000 + i) % 64}} for i, r in enumerate(rows[:5])]
 store.ledger.begin([r["id"] for r in new])
 store.client.insert(store.collection, new)
@@ -456,3 +462,80 @@ def test_rows_deleted_behind_the_registrys_back_are_refused(three_models, image_
 
     server_manager_instance.release_server(db.uri)
     _one_line_error(run_advbct("backfill", *db.args, "--registry", str(registry)), "records 40 items, Milvus holds 37")
+
+
+def _await_backfill(client, generation: int) -> dict:
+    """The backfill's status once it finished towards ``generation`` (or failed, or two minutes passed)."""
+    deadline = time.monotonic() + 120
+    status = client.get("/backfill").json()
+    while time.monotonic() < deadline:
+        status = client.get("/backfill").json()
+        if status["target_generation"] == generation and status["state"] in ("finished", "failed"):
+            break
+        time.sleep(0.1)
+    return status
+
+
+def test_a_rollback_over_http_restores_kept_vectors_and_a_roll_forward_swaps_them_back(service, three_models):
+    client, state, root = service
+    files = sorted((root / "train").rglob("*.png"))
+    refs = {str(f.relative_to(root)): i for i, f in enumerate(files)}
+    old = dict(zip(refs, Embedder(three_models["old"]).embed_files(files), strict=True))
+    new = dict(zip(refs, Embedder(three_models["new"]).embed_files(files), strict=True))
+    assert client.post("/backfill/start").status_code == 200
+    assert _await_backfill(client, 2)["by_generation"] == {"2": 40}
+
+    assert client.post("/models/rollback").json() == {"active": 1}
+    back = _await_backfill(client, 1)
+    assert (back["state"], back["done"], back["by_generation"]) == ("finished", 40, {"1": 40}), back
+    for row in state.store.get(list(range(40)), with_vectors=True):
+        assert (row["generation"], row["previous_generation"]) == (1, 2)
+        np.testing.assert_allclose(row["vector"], old[row["ref"]], atol=1e-5)
+        np.testing.assert_allclose(row["previous_vector"], new[row["ref"]], atol=1e-5)
+    hits = client.post("/search", files={"image": ("q.png", files[0].read_bytes())}, data={"k": "40"}).json()
+    assert hits["active"] == 1 and {h["generation"] for h in hits["hits"]} == {1} and len(hits["hits"]) == 40
+
+    forward = run_advbct("upgrade", "--model", str(three_models["new"]), "--validation", str(root / "test"),
+                         "--db", state.config.db, "--registry", str(state.config.registry), "--force",
+                         "--reason", "roll forward")  # fmt: skip
+    assert forward.returncode == 0 and json.loads(forward.stdout)["generation"] == 2, forward.stderr
+    assert client.get("/health").json()["active"] == 2, "the server follows the CLI's roll-forward"
+    again = _await_backfill(client, 2)
+    assert (again["state"], again["done"], again["by_generation"]) == ("finished", 40, {"2": 40}), again
+    for row in state.store.get(list(range(40)), with_vectors=True):
+        np.testing.assert_allclose(row["vector"], new[row["ref"]], atol=1e-5)
+
+
+def test_a_gallery_of_the_old_schema_is_refused_in_one_line_and_migrated(tmp_path):
+    from pymilvus import DataType, MilvusClient
+
+    db = GalleryDb(str(tmp_path / "gallery.db"))
+    client = MilvusClient(db.uri)
+    schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+    schema.add_field("id", DataType.INT64, is_primary=True)
+    schema.add_field("ref", DataType.VARCHAR, max_length=2048)
+    schema.add_field("vector", DataType.FLOAT_VECTOR, dim=2)
+    schema.add_field("generation", DataType.INT64)
+    schema.add_field("embedded_at", DataType.DOUBLE)
+    schema.add_field("bucket", DataType.INT64)
+    index = client.prepare_index_params()
+    index.add_index("vector", index_type="FLAT", metric_type="IP")
+    client.create_collection(db.collection, schema=schema, index_params=index)
+    client.insert(db.collection, [{"id": 5, "ref": "a.png", "vector": [0.6, 0.8], "generation": 2,
+                                   "embedded_at": 7.0, "bucket": 5}])  # fmt: skip
+    client.close()
+    from milvus_lite.server_manager import server_manager_instance
+
+    server_manager_instance.release_server(db.uri)
+    with pytest.raises(StoreError, match=r"no room for previous vectors .* `advbct index migrate --db "):
+        db.open(dim=2)
+    server_manager_instance.release_server(db.uri)
+    migrated = run_advbct("index", "migrate", *db.args)
+    assert migrated.returncode == 0 and json.loads(migrated.stdout) == {"migrated": 1}, migrated.stderr
+    _one_line_error(run_advbct("index", "migrate", *db.args), "has room for previous vectors already")
+    store = db.open(dim=2)
+    row = store.get([5], with_vectors=True)[0]
+    assert (row["ref"], row["generation"], row["previous_generation"], row["embedded_at"]) == ("a.png", 2, 0, 7.0)
+    np.testing.assert_allclose(row["vector"], [0.6, 0.8], atol=1e-6)
+    np.testing.assert_allclose(row["previous_vector"], [0.0, 0.0])
+    store.close()

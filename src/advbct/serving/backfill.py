@@ -1,4 +1,6 @@
-"""Background backfill: re-embed every gallery item that an older (or rolled-back) generation embedded.
+"""Background backfill: bring every gallery item to the target generation, re-embedding it with the target's
+model, or, where the item kept the target's vector when it was last re-embedded (a rollback, or a roll-forward
+after one), swapping that vector back without a model.
 
 The database is the only record of progress: an item is done exactly when Milvus holds it at the target
 generation. A batch is embedded and then written with one upsert by primary key, so a worker killed at any point
@@ -14,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +32,8 @@ FLUSH_EVERY = 4
 
 @dataclass
 class BackfillProgress:
-    """What a running backfill reports: items re-embedded by this run, those left, and the recent rate."""
+    """What a running backfill reports: items brought to the target by this run (re-embedded or restored), those
+    left, and the recent rate."""
 
     target_generation: int
     done: int = 0
@@ -69,20 +73,17 @@ def embed_decodable(
     return ids, refs, vectors
 
 
-def replace_stale(
-    store: GalleryStore, target_generation: int, ids: list[int], refs: list[str], vectors: np.ndarray, flush: bool
-) -> list[int]:
-    """Write the batch's items that are still stored and not yet at the target generation; their positions.
+def split_restorable(rows: list[dict], target_generation: int) -> tuple[list[int], list[dict]]:
+    """Listed stale items split into the ids that kept the target generation's vector (restored by a swap, no
+    model needed) and the rows to re-embed.
 
-    An item deleted meanwhile must not come back, and one already at the target generation is not written or
-    counted again: a Milvus server's stale listing has returned a few items that an earlier page had already
-    re-embedded (1,024 of 100,000 in bench_serving on Milvus 2.3.5), and a restarted job may list an item whose
-    write reached the store just before the previous job was killed."""
-    current = store.generation_of(ids)
-    keep = [i for i, item_id in enumerate(ids) if item_id in current and current[item_id] != target_generation]
-    if keep:
-        store.replace([ids[i] for i in keep], [refs[i] for i in keep], vectors[keep], target_generation, flush=flush)
-    return keep
+    The writes (``GalleryStore.replace`` and ``restore``) check each item again first: an item deleted meanwhile
+    must not come back, and one already at the target is not written or counted again (a Milvus server's stale
+    listing has returned a few items that an earlier page had already re-embedded, 1,024 of 100,000 in
+    bench_serving on Milvus 2.3.5, and a restarted job may list an item whose write reached the store just before
+    the previous job was killed)."""
+    restorable = [int(row["id"]) for row in rows if int(row["previous_generation"]) == target_generation]
+    return restorable, [row for row in rows if int(row["previous_generation"]) != target_generation]
 
 
 def shard_buckets(worker: int, workers: int) -> list[int] | None:
@@ -183,13 +184,12 @@ def run_backfill(
     counting = threading.Lock()
 
     def write() -> None:
-        while (item := writes.get()) is not None:
-            ids, refs, vectors = item
+        while (job := writes.get()) is not None:
             try:
                 with counting:
                     written[0] += 1
                     flush = written[0] % FLUSH_EVERY == 0
-                keep = replace_stale(store, target_generation, ids, refs, vectors, flush)
+                keep = job(flush=flush)
             except BaseException as exc:  # handed to the main loop, which stops and re-raises
                 failure.append(exc)
                 writes.task_done()
@@ -225,11 +225,8 @@ def run_backfill(
                 if (stop is not None and stop.is_set()) or failure:
                     break
                 rows = page[offset : offset + batch_size]
-                ids, refs, vectors = embed_decodable(
-                    embedder, root, [int(r["id"]) for r in rows], [r["ref"] for r in rows], progress
-                )
-                if ids:
-                    writes.put((ids, refs, vectors))
+                for job in _batch_writes(store, embedder, root, target_generation, rows, progress):
+                    writes.put(job)
                 queued += len(rows)
             writes.join()  # the next page must not list items of this one that are still being written
             page = next(pages)
@@ -246,6 +243,23 @@ def run_backfill(
     progress.remaining = 0 if exhausted else store.count(stale_filter) - len(progress.skipped)
     progress.state = "finished" if exhausted else "stopped"
     return progress
+
+
+def _batch_writes(
+    store: GalleryStore, embedder: Embedder, root: ImageRoot, target: int, rows: list[dict], progress: BackfillProgress
+) -> list[Callable[..., list[int]]]:
+    """A batch's writes, each taking ``flush`` and answering the ids it wrote: the restorations, then the
+    re-embeddings of the items that can be decoded."""
+    restorable, rest = split_restorable(rows, target)
+    jobs: list[Callable[..., list[int]]] = []
+    if restorable:
+        jobs.append(partial(store.restore, restorable, target))
+    if rest:
+        ids, refs, vectors = embed_decodable(embedder, root, [int(r["id"]) for r in rest], [r["ref"] for r in rest],
+                                             progress)  # fmt: skip
+        if ids:
+            jobs.append(partial(store.replace, ids, refs, vectors, target))
+    return jobs
 
 
 def _stale_pages(

@@ -1,4 +1,4 @@
-"""CLI for the gallery: ``advbct index add|search|stats|recount``, ``advbct upgrade``, ``advbct rollback``,
+"""CLI for the gallery: ``advbct index add|search|stats|recount|migrate``, ``advbct upgrade``, ``advbct rollback``,
 ``advbct backfill``. An item's reference is its path relative to the image root; its id comes from the
 registry's counter. Bad input is one line on stderr and exit status 2."""
 
@@ -20,7 +20,7 @@ from advbct.serving.models import Embedder
 from advbct.serving.orders import SERVICE_ORDERS, BackfillOrders, check_order, forget_when_done, resolve_order
 from advbct.serving.ray_backfill import RayPlan
 from advbct.serving.registry import ModelRegistry
-from advbct.serving.store import MAX_K, GalleryStore, is_server_uri
+from advbct.serving.store import MAX_K, GalleryStore, is_server_uri, migrate_collection
 from advbct.serving.traffic import SearchTraffic
 
 index_app = typer.Typer(add_completion=False, no_args_is_help=True, help="The gallery in Milvus.")
@@ -176,6 +176,16 @@ def recount_cmd(
         found = ledger.counts()
         store.close()
     print(json.dumps({"recorded": recorded, "found": found}))
+
+
+@index_app.command("migrate")
+def migrate_cmd(db: DbOpt = "gallery.db", collection: CollectionOpt = "gallery") -> None:
+    """Convert a gallery made by an older advbct (one vector per item) to keep previous vectors: every item keeps
+    its id, reference, vector and generation. Stop any other process writing to the gallery first; a conversion
+    stopped part-way is finished by running it again."""
+    with refused_as_exit():
+        items = migrate_collection(db, collection)
+    print(json.dumps({"migrated": items}))
 
 
 def upgrade_cmd(

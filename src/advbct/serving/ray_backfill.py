@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from advbct.data.images import DataError, decode_image
-from advbct.serving.backfill import FLUSH_EVERY, BackfillProgress, ImageRoot, replace_stale
+from advbct.serving.backfill import FLUSH_EVERY, BackfillProgress, ImageRoot, split_restorable
 from advbct.serving.registry import Generation
 from advbct.serving.store import GalleryStore
 
@@ -163,8 +163,9 @@ def round_dataset(ray: Any, rows: list[dict], generation: Generation, root: Path
 
 
 class DriverWriter:
-    """The driver's writes: each embedded batch checked and upserted by ``replace_stale`` (the single-process
-    backfill's write), up to ``store.concurrent_writes`` at once, and counted into ``progress`` in this thread."""
+    """The driver's writes: each embedded batch checked and upserted by ``GalleryStore.replace``, and items that
+    kept the target's vector restored by ``GalleryStore.restore`` (the single-process backfill's writes), up to
+    ``store.concurrent_writes`` at once, and counted into ``progress`` in this thread."""
 
     def __init__(self, store: GalleryStore, target: int, progress: BackfillProgress, initial: int,
                  on_batch: Callable[[BackfillProgress], None] | None) -> None:  # fmt: skip
@@ -184,9 +185,16 @@ class DriverWriter:
             return
         refs = [str(r) for r in np.asarray(batch["ref"])[decoded]]
         vectors = np.asarray(batch["vector"])[decoded]
+        self._submit(self.store.replace, ids, refs, vectors, self.target)
+
+    def restore(self, ids: list[int]) -> None:
+        """Items that kept the target's vector: swapped back, no model needed."""
+        if ids:
+            self._submit(self.store.restore, ids, self.target)
+
+    def _submit(self, write: Callable[..., list[int]], *args: Any) -> None:
         self.batches += 1
-        flush = self.batches % FLUSH_EVERY == 0
-        self.pending.append(self.pool.submit(replace_stale, self.store, self.target, ids, refs, vectors, flush))
+        self.pending.append(self.pool.submit(write, *args, flush=self.batches % FLUSH_EVERY == 0))
         while len(self.pending) > self.store.concurrent_writes:
             self._count(self.pending.popleft())
 
@@ -241,7 +249,8 @@ def _list_round(store: GalleryStore, target: int, size: int, after: int | None, 
         page.sort(key=lambda row: int(row["id"]))
         rows += page
         after = int(page[-1]["id"])
-    return [{"id": int(row["id"]), "ref": str(row["ref"])} for row in rows]
+    return [{"id": int(row["id"]), "ref": str(row["ref"]), "previous_generation": int(row["previous_generation"])}
+            for row in rows]  # fmt: skip
 
 
 def run_ray_backfill(
@@ -271,7 +280,11 @@ def run_ray_backfill(
     try:
         model = ray.put(Path(generation.path).read_bytes())
         for rows, ordered in stale_rounds(store, target, plan, order, progress):
-            _run_round(ray, rows, ordered, generation, image_root, plan, model, writer)
+            restorable, rest = split_restorable(rows, target)
+            writer.restore(restorable)
+            if rest:
+                _run_round(ray, rest, ordered, generation, image_root, plan, model, writer)
+            writer.drain()
     except ray.exceptions.RayError as exc:
         raise DataError(f"the Ray backfill failed (run it again to resume): {_reason(exc)}") from None
     finally:
@@ -285,7 +298,8 @@ def run_ray_backfill(
 
 def _run_round(ray: Any, rows: list[dict], ordered: bool, generation: Generation, root: Path, plan: RayPlan,
                model: Any, writer: DriverWriter) -> None:  # fmt: skip
-    """Stream one round through the pipeline into the writer; an ordered round keeps its blocks in order."""
+    """Stream one round through the pipeline into the writer (the caller drains it); an ordered round keeps its
+    blocks in order."""
     context = ray.data.DataContext.get_current()
     keep = context.execution_options.preserve_order
     context.execution_options.preserve_order = ordered
@@ -295,7 +309,6 @@ def _run_round(ray: Any, rows: list[dict], ordered: bool, generation: Generation
             writer.write(batch)
     finally:
         context.execution_options.preserve_order = keep
-    writer.drain()
 
 
 def _reason(exc: BaseException) -> str:

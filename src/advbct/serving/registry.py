@@ -41,12 +41,12 @@ class Generation:
     registered_at: float
     gate: dict | None
 
-    def mixed_merge(self) -> MixedMerge | None:
-        """How searches rank a mixed gallery while this generation is active: by the score calibration its gate
-        fitted (its own items against the previous generation's), or by plain cosine where it has none (the
-        first generation)."""
+    def mixed_merge(self) -> MixedMerge:
+        """How searches run while this generation is active: through its own vectors where an item has one
+        (current or kept), ranked by the score calibration its gate fitted (its own items against the previous
+        generation's), or by plain cosine where it has none (the first generation)."""
         calibration = (self.gate or {}).get("calibration")
-        return None if calibration is None else MixedMerge.from_calibration(self.number, calibration)
+        return MixedMerge(self.number) if calibration is None else MixedMerge.from_calibration(self.number, calibration)
 
 
 def _generation(row: tuple) -> Generation:

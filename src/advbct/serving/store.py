@@ -1,8 +1,13 @@
 """The gallery in Milvus: Milvus Lite in a local file by default (``./gallery.db``), a Milvus server or cluster
 by URI (``http://host:19530``), through the same client code.
 
-Each item is (id, image reference, L2-normalised vector, generation that embedded it, time of embedding,
-bucket). Search is inner product on normalised vectors, i.e. cosine similarity. ``bucket`` = id mod 64 is stored
+Each item is (id, image reference, its vectors, generation that embedded the current one, generation of the
+previous one, time of embedding, bucket). ``vectors`` holds two L2-normalised embeddings side by side, the current
+one and the one the previous generation made (zeros where there is none): a re-embedding keeps the vector it
+replaces, so a rollback finds re-embedded items through their kept vectors at once and a roll-forward swaps them
+back without a model. Both live in one vector field because Milvus before 2.4 (the ``milvus`` test server is 2.3)
+refuses a second one; a search queries one half by zeroing the other half of the query, which inner product
+leaves exact. Search is inner product on normalised vectors, i.e. cosine similarity. ``bucket`` = id mod 64 is stored
 so backfill workers can split the gallery by id with a plain filter (Milvus filters have no modulo).
 Reads use strong consistency, so what a write returned from is what the next search sees. In Milvus Lite every
 write is flushed into a sealed segment: a Lite search scans unflushed rows one by one (2,048 of them add about
@@ -35,6 +40,8 @@ BUCKETS = 64
 MAX_K = 1000  # the most hits one search returns, over HTTP and in the CLI alike
 MAX_REF_LENGTH = 2048
 COLLECTION_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")
+NO_GENERATION = 0  # ``previous_generation`` of an item that has no kept vector (generations count from 1)
+ITEM_FIELDS = ["id", "ref", "generation", "previous_generation", "embedded_at"]
 
 
 def is_server_uri(db: str) -> bool:
@@ -60,12 +67,14 @@ class Hit:
 
 @dataclass(frozen=True)
 class MixedMerge:
-    """How to rank a gallery that two generations embedded: the active generation's items by its ``same`` Platt
-    scaling of cosine, every other item by its ``cross`` one (both fitted on the validation split at upgrade)."""
+    """How an ``active`` generation's queries search the gallery: its own vectors where an item has one (current
+    or kept), every other item's current vector otherwise. With a calibration, the active generation's hits are
+    ranked by its ``same`` Platt scaling of cosine and the others by its ``cross`` one (both fitted on the
+    validation split at upgrade); without one (the first generation), by plain cosine."""
 
     active: int
-    same: tuple[float, float]
-    cross: tuple[float, float]
+    same: tuple[float, float] | None = None
+    cross: tuple[float, float] | None = None
 
     @classmethod
     def from_calibration(cls, active: int, calibration: dict) -> MixedMerge:
@@ -73,8 +82,12 @@ class MixedMerge:
         return cls(active, (same["scale"], same["bias"]), (cross["scale"], cross["bias"]))
 
     def rank(self, same: list[Hit], cross: list[Hit], k: int) -> list[Hit]:
-        """The ``k`` best of both parts' hits by calibrated score (equal scores keep the lower id first). An item
-        found in both parts (re-embedded between the two searches) counts once, as the active generation's."""
+        """The ``k`` best of both parts' hits by calibrated score, or by cosine without a calibration (equal
+        scores keep the lower id first). An item found in both parts, or twice in ``same`` (moved between the
+        searches), counts once, as its last hit in ``same``."""
+        if self.same is None or self.cross is None:
+            unique = {h.id: h for h in [*cross, *same]}
+            return sorted(unique.values(), key=lambda h: (-h.score, h.id))[:k]
         scaled = {h.id: replace(h, relevance=self.cross[0] * h.score + self.cross[1]) for h in cross}
         scaled.update({h.id: replace(h, relevance=self.same[0] * h.score + self.same[1]) for h in same})
         return sorted(scaled.values(), key=lambda h: (-h.relevance, h.id))[:k]
@@ -137,46 +150,56 @@ class GalleryStore:
         # "current_seq is monotonic". A server orders concurrent writes itself.
         self._writing: AbstractContextManager = nullcontext() if server else threading.Lock()
         self.client = _connect(MilvusClient, uri)
-        if self.client.has_collection(collection):
-            have = self._stored_dim()
-            if have != dim:
-                raise StoreError(f"collection {collection!r} in {uri} holds {have}-d vectors, not {dim}-d")
-        else:
-            self._create()
+        try:
+            if self.client.has_collection(collection):
+                self._check_schema()
+            else:
+                create_collection(self.client, collection, dim)
+        except StoreError:
+            self.client.close()
+            raise
         self.client.load_collection(collection)
 
-    def _stored_dim(self) -> int:
-        fields = self.client.describe_collection(self.collection)["fields"]
-        vector = next(f for f in fields if f["name"] == "vector")
-        return int(vector["params"]["dim"])
+    def _check_schema(self) -> None:
+        """Refuse a collection this code cannot use: one made without room for previous vectors (it can be
+        converted), or one of another dimension."""
+        fields = {f["name"]: f for f in self.client.describe_collection(self.collection)["fields"]}
+        if "vectors" not in fields:
+            raise StoreError(
+                f"collection {self.collection!r} in {self.uri} has no room for previous vectors (made by an older "
+                f"advbct); convert it once with `advbct index migrate --db {self.uri} --collection {self.collection}`"
+            )
+        have = int(fields["vectors"]["params"]["dim"]) // 2
+        if have != self.dim:
+            raise StoreError(f"collection {self.collection!r} in {self.uri} holds {have}-d vectors, not {self.dim}-d")
 
-    def _create(self) -> None:
-        from pymilvus import DataType, MilvusClient
-
-        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
-        schema.add_field("id", DataType.INT64, is_primary=True)
-        schema.add_field("ref", DataType.VARCHAR, max_length=MAX_REF_LENGTH)
-        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=self.dim)
-        schema.add_field("generation", DataType.INT64)
-        schema.add_field("embedded_at", DataType.DOUBLE)
-        schema.add_field("bucket", DataType.INT64)
-        index = self.client.prepare_index_params()
-        index.add_index("vector", index_type="FLAT", metric_type="IP")
-        self.client.create_collection(self.collection, schema=schema, index_params=index, consistency_level="Strong")
-
-    def _rows(self, ids: Sequence[int], refs: Sequence[str], vectors: np.ndarray, generation: int) -> list[dict]:
+    def _rows(
+        self, ids: Sequence[int], refs: Sequence[str], vectors: np.ndarray, generation: int, kept: list[dict] | None
+    ) -> list[dict]:
+        """Rows of new vectors at ``generation``; ``kept``: each item's stored row, whose current vector and
+        generation become its previous ones (``None``: new items, with none)."""
         if not (len(ids) == len(refs) == len(vectors)):
             raise StoreError(f"{len(ids)} ids, {len(refs)} references and {len(vectors)} vectors do not match")
         if any(len(ref) > MAX_REF_LENGTH for ref in refs):
             raise StoreError(f"an image reference is longer than {MAX_REF_LENGTH} characters")
         vectors = normalised(vectors, self.dim)
+        if kept is None:
+            previous, previous_generations = np.zeros_like(vectors), [NO_GENERATION] * len(ids)
+        else:
+            previous = np.stack([row["vector"] for row in kept])
+            previous_generations = [int(row["generation"]) for row in kept]
+        return self._pack(ids, refs, np.hstack([vectors, previous]), generation, previous_generations)
+
+    def _pack(
+        self, ids: Sequence[int], refs: Sequence[str], both: np.ndarray, generation: int, previous: Sequence[int]
+    ) -> list[dict]:
         now = time.time()
         # Each vector stays a float32 array row: pymilvus packs that faster than a Python list of floats
         # (57 against 70 ms per 256 rows of 256-d into Milvus Lite).
         return [
-            {"id": int(i), "ref": ref, "vector": v, "generation": int(generation), "embedded_at": now,
-             "bucket": int(i) % BUCKETS}
-            for i, ref, v in zip(ids, refs, vectors, strict=True)
+            {"id": int(i), "ref": ref, "vectors": v, "generation": int(generation), "previous_generation": int(p),
+             "embedded_at": now, "bucket": int(i) % BUCKETS}
+            for i, ref, v, p in zip(ids, refs, both.astype(np.float32), previous, strict=True)
         ]  # fmt: skip
 
     def existing(self, ids: Sequence[int]) -> set[int]:
@@ -205,19 +228,46 @@ class GalleryStore:
         taken = self.existing(ids)
         if taken:
             raise StoreError(f"ids already in the gallery: {sorted(taken)[:10]}")
-        rows = self._rows(ids, refs, vectors, generation)
+        rows = self._rows(ids, refs, vectors, generation, kept=None)
         with self._writing, self._journalled(ids, generation):
             self.client.insert(self.collection, rows)
             self.flush()
 
     def replace(
         self, ids: Sequence[int], refs: Sequence[str], vectors: np.ndarray, generation: int, flush: bool = True
-    ) -> None:
-        """Re-embedded items: an upsert by primary key, so doing it twice leaves one copy of each.
+    ) -> list[int]:
+        """Re-embedded items at ``generation``, each keeping the vector it replaces as its previous one; the ids
+        written. An item no longer stored must not come back, and one already at ``generation`` is left as it is
+        (its kept vector too). One upsert by primary key writes both vectors of an item, so a write killed at any
+        point leaves each item whole, as it was or re-embedded, and doing it twice leaves one copy.
 
         ``flush=False`` leaves the rows in the growing segment (a bulk writer flushes every few batches)."""
-        rows = self._rows(ids, refs, vectors, generation)
-        with self._writing, self._journalled(ids, generation):
+        stored = {int(row["id"]): row for row in self.get(ids, with_vectors=True)}
+        at = {item: int(row["generation"]) for item, row in stored.items()}
+        keep = [i for i, item in enumerate(ids) if at.get(int(item), generation) != generation]
+        if keep:
+            kept = [stored[int(ids[i])] for i in keep]
+            rows = self._rows([ids[i] for i in keep], [refs[i] for i in keep], vectors[keep], generation, kept)
+            self._upsert(rows, generation, flush)
+        return [int(ids[i]) for i in keep]
+
+    def restore(self, ids: Sequence[int], generation: int, flush: bool = True) -> list[int]:
+        """Items whose kept vector is ``generation``'s get it back as their current one, and keep the vector they
+        had instead (a swap, no model needed); the ids written. Items without a kept vector of ``generation``, or
+        already at it, are left as they are."""
+        rows = [
+            row for row in self.get(ids, with_vectors=True)
+            if row["previous_generation"] == generation and row["generation"] != generation
+        ]  # fmt: skip
+        written = [int(r["id"]) for r in rows]
+        if rows:
+            swapped = np.hstack([np.stack([r["previous_vector"] for r in rows]), np.stack([r["vector"] for r in rows])])
+            was = [int(r["generation"]) for r in rows]
+            self._upsert(self._pack(written, [r["ref"] for r in rows], swapped, generation, was), generation, flush)
+        return written
+
+    def _upsert(self, rows: list[dict], generation: int, flush: bool) -> None:
+        with self._writing, self._journalled([row["id"] for row in rows], generation):
             self.client.upsert(self.collection, rows)
             if flush:
                 self.flush()
@@ -240,8 +290,16 @@ class GalleryStore:
         return nullcontext() if self.ledger is None else self.ledger.writing(self, ids, generation)
 
     def get(self, ids: Sequence[int], with_vectors: bool = False) -> list[dict]:
-        fields = ["id", "ref", "generation", "embedded_at", *(["vector"] if with_vectors else [])]
-        return self.client.get(self.collection, ids=[int(i) for i in ids], output_fields=fields)
+        """The stored items among ``ids``: ``id``, ``ref``, ``generation``, ``previous_generation``
+        (``NO_GENERATION`` where none is kept), ``embedded_at``, and with ``with_vectors`` the current ``vector``
+        and the kept ``previous_vector`` (zeros where none is kept)."""
+        fields = [*ITEM_FIELDS, *(["vectors"] if with_vectors else [])]
+        rows = self.client.get(self.collection, ids=[int(i) for i in ids], output_fields=fields)
+        if with_vectors:
+            for row in rows:
+                both = np.asarray(row.pop("vectors"), dtype=np.float32)
+                row["vector"], row["previous_vector"] = both[: self.dim], both[self.dim :]
+        return rows
 
     def count(self, filter: str = "") -> int:
         rows = self.client.query(self.collection, filter=filter, output_fields=["count(*)"])
@@ -271,7 +329,7 @@ class GalleryStore:
         ``with_vectors`` their stored (L2-normalised) vectors, listed in pages: what a backfill order is computed
         from."""
         batch = min(self.page_limit, 16_384)
-        fields = ["vector"] if with_vectors else ["generation"]
+        fields = ["vectors"] if with_vectors else ["generation"]
         listing = self.client.query_iterator(
             self.collection, batch_size=batch, filter=f"generation != {int(generation)}", output_fields=fields
         )
@@ -281,7 +339,7 @@ class GalleryStore:
             while rows := listing.next():
                 ids.extend(int(row["id"]) for row in rows)
                 if with_vectors:
-                    vectors.append(np.asarray([row["vector"] for row in rows], dtype=np.float32))
+                    vectors.append(np.asarray([row["vectors"] for row in rows], dtype=np.float32)[:, : self.dim])
         finally:
             listing.close()
         by_id = np.argsort(np.asarray(ids, dtype=np.int64), kind="stable")
@@ -308,7 +366,9 @@ class GalleryStore:
         after: int | None = None,
     ) -> list[dict]:
         """Up to ``limit`` items embedded by another generation than ``generation`` (in the given id buckets),
-        other than those of ``exclude``; with ``after``, only ids above it (a cursor through the gallery by id)."""
+        other than those of ``exclude``; with ``after``, only ids above it (a cursor through the gallery by id).
+        Rows hold ``id``, ``ref``, ``generation`` and ``previous_generation`` (where it is ``generation``, the
+        item is restored rather than re-embedded)."""
         clause = f"generation != {int(generation)}"
         if after is not None:
             clause += f" and id > {int(after)}"
@@ -316,44 +376,132 @@ class GalleryStore:
             clause += f" and bucket in {[int(b) for b in buckets]}"
         if exclude:
             clause += f" and id not in {sorted(int(i) for i in exclude)}"
-        return self.client.query(self.collection, filter=clause, output_fields=["id", "ref", "generation"], limit=limit)
+        fields = ["id", "ref", "generation", "previous_generation"]
+        return self.client.query(self.collection, filter=clause, output_fields=fields, limit=limit)
 
     def search(self, vectors: np.ndarray, k: int, merge: MixedMerge | None = None) -> list[list[Hit]]:
-        """The ``k`` best items for each query vector. Without ``merge``, by cosine over the whole gallery. With it,
-        the active generation's items and the others are searched apart and merged by the log-odds that each hit is
-        relevant (``Hit.relevance``), so items not yet re-embedded compete on what their score means, not its
-        scale."""
+        """The ``k`` best items for each query vector. Without ``merge``, by cosine with every item's current
+        vector. With it, the query is the ``merge.active`` generation's: each item is scored through that
+        generation's vector where it has one (current, or kept since a re-embedding that a rollback has undone)
+        and through its current vector otherwise, and a calibrated merge ranks the two parts by the log-odds that
+        each hit is relevant (``Hit.relevance``), so items not yet re-embedded compete on what their score means,
+        not its scale."""
         if k < 1:
             raise StoreError(f"k must be at least 1, got {k}")
         vectors = normalised(vectors, self.dim)
         if merge is None:
-            return self._search(vectors, k, "")
-        # The other generations first: a backfill only moves items into the active one, so an item re-embedded
-        # between the two searches is found twice (and counted once), never missed.
-        cross = self._search(vectors, k, f"generation != {int(merge.active)}")
-        same = self._search(vectors, k, f"generation == {int(merge.active)}")
-        return [merge.rank(mine, theirs, k) for mine, theirs in zip(same, cross, strict=True)]
+            return self._search(vectors, k, "", kept=False)
+        active = int(merge.active)
+        # The other generations first, then the kept vectors, then the current ones: a backfill only moves items
+        # from the earlier parts into the last, so an item moved between two searches is found twice (and
+        # counted once), never missed.
+        cross = self._search(vectors, k, f"generation != {active} and previous_generation != {active}", kept=False)
+        mine = self._own_vectors(vectors, k, active)
+        return [merge.rank(own, theirs, k) for own, theirs in zip(mine, cross, strict=True)]
 
     def search_generation(self, vectors: np.ndarray, k: int, generation: int) -> list[list[Hit]]:
-        """The ``k`` best, by cosine, among the items ``generation`` embedded: one generation's own retrieval."""
+        """The ``k`` best, by cosine, among the vectors ``generation`` made (current or kept): one generation's
+        own retrieval."""
         if k < 1:
             raise StoreError(f"k must be at least 1, got {k}")
-        return self._search(normalised(vectors, self.dim), k, f"generation == {int(generation)}")
+        own = self._own_vectors(normalised(vectors, self.dim), k, int(generation))
+        return [MixedMerge(int(generation)).rank(hits, [], k) for hits in own]
 
-    def _search(self, vectors: np.ndarray, k: int, clause: str) -> list[list[Hit]]:
+    def _own_vectors(self, vectors: np.ndarray, k: int, generation: int) -> list[list[Hit]]:
+        """Each query's hits among ``generation``'s kept vectors, then among its current ones (unranked)."""
+        kept = self._search(vectors, k, f"previous_generation == {generation} and generation != {generation}", True)
+        current = self._search(vectors, k, f"generation == {generation}", kept=False)
+        return [[*a, *b] for a, b in zip(kept, current, strict=True)]
+
+    def _search(self, vectors: np.ndarray, k: int, clause: str, kept: bool) -> list[list[Hit]]:
+        """Hits by inner product with the current half of the stored vectors, or with the kept half (``kept``):
+        the query fills that half and zeros the other."""
         from pymilvus.exceptions import MilvusException
 
+        zeros = np.zeros_like(vectors)
+        queries = np.hstack([zeros, vectors] if kept else [vectors, zeros])
         try:
             results = self.client.search(
-                self.collection, data=vectors.tolist(), limit=k, filter=clause,
-                output_fields=["generation", "ref"], search_params={"metric_type": "IP"},
+                self.collection, data=queries.tolist(), limit=k, filter=clause, anns_field="vectors",
+                output_fields=["generation", "previous_generation", "ref"], search_params={"metric_type": "IP"},
             )  # fmt: skip
         except MilvusException as exc:
             raise StoreError(f"search failed: {exc}") from exc
+        field = "previous_generation" if kept else "generation"
         return [
-            [Hit(int(h["id"]), float(h["distance"]), int(h["entity"]["generation"]), h["entity"]["ref"]) for h in row]
+            [Hit(int(h["id"]), float(h["distance"]), int(h["entity"][field]), h["entity"]["ref"]) for h in row]
             for row in results
         ]
 
     def close(self) -> None:
         self.client.close()
+
+
+def create_collection(client, name: str, dim: int) -> None:
+    """An empty gallery collection for ``dim``-d embeddings (the schema in the module docstring)."""
+    from pymilvus import DataType, MilvusClient
+
+    schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+    schema.add_field("id", DataType.INT64, is_primary=True)
+    schema.add_field("ref", DataType.VARCHAR, max_length=MAX_REF_LENGTH)
+    schema.add_field("vectors", DataType.FLOAT_VECTOR, dim=2 * dim)  # current | previous
+    schema.add_field("generation", DataType.INT64)
+    schema.add_field("previous_generation", DataType.INT64)
+    schema.add_field("embedded_at", DataType.DOUBLE)
+    schema.add_field("bucket", DataType.INT64)
+    index = client.prepare_index_params()
+    index.add_index("vectors", index_type="FLAT", metric_type="IP")
+    client.create_collection(name, schema=schema, index_params=index, consistency_level="Strong")
+
+
+def migrate_collection(uri: str, collection: str) -> int:
+    """Convert a collection made without room for previous vectors into the current schema (every item keeps its
+    id, reference, vector, generation and time of embedding, with no previous vector); the items converted.
+
+    The items are copied into a staging collection first and the old one is dropped only once the copy is
+    complete, so a conversion stopped at any point is finished by running it again."""
+    from pymilvus import MilvusClient
+    from pymilvus.exceptions import MilvusException
+
+    staging = f"{collection}_migrating"
+    client = _connect(MilvusClient, uri)
+    try:
+        if client.has_collection(collection):
+            fields = {f["name"]: f for f in client.describe_collection(collection)["fields"]}
+            if "vectors" in fields:
+                raise StoreError(f"collection {collection!r} in {uri} has room for previous vectors already")
+            if client.has_collection(staging):
+                client.drop_collection(staging)
+            dim = int(fields["vector"]["params"]["dim"])
+            create_collection(client, staging, dim)
+            client.load_collection(collection)
+            _copy_items(client, collection, staging, dim)
+            client.drop_collection(collection)
+        elif not client.has_collection(staging):
+            raise StoreError(f"no collection {collection!r} in {uri}")
+        client.rename_collection(staging, collection)
+        client.load_collection(collection)
+        rows = client.query(collection, filter="", output_fields=["count(*)"])
+        return int(rows[0]["count(*)"])
+    except MilvusException as exc:
+        raise StoreError(f"the conversion of {collection!r} stopped ({exc.message}); run it again to finish") from None
+    finally:
+        client.close()
+
+
+def _copy_items(client, source: str, target: str, dim: int) -> None:
+    """Every item of an old-schema ``source`` written into ``target`` with no previous vector, a page at a time."""
+    fields = ["ref", "vector", "generation", "embedded_at", "bucket"]
+    listing = client.query_iterator(source, batch_size=16_384, output_fields=fields)
+    try:
+        while rows := listing.next():
+            zeros = np.zeros(dim, dtype=np.float32)
+            client.insert(target, [
+                {**{f: row[f] for f in ("id", "ref", "generation", "embedded_at", "bucket")},
+                 "vectors": np.concatenate([np.asarray(row["vector"], dtype=np.float32), zeros]),
+                 "previous_generation": NO_GENERATION}
+                for row in rows
+            ])  # fmt: skip
+    finally:
+        listing.close()
+    client.flush(target)

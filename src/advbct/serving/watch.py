@@ -84,7 +84,7 @@ class LiveWatch:
             self.queries[key] = embedder.embed_files(self.files)
         return self.queries[key]
 
-    def score(self, embedder: Embedder, store: GalleryStore, merge: MixedMerge | None) -> float:
+    def score(self, embedder: Embedder, store: GalleryStore, merge: MixedMerge) -> float:
         """The service's quality now: the probe searched as a user's query is."""
         return precision_at_k(store.search(self._probe(embedder), K, merge), self.labels)
 

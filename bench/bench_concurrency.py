@@ -23,7 +23,8 @@ from pathlib import Path
 from rich.console import Console
 
 from advbct import pipeline
-from advbct.table_bench import DEFAULT_METHODS, setting_config
+from advbct.compat import compared_methods
+from advbct.table_bench import setting_config
 
 
 def images_trained(run_dir: Path) -> float:
@@ -37,7 +38,7 @@ def main() -> None:
     parser.add_argument("--preset", default="cifar100", help="bench preset (cifar100 or smoke)")
     parser.add_argument("--setting", default="extended-class")
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS))
+    parser.add_argument("--methods", default=",".join(compared_methods()))
     parser.add_argument("--jobs", type=int, default=7)
     parser.add_argument("--modes", default="processes,threads")
     parser.add_argument("--epochs", type=int, default=3, help="epochs per new model")

@@ -22,7 +22,9 @@ from advbct.compat import (
     compute_class_statistics,
     load_statistics,
     method_class,
+    method_info,
     radius_summary,
+    reference_method,
     save_statistics,
 )
 from advbct.compat.advbct import PAPER_TAU
@@ -196,7 +198,7 @@ def _train_run(run: NewModelRun, show_progress: bool) -> Path:
     if run.method != run.cfg.new.compat.method:
         options = options_for(run.method, run.cfg.new.compat.options)
         new_cfg.compat.method, new_cfg.compat.options = run.method, options
-    stats = run.stats_path if run.method != "independent" else None
+    stats = run.stats_path if method_info(run.method).needs_old_model else None
     return train_new(new_cfg, run.out / run.method, run.old_path, stats, show_progress=show_progress)
 
 
@@ -236,7 +238,7 @@ def plan_new_models(
     model and every method, which depend on nothing else and can train in any order or at once."""
     out.mkdir(parents=True, exist_ok=True)
     old_path, stats_path = _prepare_old(cfg, out, console, show_progress)
-    names = ["independent", *[m for m in methods if m != "independent"]]
+    names = [reference_method(), *[m for m in methods if m != reference_method()]]
     prefix = f"{label}/" if label else ""
     return old_path, [NewModelRun(cfg, out, name, old_path, stats_path, prefix + name) for name in names]
 

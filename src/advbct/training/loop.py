@@ -26,7 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from advbct.compat import ClassStatistics, CompatBatch, CompatContext, create
+from advbct.compat import ClassStatistics, CompatBatch, CompatContext, create, method_info, reference_method
 from advbct.compat.base import LossOutput
 from advbct.config import ModelConfig, TrainConfig
 from advbct.data.allocation import Allocation
@@ -238,7 +238,7 @@ def train_model(
         check_same_run(run_dir, cfg)
     if resume and final_path.is_file():
         return final_path
-    if role == "new" and old is None and cfg.compat.method != "independent":
+    if role == "new" and old is None and method_info(cfg.compat.method).needs_old_model:
         raise CheckpointError(f"method {cfg.compat.method!r} needs an old checkpoint (--old)")
     if cfg.init_from_old and (role != "new" or old is None):
         raise CheckpointError("init_from_old needs a new-model run with an old checkpoint (--old)")
@@ -475,7 +475,7 @@ class TrainStep(nn.Module):
 def _build_method(
     cfg: TrainConfig, role: Role, num_classes: int, old: OldModel | None, stats: ClassStatistics | None
 ) -> nn.Module:
-    name = "independent" if role == "old" else cfg.compat.method
+    name = reference_method() if role == "old" else cfg.compat.method
     old_head = None
     if old is not None:
         old_head = copy.deepcopy(old.model.head).eval().requires_grad_(False)

@@ -382,9 +382,12 @@ def download_cmd(
 
 @app.command("methods")
 def methods_cmd() -> None:
-    """List the registered compatibility methods."""
+    """List the registered compatibility methods: kind, what each needs, and its options."""
     for name in list_methods():
-        console.print(name)
+        info = method_info(name)
+        needs = ", ".join(info.method.requires) or ("old model" if info.needs_old_model else "nothing")
+        options = ", ".join(info.method.option_names()) or "none"
+        console.print(f"{name} ({info.kind}) needs: {needs}; options: {options}", highlight=False)
 
 
 app.add_typer(index_app, name="index")

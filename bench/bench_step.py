@@ -58,12 +58,10 @@ def make_model(cfg, head_classes: list[int]):
     meta = ModelMeta(
         architecture=cfg.model,
         data=cfg.data,
-        embedding_dim=cfg.model.embedding_dim,
         preprocessing=Preprocessing(cfg.data.image_size).to_json(),
         class_names=[str(i) for i in range(NUM_CLASSES)],
         head_classes=head_classes,
         allocation={},
-        role="bench",
         generation=1,
         method="bench",
     )

@@ -16,13 +16,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from advbct.config import DataConfig, ModelConfig
 from advbct.data.batches import Preprocessing
 from advbct.models.embedding import EmbeddingModel
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Keys of format 1 that repeat what other keys hold (the embedding dim is the architecture's, the role follows from
+# the method) or that never varied (every embedding was normalised): dropped when an older checkpoint is read.
+LEGACY_KEYS = ("embedding_dim", "normalised_embedding", "role")
 
 
 class CheckpointError(ValueError):
@@ -30,23 +33,36 @@ class CheckpointError(ValueError):
 
 
 class ModelMeta(BaseModel):
+    """What a checkpoint says about its model. ``preprocessing`` is the whole evaluation transform (see
+    ``Preprocessing``); ``method`` is ``classification`` for an old model."""
+
     model_config = ConfigDict(extra="forbid")
 
     format_version: int = FORMAT_VERSION
     model_id: str = Field(default_factory=lambda: uuid.uuid4().hex)
     architecture: ModelConfig
     data: DataConfig
-    embedding_dim: int
-    normalised_embedding: bool = True
     preprocessing: dict[str, Any]
     class_names: list[str]
     head_classes: list[int]
     allocation: dict[str, Any]
-    role: str
     generation: int
     method: str
     compatible_with: dict[str, Any] | None = None
     metrics: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_legacy_keys(cls, tree: Any) -> Any:
+        """An older checkpoint's metadata read as the current format (saved again, it is written as one)."""
+        if isinstance(tree, dict) and tree.get("format_version", FORMAT_VERSION) < FORMAT_VERSION:
+            tree = {key: value for key, value in tree.items() if key not in LEGACY_KEYS}
+            tree["format_version"] = FORMAT_VERSION
+        return tree
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.architecture.embedding_dim
 
     @property
     def prep(self) -> Preprocessing:

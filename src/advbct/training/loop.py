@@ -53,6 +53,7 @@ from advbct.models.checkpoint import (
     save_checkpoint,
 )
 from advbct.models.embedding import EmbeddingModel
+from advbct.models.preprocessing import training_preprocessing
 from advbct.training.cuda_graph import (
     CudaGraphStep,
     StepScalars,
@@ -249,16 +250,14 @@ def train_model(
     device = resolve_device(cfg.device)
     indices = allocation.old_indices if role == "old" else allocation.new_indices
     head_classes = list(allocation.old_classes) if role == "old" else list(range(train_set.num_classes))
-    prep = Preprocessing(cfg.data.image_size)
+    prep = training_preprocessing(cfg.model, cfg.data, train_set.images[indices])
     meta = ModelMeta(
         architecture=cfg.model,
         data=cfg.data,
-        embedding_dim=cfg.model.embedding_dim,
         preprocessing=prep.to_json(),
         class_names=list(train_set.classes),
         head_classes=head_classes,
         allocation=allocation.summary(),
-        role=role,
         generation=1 if old is None else old.meta.generation + 1,
         method="classification" if role == "old" else cfg.compat.method,
         compatible_with=None if old is None else {"model_id": old.meta.model_id, "path": str(old.path)},
@@ -304,6 +303,7 @@ def train_model(
     if resume and last_path.is_file():
         blob = read_checkpoint(last_path)
         meta = read_meta(blob, last_path)
+        prep = meta.prep  # a run goes on with the transform it started with
         model.load_state_dict(blob["model"])
         method.load_state_dict(blob["method"])
         optimizer.load_state_dict(blob["optimizer"])

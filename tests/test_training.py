@@ -1,5 +1,7 @@
 """The training loop: learning-rate schedule, and resuming an interrupted run to the same weights."""
 
+import json
+
 import pytest
 import torch
 
@@ -101,6 +103,9 @@ def test_init_from_old_reaches_the_trained_model_and_refuses_other_shapes(tiny_f
     new_state, old_state = torch.load(new_path, weights_only=True)["model"], old.model.state_dict()
     conv = "backbone.conv1.weight"
     assert torch.equal(new_state[conv], old_state[conv])  # a step of 1e-30 leaves every weight where it started
+    # Fine-tuned from the old model, it keeps the old model's normalisation rather than taking its own data's.
+    new_meta = json.loads(torch.load(new_path, weights_only=True)["meta"])
+    assert new_meta["preprocessing"] == old.meta.preprocessing
 
     wider = train_config(
         "new",

@@ -250,7 +250,10 @@ def train_model(
     device = resolve_device(cfg.device)
     indices = allocation.old_indices if role == "old" else allocation.new_indices
     head_classes = list(allocation.old_classes) if role == "old" else list(range(train_set.num_classes))
-    prep = training_preprocessing(cfg.model, cfg.data, train_set.images[indices])
+    # A model fine-tuned from the old one keeps the inputs the old weights were trained on.
+    prep = (
+        old.meta.prep if cfg.init_from_old else training_preprocessing(cfg.model, cfg.data, train_set.images[indices])
+    )
     meta = ModelMeta(
         architecture=cfg.model,
         data=cfg.data,

@@ -8,6 +8,7 @@ import torch
 from advbct import pipeline
 from advbct.cli import train_config
 from advbct.config import OptimConfig
+from advbct.models.checkpoint import CheckpointError
 from advbct.models.embedding import EmbeddingModel
 from advbct.training import learning_rate
 from advbct.training import loop as loop_module
@@ -132,3 +133,13 @@ def test_init_from_old_reaches_the_trained_model_and_refuses_other_shapes(tiny_f
     )
     with pytest.raises(loop_module.CheckpointError, match="init_from_old needs a new-model run"):
         pipeline.train_old(old_run, tmp_path / "old2", show_progress=False)
+
+
+def test_a_method_that_reads_the_old_model_is_refused_without_one_and_the_reference_is_not(tiny_folder, tmp_path):
+    base = ["data.dataset=image-folder", "device=cpu", "optim.epochs=1"]
+    l2 = train_config("new", "smoke", None, [*base, "compat.method=l2"], str(tiny_folder), None)
+    with pytest.raises(CheckpointError, match="method 'l2' needs an old checkpoint"):
+        pipeline.train_new(l2, tmp_path / "l2", None, show_progress=False)
+    assert not (tmp_path / "l2" / "model.pt").exists()
+    reference = train_config("new", "smoke", None, [*base, "compat.method=independent"], str(tiny_folder), None)
+    assert pipeline.train_new(reference, tmp_path / "independent", None, show_progress=False).is_file()

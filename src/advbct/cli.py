@@ -176,9 +176,6 @@ def train_new_cmd(
     no_progress: QuietOpt = False,
 ) -> None:
     """Train a new model with a compatibility method (advbct, independent, ...)."""
-    if method not in list_methods():
-        errors.print(f"[red]error:[/] unknown method {method!r}; available: {', '.join(list_methods())}")
-        raise typer.Exit(2)
     cfg = _run(train_config, "new", preset, config, [*(overrides or []), f"compat.method={method}"], data, device)
     needs_old = method_info(method).needs_old_model
     if stats is None and old is not None and (old.parent / "stats.pt").is_file() and needs_old:

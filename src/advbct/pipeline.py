@@ -28,7 +28,7 @@ from advbct.compat import (
     save_statistics,
 )
 from advbct.compat.advbct import PAPER_TAU
-from advbct.config import DataConfig, QuickstartConfig, TrainConfig
+from advbct.config import CompatConfig, DataConfig, QuickstartConfig, TrainConfig
 from advbct.data.allocation import Allocation, load_allocation, load_or_make_allocation
 from advbct.data.images import DataError, ImageSet
 from advbct.data.sources import load_split
@@ -196,8 +196,7 @@ def _prepare_old(cfg: QuickstartConfig, out: Path, console: Console, show_progre
 def _train_run(run: NewModelRun, show_progress: bool) -> Path:
     new_cfg = run.cfg.new.model_copy(deep=True)
     if run.method != run.cfg.new.compat.method:
-        options = options_for(run.method, run.cfg.new.compat.options)
-        new_cfg.compat.method, new_cfg.compat.options = run.method, options
+        new_cfg.compat = CompatConfig(method=run.method, options=options_for(run.method, run.cfg.new.compat.options))
     stats = run.stats_path if method_info(run.method).needs_old_model else None
     return train_new(new_cfg, run.out / run.method, run.old_path, stats, show_progress=show_progress)
 

@@ -124,3 +124,12 @@ def test_a_format_one_checkpoint_loads_with_the_cifar_transform_it_was_made_with
         prep = meta.prep
         assert (prep.image_size, prep.crop_fraction, prep.interpolation) == (32, 1.0, "bicubic")
         assert prep.mean == (0.5071, 0.4865, 0.4409) and prep.std == (0.2673, 0.2564, 0.2762)
+
+
+def test_a_checkpoint_whose_preprocessing_cannot_be_applied_is_refused_when_read(tmp_path):
+    model = build_model(make_meta())
+    for bad in ({"image_size": 32, "interpolation": "lanczos9"}, {"image_size": 32, "crop_fraction": 0}, {}):
+        tree = make_meta().model_dump(mode="json") | {"preprocessing": bad}
+        torch.save({"meta": json.dumps(tree), "model": model.state_dict()}, tmp_path / "bad.pt")
+        with pytest.raises(CheckpointError, match=r"(?s)unreadable metadata.*preprocessing"):
+            load_checkpoint(tmp_path / "bad.pt")

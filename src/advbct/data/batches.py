@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DistributedSampler
 
-from advbct.data.images import decode_image, square_rgb
+from advbct.data.images import RESAMPLING, decode_image, square_rgb
 from advbct.distributed import World
 
 # The per-channel mean and standard deviation of CIFAR-100's training split (pixel values in [0, 1]).
@@ -37,6 +37,12 @@ class Preprocessing:
     std: tuple[float, float, float] = CIFAR100_STD
     crop_fraction: float = 1.0
     interpolation: str = "bicubic"
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.crop_fraction <= 1.0:
+            raise ValueError(f"crop_fraction must lie in (0, 1], got {self.crop_fraction}")
+        if self.interpolation not in RESAMPLING:
+            raise ValueError(f"interpolation must be one of {', '.join(RESAMPLING)}, got {self.interpolation!r}")
 
     def to_json(self) -> dict:
         return {

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from advbct.config import DataConfig, ModelConfig
 from advbct.data.batches import Preprocessing
@@ -58,6 +58,16 @@ class ModelMeta(BaseModel):
         if isinstance(tree, dict) and tree.get("format_version", FORMAT_VERSION) < FORMAT_VERSION:
             tree = {key: value for key, value in tree.items() if key not in LEGACY_KEYS}
             tree["format_version"] = FORMAT_VERSION
+        return tree
+
+    @field_validator("preprocessing")
+    @classmethod
+    def _readable_preprocessing(cls, tree: dict[str, Any]) -> dict[str, Any]:
+        """Refuse a transform evaluation could not apply when the checkpoint is read, not when it is used."""
+        try:
+            Preprocessing.from_json(tree)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"preprocessing {tree}: {exc}") from None
         return tree
 
     @property

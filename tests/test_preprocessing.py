@@ -14,6 +14,7 @@ from advbct import pipeline
 from advbct.cli import train_config
 from advbct.config import ConfigError, DataConfig, ModelConfig
 from advbct.data.batches import CIFAR100_MEAN, CIFAR100_STD, Preprocessing, channel_statistics
+from advbct.data.cifar import load_cifar100
 from advbct.data.images import square_rgb
 from advbct.models import load_checkpoint
 from advbct.models.preprocessing import training_preprocessing
@@ -55,10 +56,13 @@ def test_a_pretrained_backbone_takes_imagenet_normalisation_from_timms_pretraine
         training_preprocessing(ModelConfig(backbone="no_such_net", pretrained=True), DataConfig(), NO_IMAGES)
 
 
-def test_cifar_keeps_its_published_statistics():
+def test_cifar_keeps_its_published_statistics_which_are_those_of_its_training_split(real_data):
     assert training_preprocessing(ModelConfig(), DataConfig(), NO_IMAGES) == Preprocessing(
         32, CIFAR100_MEAN, CIFAR100_STD, 1.0, "bicubic"
     )
+    channels = load_cifar100(real_data, "train").images.numpy().transpose(1, 0, 2, 3)  # one channel at a time
+    assert tuple(c.mean(dtype=np.float64) / 255 for c in channels) == pytest.approx(CIFAR100_MEAN, abs=5e-5)
+    assert tuple(c.std(dtype=np.float64) / 255 for c in channels) == pytest.approx(CIFAR100_STD, abs=5e-5)
 
 
 def _train_old(folder: Path, out: Path, *overrides: str) -> Path:

@@ -43,6 +43,7 @@ from advbct.compat import (
     compute_class_statistics,
     create,
     list_methods,
+    reference_method,
 )
 from advbct.data.batches import Preprocessing, apply_crop_flip, crop_flip_params, normalise
 from advbct.models.checkpoint import ModelMeta, build_model
@@ -58,12 +59,10 @@ def make_model(cfg, head_classes: list[int]):
     meta = ModelMeta(
         architecture=cfg.model,
         data=cfg.data,
-        embedding_dim=cfg.model.embedding_dim,
         preprocessing=Preprocessing(cfg.data.image_size).to_json(),
         class_names=[str(i) for i in range(NUM_CLASSES)],
         head_classes=head_classes,
         allocation={},
-        role="bench",
         generation=1,
         method="bench",
     )
@@ -205,7 +204,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7, help="interleaved rounds (about 100 for tight intervals)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps-per-sample", type=int, default=1, help="consecutive steps per timing sample")
-    parser.add_argument("--methods", default=",".join(m for m in list_methods() if m != "independent"))
+    parser.add_argument("--methods", default=",".join(m for m in list_methods() if m != reference_method()))
     parser.add_argument("--target", type=float, default=0.05, help="the loss overhead to judge against (0.05 = 5%%)")
     parser.add_argument("--confidence", type=float, default=0.95, help="of all the losses' intervals together")
     speedup = parser.add_mutually_exclusive_group()

@@ -21,8 +21,6 @@ from advbct.compat.advbct import (
     elastic_radii,
     grad_reverse,
     mean_radius,
-    non_saturating_adversarial_loss,
-    separate_batch_adversarial_loss,
 )
 
 
@@ -149,61 +147,8 @@ def test_registry_and_requirements():
         create("advbct", _context(), taux=2.0)
 
 
-def _confident_discriminator():
-    """logits = (0, 2x): P(old | x) = sigmoid(2x). At x_new = -5 it is sure the sample is new."""
-    d = torch.nn.Linear(1, 2, bias=False)
-    d.weight.data = torch.tensor([[0.0], [2.0]])
-    return d
-
-
-def _sigmoid(z):
-    return 1 / (1 + math.exp(-z))
-
-
 def _softplus(z):
     return math.log1p(math.exp(z))
-
-
-def test_non_saturating_generator_keeps_a_gradient_where_reversal_vanishes():
-    old, alpha = torch.tensor([[3.0]]), 0.5
-    new = torch.tensor([[-5.0]], requires_grad=True)
-    d = _confident_discriminator()
-    loss, accuracy = non_saturating_adversarial_loss(d, new, old, alpha)
-    # D's loss: softplus(2 * -5) + softplus(-2 * 3); the new model's: alpha * softplus(10) (new called old)
-    assert loss.item() == pytest.approx(_softplus(-10) + _softplus(-6) + alpha * _softplus(10), rel=1e-5)
-    assert accuracy.item() == 1.0
-    loss.backward()
-    # d/dx alpha * softplus(-2x) = -2 alpha sigmoid(-2x): about -1 at x = -5, toward the old side
-    assert new.grad.item() == pytest.approx(-2 * alpha * _sigmoid(10), rel=1e-5)
-    # D learns from its own loss only: d/dw [softplus(w x_new) + softplus(-w x_old)] for the old-logit row
-    expected_w = -5 * _sigmoid(-10) - 3 * _sigmoid(-6)
-    assert d.weight.grad[1, 0].item() == pytest.approx(expected_w, rel=1e-4)  # float32 sigmoid(-6)
-
-    reversed_new = torch.tensor([[-5.0]], requires_grad=True)
-    adversarial_loss(_confident_discriminator(), reversed_new, old, alpha)[0].backward()
-    # Reversal: -alpha d/dx softplus(2x) = -2 alpha sigmoid(-10), four orders of magnitude weaker
-    assert reversed_new.grad.item() == pytest.approx(-2 * alpha * _sigmoid(-10), rel=1e-5)
-    assert abs(reversed_new.grad.item()) < 1e-3 * abs(new.grad.item())
-
-
-def test_non_saturating_loss_updates_discriminator_statistics_once():
-    d = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.BatchNorm1d(3), torch.nn.Linear(3, 2))
-    new, old = torch.randn(8, 2, requires_grad=True), torch.randn(8, 2)
-    non_saturating_adversarial_loss(d, new, old, 1.0)
-    assert d[1].num_batches_tracked.item() == 1
-
-
-def test_advbct_generator_loss_option():
-    stats = compute_class_statistics(torch.randn(40, 4), torch.arange(40) % 2, 3, "m")
-    ctx = CompatContext(embedding_dim=4, num_classes=3, statistics=stats)
-    assert create("advbct", ctx).adversarial_loss is separate_batch_adversarial_loss  # the paper's two calls of D
-    assert create("advbct", ctx, generator_loss="reversal").adversarial_loss is adversarial_loss
-    method = create("advbct", ctx, generator_loss="non-saturating")
-    batch = CompatBatch(torch.randn(6, 4, requires_grad=True), torch.arange(6) % 3, torch.randn(6, 4), 0.5, 0, 2, None)
-    out = method(batch)
-    assert {"adv", "disc_acc", "bound"} <= set(out.parts)
-    with pytest.raises(CompatError, match="generator_loss must be one of reversal, reversal-separate, non-saturating"):
-        create("advbct", ctx, generator_loss="wasserstein")
 
 
 def _batch_norm_discriminator():
@@ -211,29 +156,24 @@ def _batch_norm_discriminator():
     return torch.nn.Sequential(torch.nn.BatchNorm1d(1, affine=False, eps=1e-12), torch.nn.Linear(1, 2, bias=False))
 
 
-def test_separate_batches_hide_a_shift_that_the_joint_batch_shows():
+def test_separate_calls_of_the_discriminator_hide_a_shift_between_old_and_new():
     old = torch.tensor([[1.0], [3.0]])
     new = torch.tensor([[-3.0], [-1.0]])
     d = _batch_norm_discriminator()
     d[1].weight.data = torch.tensor([[0.0], [1.0]])
-    # Joint batch {-3, -1, 1, 3}: mean 0, std sqrt(5); logits of 'old' are x / sqrt(5), so D separates the two.
-    joint, joint_acc = adversarial_loss(d, new, old, 1.0)
-    s5 = math.sqrt(5)
-    expected = (_softplus(-3 / s5) + _softplus(-1 / s5)) / 2 + (_softplus(-1 / s5) + _softplus(-3 / s5)) / 2
-    assert joint.item() == pytest.approx(expected, rel=1e-5)
-    assert joint_acc.item() == 1.0
-    # Separate calls standardise each pair to (-1, 1): D sees the same two inputs on both sides, whatever the shift.
-    separate, separate_acc = separate_batch_adversarial_loss(d, new, old, 1.0)
-    assert separate.item() == pytest.approx(_softplus(-1) + _softplus(1), rel=1e-5)
-    assert separate_acc.item() == 0.5
-    shifted, _ = separate_batch_adversarial_loss(d, new + 100.0, old, 1.0)
-    assert shifted.item() == pytest.approx(separate.item(), rel=1e-6)
+    # Each call standardises its pair to (-1, 1): D sees the same two inputs on both sides, whatever the shift, so
+    # it scores softplus(-1) + softplus(1) (one of each pair right) although one joint batch would separate them.
+    loss, accuracy = adversarial_loss(d, new, old, 1.0)
+    assert loss.item() == pytest.approx(_softplus(-1) + _softplus(1), rel=1e-5)
+    assert accuracy.item() == 0.5
+    shifted, _ = adversarial_loss(d, new + 100.0, old, 1.0)
+    assert shifted.item() == pytest.approx(loss.item(), rel=1e-6)
 
 
-def test_separate_batch_loss_reverses_the_new_embeddings_gradient():
+def test_adversarial_loss_reverses_the_new_embeddings_gradient():
     d = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.BatchNorm1d(3), torch.nn.Linear(3, 2))
     new, old = torch.randn(6, 2, requires_grad=True), torch.randn(6, 2)
-    separate_batch_adversarial_loss(d, new, old, 0.25)[0].backward()
+    adversarial_loss(d, new, old, 0.25)[0].backward()
     reversed_grad = new.grad.clone()
     new.grad = None
     d.zero_grad()

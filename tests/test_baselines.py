@@ -5,7 +5,20 @@ import math
 import pytest
 import torch
 
-from advbct.compat import CompatBatch, CompatContext, CompatError, compute_class_statistics, create, list_methods
+from advbct.compat import (
+    CompatBatch,
+    CompatContext,
+    CompatError,
+    CompatibilityMethod,
+    compared_methods,
+    compute_class_statistics,
+    create,
+    list_methods,
+    method_info,
+    methods_of_kind,
+    reference_method,
+    register_method,
+)
 from advbct.compat.baselines import hot_refresh_loss, l2_regression_loss
 from advbct.models.heads import SoftmaxHead
 
@@ -156,9 +169,14 @@ def test_hot_refresh_defaults_to_the_public_ten_negatives_and_validates_its_opti
     ctx = CompatContext(embedding_dim=2, num_classes=4)
     assert create("hot-refresh", ctx).top_k == 10
     assert create("hot-refresh", ctx, top_k_negatives=None).top_k is None
-    for bad in (0, -3, 2.5, True, "10"):
-        with pytest.raises(CompatError, match="option top_k_negatives must be a positive integer or null"):
+    for bad in (0, -3):
+        with pytest.raises(CompatError, match="option top_k_negatives: Input should be greater than 0"):
             create("hot-refresh", ctx, top_k_negatives=bad)
+    for bad in (2.5, True, "10"):
+        with pytest.raises(CompatError, match="option top_k_negatives: Input should be a valid integer"):
+            create("hot-refresh", ctx, top_k_negatives=bad)
+    with pytest.raises(CompatError, match="option temperature: Input should be greater than 0"):
+        create("hot-refresh", ctx, temperature=0.0)
     with pytest.raises(CompatError, match="method 'hot-refresh' has no option 'topk_neg'; its options: temperature"):
         create("hot-refresh", ctx, topk_neg=10)
 
@@ -181,6 +199,20 @@ def test_registry_lists_every_method_and_refuses_unmet_needs():
         create("bct", bare)
     with pytest.raises(CompatError, match="statistics"):
         create("lce", bare)
+
+
+def test_registry_tells_each_methods_kind_and_needs():
+    assert reference_method() == "independent"
+    assert compared_methods() == ["l2", "bct", "lce", "unibct", "hot-refresh", "advbct"]
+    assert methods_of_kind("ablation") == ["advbct-adv-only", "advbct-bound-only", "advbct-fixed-radius"]
+    assert not method_info("independent").needs_old_model
+    # L2 and Hot-refresh read old embeddings; BCT the old classifier; AdvBCT and LCE the old statistics.
+    assert all(method_info(m).needs_old_model for m in compared_methods())
+    with pytest.raises(CompatError, match="kind must be one of reference, proposed, baseline, ablation, variant"):
+        register_method("mystery", kind="novel")
+    with pytest.raises(CompatError, match="there is already a reference method, 'independent'"):
+        register_method("second-reference", kind="reference")(CompatibilityMethod)
+    assert "second-reference" not in list_methods()
 
 
 def test_ablations_switch_parts_off():
@@ -234,7 +266,7 @@ def test_fixed_radius_ablation_uses_the_chosen_radius(radius, expected):
 def test_fixed_radius_defaults_to_the_public_codes_smallest_inlier_distance_and_validates_the_choice():
     ctx = CompatContext(embedding_dim=2, num_classes=2, statistics=_four_sample_class_statistics())
     assert create("advbct-fixed-radius", ctx).radii()[0].item() == pytest.approx(NEAR, rel=1e-6)
-    with pytest.raises(CompatError, match="option radius must be one of min, median, max, got 'mean'"):
+    with pytest.raises(CompatError, match="option radius: Input should be 'min', 'median' or 'max', got 'mean'"):
         create("advbct-fixed-radius", ctx, radius="mean")
     with pytest.raises(CompatError, match="method 'advbct-fixed-radius' has no option 'elastic'"):
         create("advbct-fixed-radius", ctx, elastic=True)

@@ -1,5 +1,7 @@
 """Checkpoints round-trip with metadata, load with weights_only, and refuse what does not fit."""
 
+import json
+
 import pytest
 import torch
 
@@ -18,12 +20,10 @@ def make_meta(**changes):
     fields = dict(
         architecture=SMALL,
         data=DataConfig(),
-        embedding_dim=16,
         preprocessing={"image_size": 32, "mean": [0.5] * 3, "std": [0.25] * 3},
         class_names=["a", "b", "c"],
         head_classes=[0, 2],
         allocation={"kind": "extended-class"},
-        role="old",
         generation=1,
         method="classification",
     )
@@ -107,3 +107,29 @@ def test_heads(kind):
         assert torch.all(target_drop > 0)  # the margin lowers the target logit only
         others = torch.ones_like(plain, dtype=torch.bool).scatter(1, labels.view(-1, 1), False)
         assert torch.allclose(plain[others], logits[others])
+
+
+def test_a_format_one_checkpoint_loads_with_the_cifar_transform_it_was_made_with(tmp_path):
+    """A checkpoint written before the preprocessing carried its framing: it repeats the embedding dim and role, and
+    its preprocessing holds only the size (the oldest) or the size and CIFAR-100's statistics."""
+    model = build_model(make_meta())
+    for preprocessing in ({"image_size": 32}, {"image_size": 32, "mean": [0.5071, 0.4865, 0.4409],
+                                               "std": [0.2673, 0.2564, 0.2762]}):  # fmt: skip
+        tree = make_meta().model_dump(mode="json")
+        tree |= {"format_version": 1, "embedding_dim": 16, "normalised_embedding": True, "role": "old",
+                 "preprocessing": preprocessing}  # fmt: skip
+        torch.save({"meta": json.dumps(tree), "model": model.state_dict()}, tmp_path / "v1.pt")
+        _, meta = load_checkpoint(tmp_path / "v1.pt")
+        assert meta.embedding_dim == 16 and meta.format_version == 2
+        prep = meta.prep
+        assert (prep.image_size, prep.crop_fraction, prep.interpolation) == (32, 1.0, "bicubic")
+        assert prep.mean == (0.5071, 0.4865, 0.4409) and prep.std == (0.2673, 0.2564, 0.2762)
+
+
+def test_a_checkpoint_whose_preprocessing_cannot_be_applied_is_refused_when_read(tmp_path):
+    model = build_model(make_meta())
+    for bad in ({"image_size": 32, "interpolation": "lanczos9"}, {"image_size": 32, "crop_fraction": 0}, {}):
+        tree = make_meta().model_dump(mode="json") | {"preprocessing": bad}
+        torch.save({"meta": json.dumps(tree), "model": model.state_dict()}, tmp_path / "bad.pt")
+        with pytest.raises(CheckpointError, match=r"(?s)unreadable metadata.*preprocessing"):
+            load_checkpoint(tmp_path / "bad.pt")

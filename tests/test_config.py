@@ -4,6 +4,7 @@ import pytest
 
 from advbct.cli import quickstart_config, train_config
 from advbct.config import ConfigError, TrainConfig, apply_overrides, list_presets, load_config
+from conftest import run_advbct
 
 
 def test_presets_load_and_validate():
@@ -48,3 +49,28 @@ def test_bad_values_and_malformed_overrides():
         apply_overrides({}, ["optim.lr"])
     with pytest.raises(ConfigError, match="unknown preset"):
         quickstart_config("nope", None, None, None, None)
+
+
+def test_method_options_are_checked_against_the_methods_schema_when_the_config_loads():
+    with pytest.raises(ConfigError, match=r"compat: method 'advbct' has no option 'typo'; its options: tau, ") as err:
+        load_config(TrainConfig, overrides=["compat.options.typo=1"])
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match=r"method 'advbct' option tau: Input should be a valid number, .*got 'x'"):
+        load_config(TrainConfig, overrides=["compat.options.tau=x"])
+    with pytest.raises(ConfigError, match=r"unknown compatibility method 'nope'"):
+        load_config(TrainConfig, overrides=["compat.method=nope"])
+    with pytest.raises(ConfigError, match=r"new\.compat: method 'advbct' has no option 'typo'"):
+        quickstart_config("smoke", None, ["new.compat.options.typo=1"], None, None)
+    cfg = load_config(TrainConfig, overrides=["compat.method=hot-refresh", "compat.options.top_k_negatives=null"])
+    assert cfg.compat.options == {"top_k_negatives": None}  # kept as given: config.json shows what was set
+
+
+def test_a_bad_method_option_stops_the_cli_with_one_line_before_any_work(tmp_path):
+    out = tmp_path / "new"
+    result = run_advbct("train-new", "--method", "lce", "--out", str(out), "-o", "compat.options.align_weigth=2")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: invalid config (preset quickstart): compat: method 'lce' has no option 'align_weigth'; "
+        "its options: boundary_weight, align_weight"
+    ]
+    assert not out.exists()

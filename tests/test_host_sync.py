@@ -10,7 +10,14 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from advbct.compat import CompatBatch, CompatContext, compute_class_statistics, create, list_methods
+from advbct.compat import (
+    CompatBatch,
+    CompatContext,
+    compute_class_statistics,
+    create,
+    list_methods,
+    reference_method,
+)
 from advbct.data.batches import BatchStream, Preprocessing, normalise
 from advbct.distributed import World
 from advbct.models.heads import SoftmaxHead
@@ -68,8 +75,7 @@ def make_context(dim: int, classes: int) -> CompatContext:
     return CompatContext(dim, classes, stats, head, tuple(old_classes))
 
 
-METHOD_CASES = [(m, {}) for m in list_methods() if m != "independent"]
-METHOD_CASES += [("advbct", {"generator_loss": loss}) for loss in ("non-saturating", "reversal")]
+METHOD_CASES = [(m, {}) for m in list_methods() if m != reference_method()]
 
 
 @pytest.mark.parametrize(("name", "options"), METHOD_CASES)

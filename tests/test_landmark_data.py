@@ -10,11 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from advbct.data.benchmarks import find_benchmark_root
-from advbct.data.gldv2 import gldv2_allocation, gldv2_image_path, load_gldv2_retrieval, load_gldv2_train
+from advbct.data.gldv2 import gldv2_image_path, load_gldv2_retrieval
 from advbct.data.images import DataError, decode_image
 from advbct.data.revisited import load_revisited
 from advbct.data.safe_pickle import load_plain_pickle
@@ -102,7 +101,7 @@ def test_decode_with_a_box_cuts_the_region_and_keeps_it_whole(tmp_path):
         decode_image(tmp_path / "p.png", 8, box=(20.0, 10.0, 20.0, 30.0))
 
 
-def test_gldv2_loaders_and_allocations(tmp_path):
+def test_gldv2_retrieval_loader(tmp_path):
     written = write_gldv2(tmp_path)
     data = load_gldv2_retrieval(tmp_path)
     assert data.index_ids == tuple(written["index_ids"])
@@ -113,18 +112,6 @@ def test_gldv2_loaders_and_allocations(tmp_path):
     first = written["index_ids"][0]
     assert data.index_files()[0] == tmp_path / "index" / first[0] / first[1] / first[2] / f"{first}.jpg"
     assert gldv2_image_path(tmp_path, "train", "abcdef") == tmp_path / "train" / "a" / "b" / "c" / "abcdef.jpg"
-
-    train = load_gldv2_train(tmp_path)
-    assert train.landmark_ids == (3, 7, 11)
-    assert train.labels.tolist() == [1, 0, 1, 2, 0, 1]
-    (tmp_path / "train_clean.csv").write_text("landmark_id,images\n7,aaa bbb\n3,ccc\n")
-    clean = load_gldv2_train(tmp_path)
-    assert clean.image_ids == ("aaa", "bbb", "ccc") and clean.labels.tolist() == [1, 1, 0]
-    by_class = gldv2_allocation(train, "extended-class", 0.34, seed=0)
-    assert len(by_class.old_classes) == 1
-    assert by_class.old_indices.tolist() == gldv2_allocation(train, "extended-class", 0.34, seed=0).old_indices.tolist()
-    by_data = gldv2_allocation(train, "extended-data", 0.3, seed=0)
-    assert torch.bincount(train.labels[by_data.old_indices], minlength=3).tolist() == [1, 1, 1]
 
     with (tmp_path / "retrieval_solution_v2.1.csv").open("a") as f:
         f.write("ffffffffffffffff,None,Private\n")

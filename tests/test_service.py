@@ -215,7 +215,8 @@ def test_traffic_order_follows_the_hits_of_real_searches(service):
     client, state, root = service
     queries = sorted((root / "train").rglob("*.png"))
     counts = {}
-    for path in [queries[0], queries[0], queries[12], queries[25], queries[38]]:
+    # The last class's image three times: its neighbours lead the traffic order, whatever the tiny model learnt.
+    for path in [queries[38], queries[38], queries[38], queries[0], queries[12]]:
         hits = client.post("/search", files={"image": (path.name, path.read_bytes())}, data={"k": "3"}).json()["hits"]
         for hit in hits:
             counts[hit["id"]] = counts.get(hit["id"], 0) + 1

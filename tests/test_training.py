@@ -1,5 +1,7 @@
 """The training loop: learning-rate schedule, and resuming an interrupted run to the same weights."""
 
+import json
+
 import pytest
 import torch
 
@@ -118,6 +120,9 @@ def test_init_from_old_reaches_the_trained_model_and_refuses_other_shapes(tiny_f
     new_state, old_state = torch.load(new_path, weights_only=True)["model"], old.model.state_dict()
     conv = "backbone.conv1.weight"
     assert torch.equal(new_state[conv], old_state[conv])  # a step of 1e-30 leaves every weight where it started
+    # Fine-tuned from the old model, it keeps the old model's normalisation rather than taking its own data's.
+    new_meta = json.loads(torch.load(new_path, weights_only=True)["meta"])
+    assert new_meta["preprocessing"] == old.meta.preprocessing
 
     wider = train_config(
         "new",
@@ -144,3 +149,13 @@ def test_init_from_old_reaches_the_trained_model_and_refuses_other_shapes(tiny_f
     )
     with pytest.raises(CheckpointError, match="init_from_old needs a new-model run"):
         pipeline.train_old(old_run, tmp_path / "old2", show_progress=False)
+
+
+def test_a_method_that_reads_the_old_model_is_refused_without_one_and_the_reference_is_not(tiny_folder, tmp_path):
+    base = ["data.dataset=image-folder", "device=cpu", "optim.epochs=1"]
+    l2 = train_config("new", "smoke", None, [*base, "compat.method=l2"], str(tiny_folder), None)
+    with pytest.raises(CheckpointError, match="method 'l2' needs an old checkpoint"):
+        pipeline.train_new(l2, tmp_path / "l2", None, show_progress=False)
+    assert not (tmp_path / "l2" / "model.pt").exists()
+    reference = train_config("new", "smoke", None, [*base, "compat.method=independent"], str(tiny_folder), None)
+    assert pipeline.train_new(reference, tmp_path / "independent", None, show_progress=False).is_file()

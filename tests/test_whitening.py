@@ -14,7 +14,6 @@ from advbct import pipeline
 from advbct.cli import train_config
 from advbct.compat import CompatContext, create
 from advbct.data.allocation import load_allocation
-from advbct.data.batches import Preprocessing
 from advbct.data.sources import load_split
 from advbct.models.checkpoint import CheckpointError, load_checkpoint
 from advbct.models.embedding import EmbeddingModel
@@ -78,11 +77,11 @@ def test_training_keeps_the_whitened_stem_it_started_from(tiny_folder, tmp_path)
     overrides = ["data.dataset=image-folder", "device=cpu", "optim.epochs=2", "model.whitened_stem=true"]
     cfg = train_config("old", "smoke", None, overrides, str(tiny_folder), None)
     model_path = pipeline.train_old(cfg, tmp_path / "old", show_progress=False)
-    trained, _ = load_checkpoint(model_path)
+    trained, meta = load_checkpoint(model_path)
 
     allocation = load_allocation(tmp_path / "old" / "allocation.json")
     train_set = load_split(cfg.data, "train")
-    sample = whitening_sample(train_set.images[allocation.old_indices], Preprocessing(cfg.data.image_size), cfg.seed)
+    sample = whitening_sample(train_set.images[allocation.old_indices], meta.prep, cfg.seed)
     fresh = copy.deepcopy(trained.backbone.conv1)
     set_whitened_stem(fresh, sample)
     stem = trained.backbone.conv1.weight

@@ -17,7 +17,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, Trans
 from advbct import backfill_study, pipeline
 from advbct.backfill_study import StudyPlan
 from advbct.cli_errors import errors, refused_as_exit
-from advbct.compat import list_methods, radius_summary
+from advbct.compat import compared_methods, list_methods, method_info, methods_of_kind, radius_summary
 from advbct.compat.advbct import PAPER_TAU
 from advbct.config import (
     QuickstartConfig,
@@ -42,7 +42,7 @@ from advbct.reporting.markdown import render as render_markdown
 from advbct.reporting.run_info import run_info, write_run_info
 from advbct.reporting.tables import backfill_policy_table
 from advbct.serving.cli import backfill_cmd, index_app, rollback_cmd, serve_cmd, upgrade_cmd
-from advbct.table_bench import DEFAULT_METHODS, SETTINGS, run_bench
+from advbct.table_bench import SETTINGS, run_bench
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console()
@@ -52,7 +52,6 @@ ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML con
 OverrideOpt = Annotated[list[str] | None, typer.Option("--set", "-o", help="dotted override, e.g. optim.lr=0.05")]
 DataOpt = Annotated[str | None, typer.Option("--data", help="data root (else $ADVBCT_DATA, ../shared/data)")]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda, cuda:1 ...")]
-ABLATIONS = ("advbct-adv-only", "advbct-bound-only", "advbct-fixed-radius")
 QuietOpt = Annotated[bool, typer.Option("--no-progress", help="hide progress bars")]
 JobsOpt = Annotated[int, typer.Option("--jobs", min=1, help="new models trained at once (fills a GPU)")]
 
@@ -154,11 +153,9 @@ def train_new_cmd(
     no_progress: QuietOpt = False,
 ) -> None:
     """Train a new model with a compatibility method (advbct, independent, ...)."""
-    if method not in list_methods():
-        errors.print(f"[red]error:[/] unknown method {method!r}; available: {', '.join(list_methods())}")
-        raise typer.Exit(2)
     cfg = _run(train_config, "new", preset, config, [*(overrides or []), f"compat.method={method}"], data, device)
-    if stats is None and old is not None and (old.parent / "stats.pt").is_file() and method != "independent":
+    needs_old = method_info(method).needs_old_model
+    if stats is None and old is not None and (old.parent / "stats.pt").is_file() and needs_old:
         stats = old.parent / "stats.pt"
     path = _run(pipeline.train_new, cfg, out, old, stats, allocation, not no_progress)
     console.print(f"new model: {path}")
@@ -240,7 +237,7 @@ def compare_cmd(
     ),
     methods: Annotated[
         str, typer.Option("--methods", help="comma-separated methods (default: every baseline and advbct)")
-    ] = ",".join(DEFAULT_METHODS),
+    ] = ",".join(compared_methods()),
     ablations: Annotated[bool, typer.Option("--ablations", help="add the AdvBCT ablations")] = False,
     preset: PresetOpt = "quickstart",
     config: ConfigOpt = None,
@@ -251,7 +248,7 @@ def compare_cmd(
     jobs: JobsOpt = 1,
 ) -> None:
     """Train every method on one allocation and one seed set; one table, one results.json."""
-    chosen = _method_list(methods, ABLATIONS if ablations else ())
+    chosen = _method_list(methods, tuple(methods_of_kind("ablation")) if ablations else ())
     cfg = _run(quickstart_config, preset, config, overrides, data, device)
     reports = _run(pipeline.compare, cfg, out, chosen, console, not no_progress, jobs)
     title = f"{cfg.new.data.allocation}, {cfg.new.model.backbone}, seed {cfg.new.seed}"
@@ -308,7 +305,7 @@ def bench_cmd(
     settings: Annotated[
         str, typer.Option("--settings", help="comma-separated of extended-class, extended-data, extended-backbone")
     ] = ",".join(SETTINGS),
-    methods: Annotated[str, typer.Option("--methods", help="comma-separated methods")] = ",".join(DEFAULT_METHODS),
+    methods: Annotated[str, typer.Option("--methods", help="comma-separated methods")] = ",".join(compared_methods()),
     overrides: OverrideOpt = None,
     data: DataOpt = None,
     device: DeviceOpt = None,
@@ -357,9 +354,12 @@ def download_cmd(
 
 @app.command("methods")
 def methods_cmd() -> None:
-    """List the registered compatibility methods."""
+    """List the registered compatibility methods: kind, what each needs, and its options."""
     for name in list_methods():
-        console.print(name)
+        info = method_info(name)
+        needs = ", ".join(info.method.requires) or ("old model" if info.needs_old_model else "nothing")
+        options = ", ".join(info.method.option_names()) or "none"
+        console.print(f"{name} ({info.kind}) needs: {needs}; options: {options}", highlight=False)
 
 
 app.add_typer(index_app, name="index")

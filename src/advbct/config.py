@@ -86,10 +86,20 @@ class OptimConfig(_Section):
 
 
 class CompatConfig(_Section):
-    """Which compatibility method trains the new model, and its options."""
+    """Which compatibility method trains the new model, and its options (checked against the method's options
+    schema here, so a misspelt or ill-typed option is refused before any work). They are kept as given: the
+    saved ``config.json`` holds what the user set, not the schema's defaults."""
 
     method: str = "advbct"
     options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _method_takes_options(self) -> CompatConfig:
+        # Imported here: the methods import the checkpoint code, which imports this module.
+        from advbct.compat import check_options
+
+        check_options(self.method, self.options)
+        return self
 
 
 class TrainConfig(_Section):
@@ -217,8 +227,13 @@ def build(cls: type[T], tree: dict[str, Any], source: str) -> T:
     try:
         return cls.model_validate(tree)
     except ValidationError as exc:
-        lines = [f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()]
-        raise ConfigError(f"invalid config ({source}):\n  " + "\n  ".join(lines)) from exc
+        problems = [f"{'.'.join(str(p) for p in err['loc'])}: {_message(err)}" for err in exc.errors()]
+        raise ConfigError(f"invalid config ({source}): " + "; ".join(problems)) from None
+
+
+def _message(error: Any) -> str:
+    """pydantic's message for one error, without the "Value error, " it puts before a validator's own message."""
+    return str(error["msg"]).removeprefix("Value error, ")
 
 
 def load_config(

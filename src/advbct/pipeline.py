@@ -20,11 +20,13 @@ from advbct.compat import (
     compute_class_statistics,
     load_statistics,
     method_class,
+    method_info,
     radius_summary,
+    reference_method,
     save_statistics,
 )
 from advbct.compat.advbct import PAPER_TAU
-from advbct.config import DataConfig, QuickstartConfig, TrainConfig
+from advbct.config import CompatConfig, DataConfig, QuickstartConfig, TrainConfig
 from advbct.data.allocation import Allocation, load_allocation, load_or_make_allocation
 from advbct.data.images import DataError, ImageSet
 from advbct.data.sources import load_split
@@ -193,9 +195,8 @@ def _prepare_old(cfg: QuickstartConfig, out: Path, console: Console, show_progre
 def _train_run(run: NewModelRun, show_progress: bool) -> Path:
     new_cfg = run.cfg.new.model_copy(deep=True)
     if run.method != run.cfg.new.compat.method:
-        options = options_for(run.method, run.cfg.new.compat.options)
-        new_cfg.compat.method, new_cfg.compat.options = run.method, options
-    stats = run.stats_path if run.method != "independent" else None
+        new_cfg.compat = CompatConfig(method=run.method, options=options_for(run.method, run.cfg.new.compat.options))
+    stats = run.stats_path if method_info(run.method).needs_old_model else None
     return train_new(new_cfg, run.out / run.method, run.old_path, stats, show_progress=show_progress)
 
 
@@ -233,7 +234,7 @@ def plan_new_models(
     model and every method, which depend on nothing else and can train in any order or at once."""
     out.mkdir(parents=True, exist_ok=True)
     old_path, stats_path = _prepare_old(cfg, out, console, show_progress)
-    names = ["independent", *[m for m in methods if m != "independent"]]
+    names = [reference_method(), *[m for m in methods if m != reference_method()]]
     prefix = f"{label}/" if label else ""
     return old_path, [NewModelRun(cfg, out, name, old_path, stats_path, prefix + name) for name in names]
 

@@ -29,7 +29,6 @@ from advbct.pipeline import (
 )
 from advbct.reporting.bench_report import write_markdown, write_plots
 
-DEFAULT_METHODS = ("l2", "bct", "lce", "unibct", "hot-refresh", "advbct")
 SETTINGS = ("extended-class", "extended-data", "extended-backbone")
 
 

@@ -1,7 +1,9 @@
 """Compatibility methods behind one interface, plus old-class statistics.
 
-``list_methods()`` names the registered methods; ``create(name, context, **options)`` builds one. Register your
-own with ``@register_method("name")`` on a ``CompatibilityMethod`` subclass; the training loop needs no change.
+``list_methods()`` names the registered methods, ``methods_of_kind(...)`` those of some kinds and ``method_info``
+tells one's kind and needs; ``create(name, context, **options)`` builds one. Register your own with
+``@register_method("name", kind=...)`` on a ``CompatibilityMethod`` subclass with an ``Options`` schema; the
+training loop needs no change.
 """
 
 from advbct.compat import advbct as _advbct  # noqa: F401  (registers advbct, its ablations, independent)
@@ -12,9 +14,18 @@ from advbct.compat.base import (
     CompatError,
     CompatibilityMethod,
     LossOutput,
+    MethodInfo,
+    MethodKind,
+    NoOptions,
+    check_options,
+    compared_methods,
     create,
     list_methods,
     method_class,
+    method_info,
+    methods_of_kind,
+    options_schema,
+    reference_method,
     register_method,
 )
 from advbct.compat.statistics import (
@@ -34,14 +45,23 @@ __all__ = [
     "CompatError",
     "CompatibilityMethod",
     "LossOutput",
+    "MethodInfo",
+    "MethodKind",
+    "NoOptions",
     "RadiusSummary",
     "StatisticsError",
+    "check_options",
+    "compared_methods",
     "compute_class_statistics",
     "create",
     "list_methods",
     "load_statistics",
     "method_class",
+    "method_info",
+    "methods_of_kind",
+    "options_schema",
     "radius_summary",
+    "reference_method",
     "register_method",
     "save_statistics",
 ]

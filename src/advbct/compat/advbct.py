@@ -12,7 +12,10 @@ L = L_cls + L_bound + w_e * L_adv, with
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Annotated, ClassVar, Literal
 
+import pydantic
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,6 +26,8 @@ from advbct.compat.base import (
     CompatError,
     CompatibilityMethod,
     LossOutput,
+    NoOptions,
+    options_schema,
     register_method,
 )
 
@@ -102,28 +107,13 @@ class Discriminator(nn.Sequential):
 def adversarial_loss(
     discriminator: nn.Module, new_emb: torch.Tensor, old_emb: torch.Tensor, alpha: float | torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """CE(D(GRL(new)), 0) + CE(D(old), 1) with both halves in one call of D (``generator_loss="reversal"``).
-
-    D's BatchNorm then normalises old and new with the same batch statistics, so D sees every difference between
-    the two distributions, per-dimension shifts included, and wins from the first epoch on (accuracy 1.0 on the
-    large CPU run), after which its reversed gradient fades. Not the default: see
-    ``separate_batch_adversarial_loss``.
-    """
-    logits = discriminator(torch.cat([grad_reverse(new_emb.float(), alpha), old_emb.float().detach()]))
-    return _discriminator_loss(logits, new_emb.shape[0])
-
-
-def separate_batch_adversarial_loss(
-    discriminator: nn.Module, new_emb: torch.Tensor, old_emb: torch.Tensor, alpha: float | torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """CE(D(GRL(new)), 0) + CE(D(old), 1) with old and new in two calls of D: the default
-    (``generator_loss="reversal-separate"``), as the paper writes the loss and as its public code does.
+    """CE(D(GRL(new)), 0) + CE(D(old), 1) with old and new in two calls of D, as the paper writes the loss and as
+    its public code does.
 
     D's BatchNorm then standardises each domain by its own batch statistics, so D cannot win on per-dimension
     means and scales alone; it must find differences in how the dimensions vary together, and the reversed
-    gradient pushes that joint structure towards the old one. D wins less easily this way (accuracy 0.78 in the
-    first epoch of the large CPU run and 0.56-0.68 after it, against 1.0 with one joint call), so its reversed
-    gradient does not fade; on that run it is the variant that met the compatibility criterion.
+    gradient pushes that joint structure towards the old one. One joint call would let D separate the domains by
+    their means alone, win at once, and leave a reversed gradient that fades.
     """
     logits = torch.cat([discriminator(grad_reverse(new_emb.float(), alpha)), discriminator(old_emb.float().detach())])
     return _discriminator_loss(logits, new_emb.shape[0])
@@ -136,72 +126,45 @@ def _discriminator_loss(logits: torch.Tensor, n: int) -> tuple[torch.Tensor, tor
     return loss, (logits.argmax(1) == targets).float().mean()
 
 
-def non_saturating_adversarial_loss(
-    discriminator: nn.Module, new_emb: torch.Tensor, old_emb: torch.Tensor, alpha: float | torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """D's loss CE(D(new), 0) + CE(D(old), 1) on detached inputs, plus alpha * CE(D(new), 1) for the new model
-    through a frozen copy of D: the GAN generator's non-saturating loss instead of gradient reversal.
+@options_schema
+class AdvBCTOptions:
+    """AdvBCT's options: the elastic boundary's threshold ``tau``, the discriminator's width, which parts run
+    (``boundary``, ``adversarial``, ``elastic`` radii), whether D sees L2-normalised embeddings, and a scale on the
+    adversarial term's weight."""
 
-    Reversal hands the new model -alpha times D's own gradient, which vanishes once D is confident (as it is
-    from the first epoch in our runs: accuracy 0.99-1.0); asking the new embeddings to be classified as old
-    keeps a gradient exactly when D wins. Not the paper's formulation: an option for that failure mode.
-    """
-    n = new_emb.shape[0]
-    inputs = torch.cat([new_emb.float(), old_emb.float().detach()])
-    d_loss, accuracy = _discriminator_loss(discriminator(inputs.detach()), n)
-    # The same forward with D's parameters detached and its buffers copied: only the new model learns from it,
-    # and D's running statistics are updated once per step.
-    frozen = {name: p.detach() for name, p in discriminator.named_parameters()}
-    frozen |= {name: b.clone() for name, b in discriminator.named_buffers()}
-    fooled = torch.func.functional_call(discriminator, frozen, (inputs,))[:n]
-    g_loss = F.cross_entropy(fooled, fooled.new_ones(n, dtype=torch.long))
-    return d_loss + alpha * g_loss, accuracy
+    tau: float = PAPER_TAU
+    discriminator_hidden: Annotated[int, pydantic.Field(ge=1)] = 100
+    boundary: bool = True
+    adversarial: bool = True
+    elastic: bool = True
+    normalise_discriminator_input: bool = False
+    adversarial_scale: Annotated[float, pydantic.Field(ge=0.0)] = 1.0
 
 
-ADVERSARIAL_LOSSES = {
-    "reversal": adversarial_loss,
-    "reversal-separate": separate_batch_adversarial_loss,
-    "non-saturating": non_saturating_adversarial_loss,
-}
-
-
-@register_method("advbct")
+@register_method("advbct", kind="proposed")
 class AdvBCT(CompatibilityMethod):
+    Options = AdvBCTOptions
     requires = ("statistics",)
     batch_wide = True  # the discriminator's batch norm and the mean over boundary violators span the batch
 
-    def __init__(
-        self,
-        context: CompatContext,
-        tau: float = PAPER_TAU,
-        discriminator_hidden: int = 100,
-        boundary: bool = True,
-        adversarial: bool = True,
-        elastic: bool = True,
-        normalise_discriminator_input: bool = False,
-        adversarial_scale: float = 1.0,
-        generator_loss: str = "reversal-separate",
-    ):
+    def __init__(self, context: CompatContext, options: AdvBCTOptions):
         super().__init__()
-        if generator_loss not in ADVERSARIAL_LOSSES:
-            choices = ", ".join(ADVERSARIAL_LOSSES)
-            raise CompatError(f"option generator_loss must be one of {choices}, got {generator_loss!r}")
-        self.adversarial_loss = ADVERSARIAL_LOSSES[generator_loss]
         stats = context.statistics
         assert stats is not None  # guaranteed by `requires`, checked in create()
         if stats.dim != context.embedding_dim:
             raise CompatError(f"statistics have dim {stats.dim}, the new model embeds to {context.embedding_dim}")
         if stats.num_classes != context.num_classes:
             raise CompatError(f"statistics cover {stats.num_classes} classes, training has {context.num_classes}")
-        self.tau, self.use_boundary, self.use_adversarial, self.elastic = tau, boundary, adversarial, elastic
-        self.needs_old_embeddings = adversarial  # only the discriminator reads old embeddings
-        self.normalise_discriminator_input = normalise_discriminator_input
-        self.adversarial_scale = adversarial_scale
+        self.tau, self.use_boundary, self.elastic = options.tau, options.boundary, options.elastic
+        self.use_adversarial = options.adversarial
+        self.needs_old_embeddings = options.adversarial  # only the discriminator reads old embeddings
+        self.normalise_discriminator_input = options.normalise_discriminator_input
+        self.adversarial_scale = options.adversarial_scale
         self.register_buffer("centres", stats.centres.clone())
         self.register_buffer("r_max", stats.radii.clone())
         self.register_buffer("has_radius", stats.has_radius.clone())
         self.radius_weights = nn.Parameter(torch.empty(stats.num_classes).uniform_(-1.0, 1.0))
-        self.discriminator = Discriminator(context.embedding_dim, discriminator_hidden)
+        self.discriminator = Discriminator(context.embedding_dim, options.discriminator_hidden)
 
     def radii(self) -> torch.Tensor:
         return elastic_radii(self.r_max, self.radius_weights, self.tau) if self.elastic else self.r_max
@@ -222,20 +185,20 @@ class AdvBCT(CompatibilityMethod):
             new_emb, old_emb = batch.new_emb, batch.old_emb
             if self.normalise_discriminator_input:
                 new_emb, old_emb = F.normalize(new_emb.float(), dim=1), F.normalize(old_emb.float(), dim=1)
-            adv, disc_acc = self.adversarial_loss(self.discriminator, new_emb, old_emb, dann_alpha(batch.progress))
+            adv, disc_acc = adversarial_loss(self.discriminator, new_emb, old_emb, dann_alpha(batch.progress))
             weight = self.adversarial_scale * adversarial_weight(batch.epoch, batch.num_epochs)
             parts["adv"], parts["disc_acc"] = adv, disc_acc.detach()
             total = total + weight * adv
         return LossOutput(total, parts)
 
 
-@register_method("independent")
+@register_method("independent", kind="reference")
 class Independent(CompatibilityMethod):
     """phi_*: classification only, no compatibility term (the discrimination upper bound)."""
 
     needs_old_embeddings = False
 
-    def __init__(self, context: CompatContext):
+    def __init__(self, context: CompatContext, options: NoOptions):
         super().__init__()
 
     def forward(self, batch: CompatBatch) -> LossOutput:
@@ -243,26 +206,28 @@ class Independent(CompatibilityMethod):
 
 
 def _ablation(name: str, doc: str, **fixed: bool) -> type[AdvBCT]:
-    """An AdvBCT variant with some parts switched off, registered under its own name for comparisons."""
+    """AdvBCT with some parts switched off, registered under its own name for comparisons."""
 
     class Ablation(AdvBCT):
-        fixed_options = frozenset(fixed)
-
-        def __init__(self, context: CompatContext, **options: object):
-            super().__init__(context, **{**options, **fixed})
+        fixed_options = fixed
 
     Ablation.__name__ = Ablation.__qualname__ = "AdvBCT_" + name.replace("-", "_")
     Ablation.__doc__ = doc
-    return register_method(name)(Ablation)
+    return register_method(name, kind="ablation")(Ablation)
 
 
 _ablation("advbct-adv-only", "AdvBCT without the boundary term (adversarial alignment only).", boundary=False)
 _ablation("advbct-bound-only", "AdvBCT without the adversarial term (elastic boundary only).", adversarial=False)
 
-FIXED_RADII = ("min", "median", "max")
+
+@options_schema
+class FixedRadiusOptions(AdvBCTOptions):
+    """AdvBCT's options plus which fixed radius each old class gets."""
+
+    radius: Literal["min", "median", "max"] = "min"
 
 
-@register_method("advbct-fixed-radius")
+@register_method("advbct-fixed-radius", kind="ablation")
 class AdvBCTFixedRadius(AdvBCT):
     """AdvBCT with a fixed boundary radius per old class instead of the elastic one.
 
@@ -271,16 +236,15 @@ class AdvBCTFixedRadius(AdvBCT):
     show how much of the elastic boundary's effect a looser fixed ball already gives.
     """
 
-    fixed_options = frozenset({"elastic"})
+    Options = FixedRadiusOptions
+    fixed_options: ClassVar[Mapping[str, bool]] = {"elastic": False}
 
-    def __init__(self, context: CompatContext, radius: str = "min", **options: object):
-        if radius not in FIXED_RADII:
-            raise CompatError(f"option radius must be one of {', '.join(FIXED_RADII)}, got {radius!r}")
-        super().__init__(context, **{**options, "elastic": False})
+    def __init__(self, context: CompatContext, options: FixedRadiusOptions):
+        super().__init__(context, options)
         stats = context.statistics
         assert stats is not None  # guaranteed by `requires`
-        chosen = {"min": stats.min_radii, "median": stats.median_radii, "max": stats.radii}[radius]
-        self.radius_choice = radius
+        chosen = {"min": stats.min_radii, "median": stats.median_radii, "max": stats.radii}[options.radius]
+        self.radius_choice = options.radius
         self.register_buffer("fixed_radii", chosen.clone())
 
     def radii(self) -> torch.Tensor:

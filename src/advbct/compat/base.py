@@ -2,23 +2,45 @@
 
 A method is an ``nn.Module`` (it may own parameters: AdvBCT's radii and discriminator) built from a
 ``CompatContext`` (what the training run knows: embedding dim, class count, old statistics, old classifier) plus
-method options. Requirements are declared on the class and checked in ``create`` before any training starts,
-so a method that cannot run is refused up front. Losses never move tensors between devices or call
-distributed primitives; the training loop owns both.
+its options, an instance of the method's ``Options`` schema (a frozen dataclass with types, defaults and allowed
+values). Each registered method also says what kind of method it is, so the commands that train a set of methods
+ask the registry for them instead of keeping lists. Requirements and options are checked before any training
+starts (options already when the configuration is loaded), so a method that cannot run is refused up front.
+Losses never move tensors between devices or call distributed primitives; the training loop owns both.
 """
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar, Literal, get_args
 
+import pydantic
 import torch
 from torch import nn
 
 from advbct.compat.statistics import ClassStatistics
 from advbct.errors import AdvbctError
+
+MethodKind = Literal["reference", "proposed", "baseline", "ablation", "variant"]
+"""reference: no compatibility term, the model every cross test is measured against (M(*,*), M(*,o));
+proposed: the method this project reproduces (AdvBCT); baseline: a published method the paper compares against;
+ablation: the proposed method with a part switched off or fixed; variant: the proposed method with a change that
+is not in the paper."""
+
+OPTIONS_CONFIG = pydantic.ConfigDict(extra="forbid")
+
+
+def options_schema(cls: type) -> type:
+    """Decorate a class of annotated fields with defaults as a method's options schema: a frozen dataclass whose
+    values pydantic checks against the annotations (``Literal`` for a choice, ``Field(gt=0)`` for a range)."""
+    return pydantic.dataclasses.dataclass(frozen=True, config=OPTIONS_CONFIG)(cls)
+
+
+@options_schema
+class NoOptions:
+    """The schema of a method that takes no options."""
 
 
 class CompatError(AdvbctError):
@@ -64,7 +86,13 @@ class LossOutput:
 
 
 class CompatibilityMethod(nn.Module):
-    """Base class: subclasses set ``requires`` and implement ``forward(batch) -> LossOutput``.
+    """Base class: subclasses set ``Options`` and ``requires`` and implement ``__init__(context, options)`` and
+    ``forward(batch) -> LossOutput``.
+
+    ``Options``: the method's options schema (see :func:`options_schema`); a configuration may set its fields,
+    less ``fixed_options``.
+
+    ``requires``: the items of the ``CompatContext`` the method cannot run without.
 
     ``batch_wide``: the loss is not a plain mean of per-sample terms over the batch (it normalises by a count
     that depends on the batch, compares samples with each other, or runs batch norm), so distributed training
@@ -78,48 +106,74 @@ class CompatibilityMethod(nn.Module):
     (``CompatBatch.local_rows``) and the rows gathered from other ranks arrive without gradient, so each rank pushes
     only its local batch: how contrastive losses with a cross-rank pool of negatives are run (Hot-refresh).
 
-    ``fixed_options``: options of a parent class that a subclass sets itself (an ablation switching a part off);
-    they are not options of the subclass.
+    ``fixed_options``: option values a subclass sets itself (an ablation switching a part off); they are not
+    options of the subclass.
     """
 
+    Options: ClassVar[type] = NoOptions
     requires: ClassVar[tuple[str, ...]] = ()
     needs_old_embeddings: bool = True
     batch_wide: ClassVar[bool] = False
     local_anchors: ClassVar[bool] = False
-    fixed_options: ClassVar[frozenset[str]] = frozenset()
+    fixed_options: ClassVar[Mapping[str, Any]] = {}
 
     @classmethod
     def option_names(cls) -> tuple[str, ...]:
-        """The options the constructor takes after the context, following ``**options`` up to the parent class
-        that names them, less ``fixed_options``: what a configuration may set for this method."""
-        names: list[str] = []
-        for klass in cls.__mro__:
-            if klass is CompatibilityMethod:
-                break
-            if "__init__" not in vars(klass):
-                continue
-            params = list(inspect.signature(klass.__init__).parameters.values())[2:]  # self, context
-            names += [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-            if not any(p.kind is p.VAR_KEYWORD for p in params):
-                break
-        return tuple(name for name in dict.fromkeys(names) if name not in cls.fixed_options)
+        """The options a configuration may set for this method."""
+        return tuple(f.name for f in dataclasses.fields(cls.Options) if f.name not in cls.fixed_options)
+
+    @classmethod
+    def parse_options(cls, name: str, raw: Mapping[str, Any]) -> Any:
+        """``raw`` (a configuration's ``compat.options``) checked against the schema, as an ``Options`` instance;
+        a :class:`CompatError` naming the first unknown or invalid option otherwise."""
+        accepted = cls.option_names()
+        for option in raw:
+            if option not in accepted:
+                known = ", ".join(accepted) or "none"
+                raise CompatError(f"method {name!r} has no option {option!r}; its options: {known}")
+        try:
+            return pydantic.TypeAdapter(cls.Options).validate_python({**raw, **cls.fixed_options})
+        except pydantic.ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(part) for part in first["loc"])
+            raise CompatError(f"method {name!r} option {where}: {first['msg']}, got {first.get('input')!r}") from None
 
     def forward(self, batch: CompatBatch) -> LossOutput:
         raise NotImplementedError
 
 
-_REGISTRY: dict[str, type[CompatibilityMethod]] = {}
+@dataclass(frozen=True)
+class MethodInfo:
+    """A registered method: its name, kind and class (requirements and options schema with it)."""
+
+    name: str
+    kind: MethodKind
+    method: type[CompatibilityMethod]
+
+    @property
+    def needs_old_model(self) -> bool:
+        """Training it needs an old checkpoint: for the old model's embeddings or for what is derived from the old
+        model (statistics, classifier)."""
+        return bool(self.method.requires) or self.method.needs_old_embeddings
+
+
+_REGISTRY: dict[str, MethodInfo] = {}
 _REQUIREMENT_HELP = {
     "statistics": "old-class statistics (run `advbct stats` on the old checkpoint and pass --stats)",
     "old_head": "the old model's classifier (an old checkpoint; its head is part of it)",
 }
 
 
-def register_method(name: str) -> Callable[[type[CompatibilityMethod]], type[CompatibilityMethod]]:
+def register_method(name: str, kind: MethodKind) -> Callable[[type[CompatibilityMethod]], type[CompatibilityMethod]]:
+    if kind not in get_args(MethodKind):
+        raise CompatError(f"method {name!r}: kind must be one of {', '.join(get_args(MethodKind))}, got {kind!r}")
+
     def decorate(cls: type[CompatibilityMethod]) -> type[CompatibilityMethod]:
         if name in _REGISTRY:
             raise CompatError(f"compatibility method {name!r} is registered twice")
-        _REGISTRY[name] = cls
+        if kind == "reference" and methods_of_kind("reference"):
+            raise CompatError(f"method {name!r}: there is already a reference method, {reference_method()!r}")
+        _REGISTRY[name] = MethodInfo(name, kind, cls)
         return cls
 
     return decorate
@@ -129,14 +183,39 @@ def list_methods() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def method_class(name: str) -> type[CompatibilityMethod]:
+def methods_of_kind(*kinds: MethodKind) -> list[str]:
+    """The registered methods of the given kinds, in registration order (the order tables show them in)."""
+    return [name for name, info in _REGISTRY.items() if info.kind in kinds]
+
+
+def compared_methods() -> list[str]:
+    """What a comparison trains by default: every baseline, then the proposed method (the table's last row)."""
+    return [*methods_of_kind("baseline"), *methods_of_kind("proposed")]
+
+
+def reference_method() -> str:
+    """The method with no compatibility term: what an old model trains with, and the reference of cross tests."""
+    (name,) = methods_of_kind("reference")
+    return name
+
+
+def method_info(name: str) -> MethodInfo:
     try:
         return _REGISTRY[name]
     except KeyError:
         raise CompatError(f"unknown compatibility method {name!r}; available: {', '.join(list_methods())}") from None
 
 
-def create(name: str, context: CompatContext | None = None, **options: object) -> CompatibilityMethod:
+def method_class(name: str) -> type[CompatibilityMethod]:
+    return method_info(name).method
+
+
+def check_options(name: str, options: Mapping[str, Any]) -> None:
+    """Refuse an unknown method, or options its schema does not accept, with a one-line :class:`CompatError`."""
+    method_class(name).parse_options(name, options)
+
+
+def create(name: str, context: CompatContext | None = None, **options: Any) -> CompatibilityMethod:
     """Build a registered method; refuse it with a clear message when the context lacks what it needs."""
     cls = method_class(name)
     if context is None:
@@ -144,11 +223,4 @@ def create(name: str, context: CompatContext | None = None, **options: object) -
     for need in cls.requires:
         if getattr(context, need) is None:
             raise CompatError(f"method {name!r} needs {_REQUIREMENT_HELP.get(need, need)}")
-    accepted = cls.option_names()
-    for option in options:
-        if option not in accepted:
-            raise CompatError(f"method {name!r} has no option {option!r}; its options: {', '.join(accepted) or 'none'}")
-    try:
-        return cls(context, **options)
-    except TypeError as exc:
-        raise CompatError(f"bad options for method {name!r}: {exc}") from exc
+    return cls(context, cls.parse_options(name, options))

@@ -6,15 +6,18 @@ samples or looks classes up in Python dictionaries.
 
 from __future__ import annotations
 
+from typing import Annotated
+
+import pydantic
 import torch
 import torch.nn.functional as F
 
 from advbct.compat.base import (
     CompatBatch,
     CompatContext,
-    CompatError,
     CompatibilityMethod,
     LossOutput,
+    options_schema,
     register_method,
 )
 from advbct.models.heads import margin_logits
@@ -40,30 +43,43 @@ def l2_regression_loss(new_emb: torch.Tensor, old_emb: torch.Tensor) -> torch.Te
     return F.mse_loss(F.normalize(new_emb.float(), dim=1), F.normalize(old_emb.float(), dim=1))
 
 
-@register_method("l2")
+Weight = Annotated[float, pydantic.Field(ge=0.0)]
+
+
+@options_schema
+class WeightOptions:
+    """The weight of the method's term beside the classification loss."""
+
+    weight: Weight = 1.0
+
+
+@register_method("l2", kind="baseline")
 class L2Regression(CompatibilityMethod):
     """Regress the new embedding onto the old embedding of the same image."""
 
-    def __init__(self, context: CompatContext, weight: float = 1.0):
+    Options = WeightOptions
+
+    def __init__(self, context: CompatContext, options: WeightOptions):
         super().__init__()
-        self.weight = weight
+        self.weight = options.weight
 
     def forward(self, batch: CompatBatch) -> LossOutput:
         loss = l2_regression_loss(batch.new_emb, batch.old_emb)
         return LossOutput(self.weight * loss, {"l2": loss})
 
 
-@register_method("bct")
+@register_method("bct", kind="baseline")
 class BCT(CompatibilityMethod):
     """Influence loss: the frozen old classifier must classify new embeddings of old-class samples."""
 
+    Options = WeightOptions
     requires = ("old_head",)
     needs_old_embeddings = False
     batch_wide = True  # mean over the batch's old-class samples
 
-    def __init__(self, context: CompatContext, weight: float = 1.0):
+    def __init__(self, context: CompatContext, options: WeightOptions):
         super().__init__()
-        self.weight = weight
+        self.weight = options.weight
         self.old_head = context.old_head
         classes = torch.as_tensor(context.old_head_classes, dtype=torch.long)
         self.register_buffer("to_old_index", _global_to_local(classes, context.num_classes))
@@ -83,7 +99,15 @@ def angle_between(emb: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
     return torch.acos(cos.clamp(-1 + 1e-7, 1 - 1e-7))
 
 
-@register_method("lce")
+@options_schema
+class LCEOptions:
+    """The weights of LCE's two terms."""
+
+    boundary_weight: Weight = 1.0
+    align_weight: Weight = 1.0
+
+
+@register_method("lce", kind="baseline")
 class LCE(CompatibilityMethod):
     """Angular boundary max(angle(c_y, f_new) - theta_y, 0) on old classes, plus alignment of the new
     classifier's weight of each old class with its old centre (1 - cosine).
@@ -92,15 +116,16 @@ class LCE(CompatibilityMethod):
     occurs: the public code aligns the classifier row of each sample's class, not every old class on every step.
     """
 
+    Options = LCEOptions
     requires = ("statistics",)
     needs_old_embeddings = False
     batch_wide = True  # means over the batch's old-class samples
 
-    def __init__(self, context: CompatContext, boundary_weight: float = 1.0, align_weight: float = 1.0):
+    def __init__(self, context: CompatContext, options: LCEOptions):
         super().__init__()
         stats = context.statistics
         assert stats is not None  # guaranteed by `requires`
-        self.boundary_weight, self.align_weight = boundary_weight, align_weight
+        self.boundary_weight, self.align_weight = options.boundary_weight, options.align_weight
         self.register_buffer("centres", stats.centres.clone())
         self.register_buffer("theta", stats.angular_radii.clone())
         self.register_buffer("has_radius", stats.has_radius.clone())
@@ -117,20 +142,30 @@ class LCE(CompatibilityMethod):
         return LossOutput(total, {"boundary": boundary, "align": align})
 
 
-@register_method("unibct")
+@options_schema
+class UniBCTOptions:
+    """The ArcFace scale and margin of the prototype classifier, and the term's weight."""
+
+    scale: Annotated[float, pydantic.Field(gt=0.0)] = 30.0
+    margin: Annotated[float, pydantic.Field(ge=0.0)] = 0.3
+    weight: Weight = 1.0
+
+
+@register_method("unibct", kind="baseline")
 class UniBCT(CompatibilityMethod):
     """The normalised old centres as a fixed classifier with an ArcFace margin, on old-class samples."""
 
+    Options = UniBCTOptions
     requires = ("statistics",)
     needs_old_embeddings = False
     batch_wide = True  # means over the batch's old-class samples
 
-    def __init__(self, context: CompatContext, scale: float = 30.0, margin: float = 0.3, weight: float = 1.0):
+    def __init__(self, context: CompatContext, options: UniBCTOptions):
         super().__init__()
         stats = context.statistics
         assert stats is not None  # guaranteed by `requires`
         old_classes = torch.nonzero(stats.counts > 0).flatten()
-        self.scale, self.margin, self.weight = scale, margin, weight
+        self.scale, self.margin, self.weight = options.scale, options.margin, options.weight
         self.register_buffer("prototypes", F.normalize(stats.centres[old_classes], dim=1))
         self.register_buffer("to_old_index", _global_to_local(old_classes, stats.num_classes))
 
@@ -183,30 +218,27 @@ def hot_refresh_loss(
     return F.cross_entropy(logits, torch.zeros_like(rows))
 
 
-@register_method("hot-refresh")
+@options_schema
+class HotRefreshOptions:
+    """The softmax temperature, the term's weight, and how many of the hardest negatives of each kind (old, new)
+    an anchor keeps (None keeps all)."""
+
+    temperature: Annotated[float, pydantic.Field(gt=0.0)] = 0.01
+    weight: Weight = 1.0
+    top_k_negatives: Annotated[pydantic.StrictInt, pydantic.Field(gt=0)] | None = PUBLIC_TOP_K_NEGATIVES
+
+
+@register_method("hot-refresh", kind="baseline")
 class HotRefresh(CompatibilityMethod):
-    """New-to-old contrastive alignment (RACT / Hot-refresh, ICLR 2022) with the public code's hard negatives.
+    """New-to-old contrastive alignment (RACT / Hot-refresh, ICLR 2022) with the public code's hard negatives."""
 
-    ``top_k_negatives``: how many of the hardest negatives of each kind (old, new) an anchor keeps; None keeps all.
-    """
-
+    Options = HotRefreshOptions
     batch_wide = True  # negatives are the other samples of the (cross-rank gathered) batch
     local_anchors = True  # each rank anchors its own samples; rows from other ranks are constants
 
-    def __init__(
-        self,
-        context: CompatContext,
-        temperature: float = 0.01,
-        weight: float = 1.0,
-        top_k_negatives: int | None = PUBLIC_TOP_K_NEGATIVES,
-    ):
+    def __init__(self, context: CompatContext, options: HotRefreshOptions):
         super().__init__()
-        valid_k = isinstance(top_k_negatives, int) and not isinstance(top_k_negatives, bool) and top_k_negatives > 0
-        if top_k_negatives is not None and not valid_k:
-            raise CompatError(f"option top_k_negatives must be a positive integer or null, got {top_k_negatives!r}")
-        if not temperature > 0:
-            raise CompatError(f"option temperature must be positive, got {temperature!r}")
-        self.temperature, self.weight, self.top_k = temperature, weight, top_k_negatives
+        self.temperature, self.weight, self.top_k = options.temperature, options.weight, options.top_k_negatives
 
     def forward(self, batch: CompatBatch) -> LossOutput:
         loss = hot_refresh_loss(

@@ -9,30 +9,84 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DistributedSampler
 
+from advbct.data.images import RESAMPLING, decode_image, square_rgb
 from advbct.distributed import World
 
+# The per-channel mean and standard deviation of CIFAR-100's training split (pixel values in [0, 1]).
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """What a checkpoint needs to embed an image the way it was trained: size and normalisation."""
+    """What a checkpoint needs to embed an image the way it was trained: the square input size, the
+    normalisation, and how an image file is framed (the centre ``crop_fraction`` of its short side, resized with
+    ``interpolation``). Evaluation and serving take all of it from the checkpoint. The defaults are what a
+    checkpoint written before the framing was recorded was embedded with: CIFAR-100 statistics, the whole
+    short side, bicubic."""
 
     image_size: int
     mean: tuple[float, float, float] = CIFAR100_MEAN
     std: tuple[float, float, float] = CIFAR100_STD
+    crop_fraction: float = 1.0
+    interpolation: str = "bicubic"
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.crop_fraction <= 1.0:
+            raise ValueError(f"crop_fraction must lie in (0, 1], got {self.crop_fraction}")
+        if self.interpolation not in RESAMPLING:
+            raise ValueError(f"interpolation must be one of {', '.join(RESAMPLING)}, got {self.interpolation!r}")
 
     def to_json(self) -> dict:
-        return {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std)}
+        return {
+            "image_size": self.image_size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "crop_fraction": self.crop_fraction,
+            "interpolation": self.interpolation,
+        }
 
     @classmethod
     def from_json(cls, tree: dict) -> Preprocessing:
-        return cls(int(tree["image_size"]), tuple(tree["mean"]), tuple(tree["std"]))
+        """Read back ``to_json``; a key an older checkpoint lacks keeps its default (today's behaviour)."""
+        fields = {key: tree[key] for key in ("crop_fraction", "interpolation") if key in tree}
+        fields |= {key: tuple(tree[key]) for key in ("mean", "std") if key in tree}
+        return cls(int(tree["image_size"]), **fields)
+
+    def decode(
+        self, path: Path, box: tuple[float, float, float, float] | None = None, whole: bool = False
+    ) -> np.ndarray:
+        """An image file as this model's uint8 (size, size, 3) input, framed as recorded (see ``square_rgb``)."""
+        return decode_image(path, self.image_size, box, whole, self.crop_fraction, self.interpolation)
+
+    def square(self, image: Image.Image) -> np.ndarray:
+        """An opened image (an upload) as this model's uint8 (size, size, 3) input."""
+        return square_rgb(image, self.image_size, crop_fraction=self.crop_fraction, interpolation=self.interpolation)
+
+
+def channel_statistics(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and standard deviation (population) of uint8 images (N, 3, H, W), in [0, 1] units: the
+    normalisation of a model trained from scratch on them. Sums are taken in float64 over chunks of images, so
+    memory stays bounded and the result does not depend on the chunk size beyond rounding."""
+    if images.shape[0] == 0:
+        raise ValueError("no images to take channel statistics of")
+    total = torch.zeros(images.shape[1], dtype=torch.float64)
+    squares = torch.zeros_like(total)
+    for start in range(0, images.shape[0], chunk):
+        part = images[start : start + chunk].to(torch.float64) / 255.0
+        total += part.sum(dim=(0, 2, 3))
+        squares += part.square().sum(dim=(0, 2, 3))
+    count = images.shape[0] * images.shape[2] * images.shape[3]
+    mean = total / count
+    std = (squares / count - mean.square()).clamp(min=0).sqrt()
+    return tuple(mean.tolist()), tuple(std.tolist())
 
 
 @functools.lru_cache(maxsize=32)

@@ -1,13 +1,12 @@
 """Google Landmarks v2 (Weyand et al., CVPR 2020) in its official layout.
 
-    <root>/train.csv (id,url,landmark_id) or <root>/train_clean.csv (landmark_id,images)
     <root>/index.csv (id,...)   <root>/test.csv (id,...)
     <root>/retrieval_solution_v2.1.csv (id,images,Usage): a test image's index images ("None" when it shows no
         indexed landmark) and whether it counts for the Public or the Private score (or is Ignored)
     <root>/<split>/<id[0]>/<id[1]>/<id[2]>/<id>.jpg for split in train, index, test
 
-CSV files are read with the csv module (no eval, no pickle). Training labels are the landmark ids renumbered
-0..C-1 in increasing order, so the paper's allocations are the same seeded functions as for CIFAR-100.
+CSV files are read with the csv module (no eval, no pickle). Only the retrieval benchmark is read here: models
+evaluated on it are trained elsewhere (an image folder, CIFAR-100).
 """
 
 from __future__ import annotations
@@ -16,10 +15,6 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from advbct.config import AllocationKind
-from advbct.data.allocation import Allocation, make_allocation
 from advbct.data.images import DataError
 
 SOLUTION_FILE = "retrieval_solution_v2.1.csv"
@@ -91,55 +86,3 @@ def load_gldv2_retrieval(root: str | Path) -> GLDv2Retrieval:
             raise DataError(f"{path}:{line}: index id {unknown[0]} is not in index.csv")
         solution[usage][test_row[row["id"]]] = [index_row[i] for i in images]
     return GLDv2Retrieval(root, tuple(index_ids), tuple(test_ids), solution)
-
-
-@dataclass(frozen=True)
-class GLDv2Train:
-    """Training image ids with labels 0..C-1; ``landmark_ids[label]`` is the original landmark id."""
-
-    root: Path
-    image_ids: tuple[str, ...]
-    labels: torch.Tensor
-    landmark_ids: tuple[int, ...]
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.landmark_ids)
-
-    def files(self) -> list[Path]:
-        return [gldv2_image_path(self.root, "train", i) for i in self.image_ids]
-
-
-def load_gldv2_train(root: str | Path, clean: bool | None = None) -> GLDv2Train:
-    """train_clean.csv when present (or ``clean=True``), else train.csv."""
-    root = Path(root)
-    use_clean = (root / "train_clean.csv").is_file() if clean is None else clean
-    pairs: list[tuple[str, int]] = []
-    if use_clean:
-        path = root / "train_clean.csv"
-        for line, row in enumerate(_rows(path, ("landmark_id", "images")), start=2):
-            landmark = _landmark(row["landmark_id"], path, line)
-            pairs.extend((image_id, landmark) for image_id in row["images"].split())
-    else:
-        path = root / "train.csv"
-        for line, row in enumerate(_rows(path, ("id", "landmark_id")), start=2):
-            pairs.append((row["id"], _landmark(row["landmark_id"], path, line)))
-    if not pairs:
-        raise DataError(f"{path} lists no training images")
-    landmarks = sorted({landmark for _, landmark in pairs})
-    label_of = {landmark: label for label, landmark in enumerate(landmarks)}
-    labels = torch.as_tensor([label_of[landmark] for _, landmark in pairs], dtype=torch.long)
-    return GLDv2Train(root, tuple(i for i, _ in pairs), labels, tuple(landmarks))
-
-
-def _landmark(value: str, path: Path, line: int) -> int:
-    try:
-        return int(value)
-    except ValueError as exc:
-        raise DataError(f"{path}:{line}: landmark_id {value!r} is not an integer") from exc
-
-
-def gldv2_allocation(train: GLDv2Train, kind: AllocationKind, old_fraction: float = 0.3, seed: int = 0) -> Allocation:
-    """The paper's GLDv2 splits: a seeded 30% of the landmarks (extended-class) or about 30% of every landmark's
-    images (extended-data), by the same function as every other dataset."""
-    return make_allocation(train.labels, train.num_classes, kind, old_fraction, seed)

@@ -22,6 +22,11 @@ from PIL import Image, UnidentifiedImageError
 from advbct.errors import AdvbctError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
+RESAMPLING = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+}
 
 
 class DataError(AdvbctError):
@@ -71,36 +76,47 @@ def list_image_folder(split_dir: Path) -> tuple[list[tuple[Path, int]], tuple[st
 
 
 def square_rgb(
-    img: Image.Image, size: int, box: tuple[float, float, float, float] | None = None, whole: bool = False
+    img: Image.Image,
+    size: int,
+    box: tuple[float, float, float, float] | None = None,
+    whole: bool = False,
+    crop_fraction: float = 1.0,
+    interpolation: str = "bicubic",
 ) -> np.ndarray:
     """An opened image as RGB uint8 (size, size, 3).
 
-    By default a non-square image is centre-cropped to a square first (the classification convention).
-    ``whole=True`` resizes the whole image to the square instead, and ``box`` = (x1, y1, x2, y2) cuts that region
-    out first: landmark benchmarks define what must be seen (a query's box, a whole database photo), so nothing of
-    it may be cropped away.
+    By default the centre square of side ``crop_fraction`` times the short side is cut out and resized (the
+    classification convention; timm's evaluation transform resizes first and crops ``crop_pct`` of the result,
+    which frames the same region). ``whole=True`` resizes the whole image to the square instead, and ``box`` =
+    (x1, y1, x2, y2) cuts that region out first: landmark benchmarks define what must be seen (a query's box, a
+    whole database photo), so nothing of it may be cropped away.
     """
     img = img.convert("RGB")
     if box is not None:
         img = img.crop(tuple(round(v) for v in box))
         if img.width < 1 or img.height < 1:
             raise ValueError(f"box {box} is empty")
-    elif not whole and img.width != img.height:
-        short = min(img.size)
-        left, top = (img.width - short) // 2, (img.height - short) // 2
-        img = img.crop((left, top, left + short, top + short))
+    elif not whole and (img.width != img.height or crop_fraction < 1.0):
+        side = max(1, round(min(img.size) * crop_fraction))
+        left, top = (img.width - side) // 2, (img.height - side) // 2
+        img = img.crop((left, top, left + side, top + side))
     if img.size != (size, size):
-        img = img.resize((size, size), Image.Resampling.BICUBIC)
+        img = img.resize((size, size), RESAMPLING[interpolation])
     return np.asarray(img, dtype=np.uint8)
 
 
 def decode_image(
-    path: Path, size: int, box: tuple[float, float, float, float] | None = None, whole: bool = False
+    path: Path,
+    size: int,
+    box: tuple[float, float, float, float] | None = None,
+    whole: bool = False,
+    crop_fraction: float = 1.0,
+    interpolation: str = "bicubic",
 ) -> np.ndarray:
     """The image file as ``square_rgb`` makes it; a file that cannot be decoded is a DataError naming it."""
     try:
         with Image.open(path) as img:
-            return square_rgb(img, size, box, whole)
+            return square_rgb(img, size, box, whole, crop_fraction, interpolation)
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise DataError(f"cannot decode image {path}: {exc}") from None
 

@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 from advbct.data.batches import Preprocessing, normalise
-from advbct.data.images import decode_image
 from advbct.distributed import current_world, gather_rows
 from advbct.evaluation.metrics import label_retrieval_metrics
 from advbct.evaluation.results import TestResult, pair_name
@@ -65,12 +64,13 @@ def embed_images(
 
 
 def _decoded_batches(
-    files: Sequence[Path], boxes: Sequence[Box] | None, size: int, batch_size: int, workers: int, whole: bool
+    files: Sequence[Path], boxes: Sequence[Box] | None, prep: Preprocessing, batch_size: int, workers: int, whole: bool
 ) -> Iterator[torch.Tensor]:
-    """uint8 (B, 3, size, size) batches; the next batch decodes while the caller works on the current one."""
+    """uint8 (B, 3, size, size) batches framed as ``prep`` records; the next batch decodes while the caller works
+    on the current one."""
 
     def decode(index: int) -> np.ndarray:
-        return decode_image(files[index], size, box=None if boxes is None else boxes[index], whole=whole)
+        return prep.decode(files[index], box=None if boxes is None else boxes[index], whole=whole)
 
     starts = range(0, len(files), batch_size)
     with ThreadPoolExecutor(workers) as pool:
@@ -109,7 +109,7 @@ def embed_files(
         raise ValueError(f"{len(boxes)} boxes for {len(files)} files")
     model = ready_for_inference(model, device)
     out = []
-    for batch in _decoded_batches(files, boxes, prep.image_size, batch_size, workers, whole):
+    for batch in _decoded_batches(files, boxes, prep, batch_size, workers, whole):
         images = normalise(batch.to(device, non_blocking=True), prep)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             out.append(model(images).float().cpu())

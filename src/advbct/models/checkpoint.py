@@ -16,14 +16,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from advbct.config import DataConfig, ModelConfig
 from advbct.data.batches import Preprocessing
 from advbct.errors import AdvbctError
 from advbct.models.embedding import EmbeddingModel
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Keys of format 1 that repeat what other keys hold (the embedding dim is the architecture's, the role follows from
+# the method) or that never varied (every embedding was normalised): dropped when an older checkpoint is read.
+LEGACY_KEYS = ("embedding_dim", "normalised_embedding", "role")
 
 
 class CheckpointError(AdvbctError):
@@ -32,8 +35,9 @@ class CheckpointError(AdvbctError):
 
 class ModelMeta(BaseModel):
     """Everything needed to rebuild, feed and trust a checkpoint without the run that made it: the architecture,
-    the preprocessing, which classes its head covers, the allocation it trained on, and the old model it claims to
-    be compatible with. Unknown fields are refused, so a checkpoint from a newer advbct is not half-read."""
+    the preprocessing (the whole evaluation transform, see ``Preprocessing``), which classes its head covers, the
+    allocation it trained on, and the old model it claims to be compatible with (``method`` is ``classification``
+    for an old model). Unknown fields are refused, so a checkpoint from a newer advbct is not half-read."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -41,17 +45,42 @@ class ModelMeta(BaseModel):
     model_id: str = Field(default_factory=lambda: uuid.uuid4().hex)
     architecture: ModelConfig
     data: DataConfig
-    embedding_dim: int
-    normalised_embedding: bool = True
     preprocessing: dict[str, Any]
     class_names: list[str]
     head_classes: list[int]
     allocation: dict[str, Any]
-    role: str
     generation: int
     method: str
     compatible_with: dict[str, Any] | None = None
     metrics: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_legacy_keys(cls, tree: Any) -> Any:
+        """An older checkpoint's metadata read as the current format (saved again, it is written as one)."""
+        if isinstance(tree, dict) and tree.get("format_version", FORMAT_VERSION) < FORMAT_VERSION:
+            tree = {key: value for key, value in tree.items() if key not in LEGACY_KEYS}
+            tree["format_version"] = FORMAT_VERSION
+        return tree
+
+    @field_validator("preprocessing")
+    @classmethod
+    def _readable_preprocessing(cls, tree: dict[str, Any]) -> dict[str, Any]:
+        """Refuse a transform evaluation could not apply when the checkpoint is read, not when it is used."""
+        try:
+            Preprocessing.from_json(tree)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"preprocessing {tree}: {exc}") from None
+        return tree
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.architecture.embedding_dim
+
+    @property
+    def role(self) -> str:
+        """``old`` for a model trained by classification alone, ``new`` for one trained against an old model."""
+        return "old" if self.method == "classification" else "new"
 
     @property
     def prep(self) -> Preprocessing:

@@ -23,7 +23,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel
 
-from advbct.data.images import DataError, square_rgb
+from advbct.data.images import DataError
 from advbct.models.checkpoint import CheckpointError
 from advbct.serving.backfill import BackfillProgress, ImageRoot, run_backfill
 from advbct.serving.batcher import MicroBatcher
@@ -142,7 +142,7 @@ class Service:
             with Image.open(io.BytesIO(data)) as image:
                 if image.width * image.height > self.config.max_pixels:
                     raise HTTPException(413, f"{name} has {image.width}x{image.height} pixels; too large")
-                return square_rgb(image, self.embedder.prep.image_size)
+                return self.embedder.prep.square(image)
         except Image.DecompressionBombError:
             raise HTTPException(413, f"{name} claims more pixels than the limit of {self.config.max_pixels}") from None
         except (UnidentifiedImageError, OSError, ValueError) as exc:

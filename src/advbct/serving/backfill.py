@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from advbct.data.images import DataError, decode_image
+from advbct.data.images import DataError
 from advbct.serving.models import Embedder
 from advbct.serving.store import BUCKETS, GalleryStore
 
@@ -64,7 +64,7 @@ def embed_decodable(
     keep: list[int] = []
     for index, (item_id, ref) in enumerate(zip(ids, refs, strict=True)):
         try:
-            decode_image(root.resolve(ref), embedder.prep.image_size)
+            embedder.prep.decode(root.resolve(ref))
             keep.append(index)
         except (DataError, OSError) as exc:
             progress.skipped.append({"id": item_id, "ref": ref, "reason": str(exc)})

@@ -54,7 +54,7 @@ class Embedder:
         return F.normalize(embed_images(self.model, batch, self.prep, self.device), dim=1).numpy()
 
     def embed_files(self, paths: list[Path]) -> np.ndarray:
-        """Image files, centre-cropped like the training images -> L2-normalised float32 (N, d)."""
+        """Image files, framed as the checkpoint records -> L2-normalised float32 (N, d)."""
         emb = embed_files(self.model, self.prep, paths, self.device, whole=False)
         return F.normalize(emb, dim=1).numpy()
 

@@ -31,7 +31,9 @@ from typing import Any
 
 import numpy as np
 
-from advbct.data.images import DataError, decode_image
+from advbct.data.batches import Preprocessing
+from advbct.data.images import DataError
+from advbct.models.checkpoint import read_checkpoint, read_meta
 from advbct.serving.backfill import FLUSH_EVERY, BackfillProgress, ImageRoot, split_restorable
 from advbct.serving.registry import Generation
 from advbct.serving.store import GalleryStore
@@ -90,17 +92,18 @@ def connect(ray: Any, address: str | None) -> bool:
     return True
 
 
-def decode_batch(batch: dict[str, np.ndarray], root: str, size: int) -> dict[str, np.ndarray]:
-    """A CPU task: the batch's images decoded (uint8, N x size x size x 3, centre-cropped as the single-process
-    backfill decodes them). An item that cannot be decoded keeps a blank image and its reason, so the driver can
-    list it; its id stays in the stream rather than vanishing without trace."""
+def decode_batch(batch: dict[str, np.ndarray], root: str, prep: Preprocessing) -> dict[str, np.ndarray]:
+    """A CPU task: the batch's images decoded (uint8, N x size x size x 3, framed by the model's recorded
+    preprocessing as the single-process backfill decodes them). An item that cannot be decoded keeps a blank
+    image and its reason, so the driver can list it; its id stays in the stream rather than vanishing without
+    trace."""
     images = ImageRoot(Path(root))
     refs = [str(ref) for ref in batch["ref"]]
-    pixels = np.zeros((len(refs), size, size, 3), dtype=np.uint8)
+    pixels = np.zeros((len(refs), prep.image_size, prep.image_size, 3), dtype=np.uint8)
     reasons = [""] * len(refs)
     for index, ref in enumerate(refs):
         try:
-            pixels[index] = decode_image(images.resolve(ref), size)
+            pixels[index] = prep.decode(images.resolve(ref))
         except (DataError, OSError) as exc:
             reasons[index] = str(exc)
     return {"id": batch["id"], "ref": np.asarray(refs, dtype=object), "image": pixels,
@@ -145,7 +148,7 @@ def actor_resources(ray: Any, plan: RayPlan) -> tuple[int, float]:
     return actors, per_actor
 
 
-def round_dataset(ray: Any, rows: list[dict], generation: Generation, root: Path, plan: RayPlan, model: Any) -> Any:
+def round_dataset(ray: Any, rows: list[dict], prep: Preprocessing, root: Path, plan: RayPlan, model: Any) -> Any:
     """One round's pipeline: its rows in shards of consecutive ids -> decode tasks -> the embedding actor pool.
 
     Where the actors take no GPU, Ray fuses the decode step into the actors (both are CPU work); with GPUs the
@@ -154,7 +157,7 @@ def round_dataset(ray: Any, rows: list[dict], generation: Generation, root: Path
     blocks = max(1, math.ceil(len(rows) / plan.shard_size))
     dataset = ray.data.from_items(rows, override_num_blocks=blocks)
     dataset = dataset.map_batches(decode_batch, batch_size=plan.batch_size, batch_format="numpy", num_cpus=1,
-                                  fn_kwargs={"root": str(root), "size": generation.image_size})  # fmt: skip
+                                  fn_kwargs={"root": str(root), "prep": prep})  # fmt: skip
     return dataset.map_batches(
         EmbedActor, batch_size=plan.batch_size, batch_format="numpy", num_cpus=1, num_gpus=gpus,
         compute=ray.data.ActorPoolStrategy(size=actors),
@@ -279,11 +282,12 @@ def run_ray_backfill(
     writer = DriverWriter(store, target, progress, initial, on_batch)
     try:
         model = ray.put(Path(generation.path).read_bytes())
+        prep = read_meta(read_checkpoint(generation.path), generation.path).prep
         for rows, ordered in stale_rounds(store, target, plan, order, progress):
             restorable, rest = split_restorable(rows, target)
             writer.restore(restorable)
             if rest:
-                _run_round(ray, rest, ordered, generation, image_root, plan, model, writer)
+                _run_round(ray, rest, ordered, prep, image_root, plan, model, writer)
             writer.drain()
     except ray.exceptions.RayError as exc:
         raise DataError(f"the Ray backfill failed (run it again to resume): {_reason(exc)}") from None
@@ -296,7 +300,7 @@ def run_ray_backfill(
     return progress
 
 
-def _run_round(ray: Any, rows: list[dict], ordered: bool, generation: Generation, root: Path, plan: RayPlan,
+def _run_round(ray: Any, rows: list[dict], ordered: bool, prep: Preprocessing, root: Path, plan: RayPlan,
                model: Any, writer: DriverWriter) -> None:  # fmt: skip
     """Stream one round through the pipeline into the writer (the caller drains it); an ordered round keeps its
     blocks in order."""
@@ -304,7 +308,7 @@ def _run_round(ray: Any, rows: list[dict], ordered: bool, generation: Generation
     keep = context.execution_options.preserve_order
     context.execution_options.preserve_order = ordered
     try:
-        dataset = round_dataset(ray, rows, generation, root, plan, model)
+        dataset = round_dataset(ray, rows, prep, root, plan, model)
         for batch in dataset.iter_batches(batch_size=plan.batch_size, batch_format="numpy"):
             writer.write(batch)
     finally:

@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from advbct.compat import ClassStatistics
 from advbct.config import TrainConfig
 from advbct.data.allocation import Allocation
-from advbct.data.batches import BatchStream, Preprocessing
+from advbct.data.batches import BatchStream
 from advbct.data.images import ImageSet
 from advbct.distributed import World, current_world, resolve_device
 from advbct.models.checkpoint import ModelMeta
@@ -100,7 +100,7 @@ def _build_step(
     module: nn.Module = TrainStep(parts.model, parts.method, new_model, cfg.optim.label_smoothing)
     if world.distributed:
         module = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
-    prep = Preprocessing(cfg.data.image_size)
+    prep = meta.prep
     old_prep = None if old is None or old.meta.prep == prep else old.meta.prep
     label_map = head_label_map(meta.head_classes, num_classes).to(device)
     batch_wide = world.distributed and new_model and parts.method.batch_wide

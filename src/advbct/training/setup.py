@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from advbct.compat import ClassStatistics, CompatContext, create
+from advbct.compat import ClassStatistics, CompatContext, create, method_info, reference_method
 from advbct.config import ModelConfig, TrainConfig
 from advbct.data.allocation import Allocation
 from advbct.data.batches import Preprocessing, normalise
@@ -24,6 +24,7 @@ from advbct.data.images import ImageSet
 from advbct.distributed import convert_batchnorm
 from advbct.models.checkpoint import CheckpointError, ModelMeta, build_model
 from advbct.models.embedding import EmbeddingModel
+from advbct.models.preprocessing import training_preprocessing
 from advbct.training.cuda_graph import check_cuda_graph_setup
 
 Role = Literal["old", "new"]
@@ -69,7 +70,7 @@ def check_request(
     distributed: bool,
 ) -> None:
     """Refuse a run that cannot work, before any model is built."""
-    if role == "new" and old is None and cfg.compat.method != "independent":
+    if role == "new" and old is None and method_info(cfg.compat.method).needs_old_model:
         raise CheckpointError(f"method {cfg.compat.method!r} needs an old checkpoint (--old)")
     if cfg.init_from_old and (role != "new" or old is None):
         raise CheckpointError("init_from_old needs a new-model run with an old checkpoint (--old)")
@@ -122,16 +123,22 @@ def model_meta(
     return ModelMeta(
         architecture=cfg.model,
         data=cfg.data,
-        embedding_dim=cfg.model.embedding_dim,
-        preprocessing=Preprocessing(cfg.data.image_size).to_json(),
+        preprocessing=_preprocessing(cfg, train_set, training_indices(role, allocation), old).to_json(),
         class_names=list(train_set.classes),
         head_classes=list(allocation.old_classes) if role == "old" else list(range(train_set.num_classes)),
         allocation=allocation.summary(),
-        role=role,
         generation=1 if old is None else old.meta.generation + 1,
         method="classification" if role == "old" else cfg.compat.method,
         compatible_with=None if old is None else {"model_id": old.meta.model_id, "path": str(old.path)},
     )
+
+
+def _preprocessing(cfg: TrainConfig, train_set: ImageSet, indices: torch.Tensor, old: OldModel | None) -> Preprocessing:
+    """The transform a model is trained and evaluated with; a model fine-tuned from the old one keeps the inputs
+    the old weights were trained on."""
+    if cfg.init_from_old and old is not None:
+        return old.meta.prep
+    return training_preprocessing(cfg.model, cfg.data, train_set.images[indices])
 
 
 def build_parts(
@@ -185,7 +192,7 @@ def build_method(
     cfg: TrainConfig, role: str, num_classes: int, old: OldModel | None, stats: ClassStatistics | None
 ) -> nn.Module:
     """The compatibility method of a new model; an old model trains with none (``independent``)."""
-    name = "independent" if role == "old" else cfg.compat.method
+    name = reference_method() if role == "old" else cfg.compat.method
     old_head = None
     if old is not None:
         old_head = copy.deepcopy(old.model.head).eval().requires_grad_(False)

@@ -108,6 +108,7 @@ class ImageRoot:
         self._folders: dict[Path, Path] = {}
 
     def resolve(self, ref: str) -> Path:
+        """The file ``ref`` names; a :class:`DataError` where it lies outside the image root."""
         relative = Path(ref)
         if relative.name in ("", ".", ".."):
             path = (self.root / relative).resolve()

@@ -95,6 +95,7 @@ class ItemLedger:
         return sum(self.counts().values())
 
     def last_reconciliation(self) -> Reconciliation | None:
+        """The latest time the mirror was rebuilt or repaired from Milvus (``None``: never, a gallery not seen yet)."""
         with self.registry._transaction() as db:
             row = db.execute(
                 "SELECT at, items, repaired, reason FROM reconciliations WHERE collection = ? ORDER BY at DESC LIMIT 1",
@@ -167,6 +168,7 @@ class ItemLedger:
                    (self.collection, time.time(), items, repaired, reason))  # fmt: skip
 
     def record(self, items: int, repaired: int, reason: str) -> None:
+        """Record a reconciliation: the items found, those repaired, and why."""
         with self.registry._transaction(write=True) as db:
             self._record(db, items, repaired, reason)
 

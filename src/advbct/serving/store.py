@@ -94,6 +94,8 @@ class MixedMerge:
 
 
 def normalised(vectors: np.ndarray, dim: int) -> np.ndarray:
+    """``vectors`` as float32 rows of unit length; a :class:`StoreError` for a wrong shape, a non-finite value or a
+    zero vector, which cosine search cannot rank."""
     vectors = np.asarray(vectors, dtype=np.float32)
     if vectors.ndim != 2 or vectors.shape[1] != dim:
         raise StoreError(f"vectors must be (n, {dim}), got {vectors.shape}")
@@ -277,6 +279,7 @@ class GalleryStore:
             self.client.flush(self.collection)
 
     def delete(self, ids: Sequence[int]) -> None:
+        """Delete items; refused as a whole when any id is not stored."""
         missing = set(int(i) for i in ids) - self.existing(ids)
         if missing:
             raise StoreError(f"unknown ids: {sorted(missing)[:10]}")
@@ -349,6 +352,8 @@ class GalleryStore:
         return np.asarray(ids, dtype=np.int64)[by_id], stacked[by_id]
 
     def distinct_generations(self) -> list[int]:
+        """The generations some stored item is at: one single-row query per generation, each excluding those
+        found, and a last one that finds none."""
         seen: set[int] = set()
         while True:
             clause = f"generation not in {sorted(seen)}" if seen else ""

@@ -68,8 +68,8 @@ def elastic_radii(r_max: torch.Tensor, weights: torch.Tensor, tau: float) -> tor
     """r = r_max + |r_max - tau| sigmoid(w) below tau, r_max - |r_max - tau| sigmoid(w) above: always between.
 
     Both cases are r_max + (tau - r_max) sigmoid(w), a step from r_max toward tau, which is how it is computed:
-    four operations instead of eight on every training step, with the same floating-point result (negating a
-    difference is exact). ``tests/test_advbct_loss.py`` checks it against the two-case form, gradients included.
+    half the operations of the two-case form on every training step, with the same floating-point result
+    (negating a difference is exact).
     """
     return r_max + (tau - r_max) * torch.sigmoid(weights)
 

@@ -165,6 +165,8 @@ _REQUIREMENT_HELP = {
 
 
 def register_method(name: str, kind: MethodKind) -> Callable[[type[CompatibilityMethod]], type[CompatibilityMethod]]:
+    """Register the decorated class under ``name`` as a method of ``kind``; a second registration of a name, or a
+    second reference method, is refused."""
     if kind not in get_args(MethodKind):
         raise CompatError(f"method {name!r}: kind must be one of {', '.join(get_args(MethodKind))}, got {kind!r}")
 
@@ -180,6 +182,7 @@ def register_method(name: str, kind: MethodKind) -> Callable[[type[Compatibility
 
 
 def list_methods() -> list[str]:
+    """Every registered method's name, sorted."""
     return sorted(_REGISTRY)
 
 
@@ -200,6 +203,7 @@ def reference_method() -> str:
 
 
 def method_info(name: str) -> MethodInfo:
+    """The registered method ``name``; a one-line :class:`CompatError` listing the others where it is unknown."""
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -207,6 +211,7 @@ def method_info(name: str) -> MethodInfo:
 
 
 def method_class(name: str) -> type[CompatibilityMethod]:
+    """The class registered as ``name`` (refused as :func:`method_info` refuses)."""
     return method_info(name).method
 
 

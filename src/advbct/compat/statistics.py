@@ -199,6 +199,7 @@ _TENSOR_FIELDS = ("centres", "radii", "min_radii", "median_radii", "angular_radi
 
 
 def save_statistics(stats: ClassStatistics, path: Path) -> None:
+    """Write ``stats`` atomically as tensors and a JSON string, the only things :func:`load_statistics` reads back."""
     meta = {"old_model_id": stats.old_model_id, "class_names": list(stats.class_names)}
     atomic_save(
         {"meta": json.dumps(meta), **{name: getattr(stats, name) for name in _TENSOR_FIELDS}},

@@ -117,6 +117,8 @@ ORDER_POLICIES: dict[str, OrderPolicy] = {}
 
 
 def register_order(name: str) -> Callable[[OrderPolicy], OrderPolicy]:
+    """Add the decorated function to ``ORDER_POLICIES`` as ``name``."""
+
     def add(policy: OrderPolicy) -> OrderPolicy:
         ORDER_POLICIES[name] = policy
         return policy

@@ -30,9 +30,9 @@ def compatibility_scores(
     old = M(o,o), independent = M(*,*), self_test = M(n,n), cross_test = M(n,o); datasets weigh equally.
     Per dataset d: P_up_d = 100 sigmoid((M(n,n) - M(*,*)) / M(*,*)),
     P_comp_d = 100 sigmoid((M(n,o) - M(o,o)) / (M(*,*) - M(o,o))), P_1_d = their harmonic mean; each score is
-    then averaged over datasets. This order (sigmoid and harmonic mean per dataset, then the mean) reproduces
-    the AdvBCT paper's table exactly (BCT row: 48.02 / 54.71 / 51.13); taking the sigmoid of the mean instead
-    gives 48.02 / 54.72 / 51.15. With one dataset the two orders agree.
+    then averaged over datasets. This order (sigmoid and harmonic mean per dataset, then the mean) is the one
+    that reproduces the AdvBCT paper's table to its last digit; the sigmoid of the mean does not. With one
+    dataset the two orders agree.
     """
     n = len(old)
     if n == 0:

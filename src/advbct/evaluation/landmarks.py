@@ -62,6 +62,8 @@ class LandmarkBenchmark:
 
 
 def revisited_benchmark(root: Path, name: str) -> LandmarkBenchmark:
+    """ROxford5k or RParis6k from ``root``: queries cropped to their boxes, the full ranking scored by Easy / Medium /
+    Hard, Medium mAP the headline."""
     data = load_revisited(root, name)
     return LandmarkBenchmark(
         name=name,
@@ -76,6 +78,8 @@ def revisited_benchmark(root: Path, name: str) -> LandmarkBenchmark:
 
 
 def gldv2_benchmark(root: Path, k: int = 100) -> LandmarkBenchmark:
+    """GLDv2 retrieval from ``root``: the test photos against the index, mAP@``k`` per usage (public, private),
+    private the headline."""
     data = load_gldv2_retrieval(root)
 
     def score(ranks: torch.Tensor) -> dict:
@@ -94,6 +98,7 @@ def gldv2_benchmark(root: Path, k: int = 100) -> LandmarkBenchmark:
 
 
 def load_benchmark(name: str, root: Path) -> LandmarkBenchmark:
+    """The benchmark ``name`` (one of ``BENCHMARK_NAMES``) from its data in ``root``."""
     return gldv2_benchmark(root) if name == "gldv2" else revisited_benchmark(root, name)
 
 

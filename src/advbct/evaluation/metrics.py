@@ -184,8 +184,8 @@ def relevant_positions(sims: torch.Tensor, relevant: torch.Tensor, counted: torc
 
     ``counted`` marks the items that take part in the ranking at all (False: the query's own image, which must not
     be marked relevant either). Relevant items tied with each other may come in either order: the positions they
-    fill are the same. A row where an irrelevant item exactly ties a relevant one (a few rows in ten thousand for
-    CIFAR-100) is ranked again by a full stable sort, which puts the earlier gallery item first.
+    fill are the same. A row where an irrelevant item exactly ties a relevant one (rare, as with duplicate images)
+    is ranked again by a full stable sort, which puts the earlier gallery item first.
     """
     b, g = sims.shape
     n_rel = relevant.sum(1, keepdim=True)

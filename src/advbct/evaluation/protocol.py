@@ -21,9 +21,9 @@ Box = tuple[float, float, float, float]
 def ready_for_inference(model: nn.Module, device: torch.device, channels_last: bool = False) -> nn.Module:
     """``model`` in eval mode on ``device``, its 4-D weights channels_last when asked, converted in place only where
     it is not so already. ``Module.to`` rewrites every parameter in place even when nothing changes, and a forward
-    pass running on the same model in another thread (the service's searches beside its backfill) may read one half
-    rewritten: the backfill then wrote all-zero vectors, in 2 of 29 runs of its API test. A model already in the
-    wanted form is left untouched, so a shared one is converted once, before it is shared."""
+    pass running on the same model in another thread (the service's searches beside its backfill) may read a
+    parameter half rewritten and return all-zero embeddings. A model already in the wanted form is left untouched,
+    so a shared one is converted once, before it is shared."""
     if any(module.training for module in model.modules()):
         model.eval()
     params = list(model.parameters())
@@ -126,9 +126,9 @@ def evaluate_pairs(
 ) -> dict[str, TestResult]:
     """``{"query/gallery": result}``: each test image queries the rest of the set (itself excluded).
 
-    ``device``: where the rankings are computed (each embedding is moved there once). Sorting every row of a
-    10k x 10k score matrix takes seconds per pair on a CPU and milliseconds on a GPU, and a full table has
-    dozens of pairs.
+    ``device``: where the rankings are computed (each embedding is moved there once). Every pair sorts a full
+    (test set x test set) score matrix, which a GPU does far faster than a CPU, and a full table has dozens of
+    pairs.
     """
     pairs = list(pairs)
     used = {name for pair in pairs for name in pair}

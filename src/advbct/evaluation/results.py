@@ -195,6 +195,7 @@ class RunCost:
 
     @classmethod
     def from_history(cls, history_path: Path) -> RunCost:
+        """From a run's ``history.json`` (no file: zero seconds and no rate), summing the epochs' seconds."""
         history = json.loads(history_path.read_text()) if history_path.is_file() else []
         rates = [epoch["images_per_s"] for epoch in history if "images_per_s" in epoch]
         seconds = sum(epoch.get("seconds", 0.0) for epoch in history)

@@ -136,6 +136,8 @@ class Service:
             self.progress = BackfillProgress(self.generation, state="failed", failed=[str(exc)])
 
     def decode(self, data: bytes, name: str) -> np.ndarray:
+        """An uploaded file as the model's square uint8 input; 413 for one too large (bytes or pixels, checked before
+        decoding), 400 for one that is not an image."""
         if len(data) > self.config.max_upload_bytes:
             raise HTTPException(413, f"{name} is {len(data)} bytes; the limit is {self.config.max_upload_bytes}")
         try:
@@ -227,6 +229,7 @@ class Service:
         return self.ledger.counts()
 
     def stop_backfill(self) -> None:
+        """Ask the backfill to stop and wait until its thread has ended."""
         self.stop.set()
         if self.backfill_thread is not None:
             self.backfill_thread.join()

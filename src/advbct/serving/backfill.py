@@ -78,15 +78,15 @@ def split_restorable(rows: list[dict], target_generation: int) -> tuple[list[int
     model needed) and the rows to re-embed.
 
     The writes (``GalleryStore.replace`` and ``restore``) check each item again first: an item deleted meanwhile
-    must not come back, and one already at the target is not written or counted again (a Milvus server's stale
-    listing has returned a few items that an earlier page had already re-embedded, 1,024 of 100,000 in
-    bench_serving on Milvus 2.3.5, and a restarted job may list an item whose write reached the store just before
-    the previous job was killed)."""
+    must not come back, and one already at the target is not written or counted again (a Milvus server's listing
+    may lag behind writes it has already acknowledged, and a restarted job may list an item whose write reached the
+    store just before the previous job was killed)."""
     restorable = [int(row["id"]) for row in rows if int(row["previous_generation"]) == target_generation]
     return restorable, [row for row in rows if int(row["previous_generation"]) != target_generation]
 
 
 def shard_buckets(worker: int, workers: int) -> list[int] | None:
+    """The id buckets worker ``worker`` of ``workers`` owns (``None``: a single worker owns the whole gallery)."""
     if workers < 1 or workers > BUCKETS:
         raise DataError(f"--workers {workers}: the gallery splits into 1 to {BUCKETS} workers")
     if not 0 <= worker < workers:
@@ -99,7 +99,7 @@ class ImageRoot:
     path, a symbolic link leading out) is refused.
 
     Each folder is resolved once and each file then costs one symlink check: a full ``Path.resolve`` per item
-    walks every path component in Python, and under a backfill's threads that took 18 of 52 seconds.
+    walks every path component in Python, a large share of a backfill's time.
     """
 
     def __init__(self, root: Path):
@@ -108,6 +108,7 @@ class ImageRoot:
         self._folders: dict[Path, Path] = {}
 
     def resolve(self, ref: str) -> Path:
+        """The file ``ref`` names; a :class:`DataError` where it lies outside the image root."""
         relative = Path(ref)
         if relative.name in ("", ".", ".."):
             path = (self.root / relative).resolve()
@@ -156,7 +157,7 @@ def run_backfill(
     stale_filter = f"generation != {target_generation}"
     if buckets is not None:
         stale_filter += f" and bucket in {buckets}"
-    # A filtered count scans the whole collection (seconds for 100,000 items in Milvus Lite). When the first page
+    # A filtered count scans the whole collection (slow on a large Milvus Lite gallery). When the first page
     # of the storage-order listing holds every stale item its length is the count; otherwise the count runs beside
     # the work. What is left is that count minus what this run wrote.
     initial: list[int] = []

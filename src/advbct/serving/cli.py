@@ -36,6 +36,8 @@ DeviceOpt = Annotated[str, typer.Option("--device")]
 
 
 def registry_path(db: str, registry: Path | None) -> Path:
+    """The registry file: ``registry`` where given, else beside a Milvus Lite file; a server URI has no file to
+    sit beside, so it needs one named."""
     if registry is not None:
         return registry
     if is_server_uri(db):

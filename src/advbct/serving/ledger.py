@@ -95,6 +95,7 @@ class ItemLedger:
         return sum(self.counts().values())
 
     def last_reconciliation(self) -> Reconciliation | None:
+        """The latest time the mirror was rebuilt or repaired from Milvus (``None``: never, a gallery not seen yet)."""
         with self.registry._transaction() as db:
             row = db.execute(
                 "SELECT at, items, repaired, reason FROM reconciliations WHERE collection = ? ORDER BY at DESC LIMIT 1",
@@ -167,6 +168,7 @@ class ItemLedger:
                    (self.collection, time.time(), items, repaired, reason))  # fmt: skip
 
     def record(self, items: int, repaired: int, reason: str) -> None:
+        """Record a reconciliation: the items found, those repaired, and why."""
         with self.registry._transaction(write=True) as db:
             self._record(db, items, repaired, reason)
 
@@ -195,10 +197,10 @@ class ItemLedger:
         """Refuse a gallery whose Milvus count differs from the mirror's beyond the writes in flight; repair the
         writes a crash interrupted (recorded). A gallery never seen with a mirror is taken as it is (recorded).
 
-        ``by_generation``: also compare the counts per generation (one filtered count each, seconds at 60,000
-        items in Milvus Lite: what a server's start affords, not every CLI command) and rebuild the mirror where
-        they differ with the total equal (no item lost: a write behind the registry's back, or an older state of
-        the same items). Done on Milvus Lite only, which one process holds: on a server other writers may be
+        ``by_generation``: also compare the counts per generation (one filtered count each, a scan of the whole
+        collection in Milvus Lite: affordable once as a server starts, not on every CLI command) and rebuild the
+        mirror where they differ with the total equal (no item lost: a write behind the registry's back, or an older
+        state of the same items). Done on Milvus Lite only, which one process holds: on a server other writers may be
         mid-write and a listing would race them."""
         if self.last_reconciliation() is None:
             self.rebuild(store, "first opened with item counts: the mirror taken from Milvus")

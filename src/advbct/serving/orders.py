@@ -89,6 +89,7 @@ class BackfillOrders:
             db.executescript(ORDERS_SCHEMA)
 
     def saved(self, target: int) -> SavedOrder | None:
+        """The order saved for the backfill to ``target``, if any."""
         with self.registry._transaction() as db:
             row = db.execute(
                 "SELECT policy, ids FROM backfill_orders WHERE collection = ? AND target = ?",
@@ -129,6 +130,7 @@ class BackfillOrders:
         return saved.ids
 
     def clear(self, target: int) -> None:
+        """Drop the order saved for the backfill to ``target``."""
         with self.registry._transaction(write=True) as db:
             db.execute("DELETE FROM backfill_orders WHERE collection = ? AND target = ?", (self.collection, target))
 

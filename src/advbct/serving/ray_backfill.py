@@ -179,6 +179,7 @@ class DriverWriter:
         self.batches = 0
 
     def write(self, batch: dict[str, np.ndarray]) -> None:
+        """Hand an embedded batch's decodable items to a writer thread; list the undecodable ones as skipped."""
         decoded = np.asarray([reason == "" for reason in batch["reason"]], dtype=bool)
         for item_id, ref, reason in zip(batch["id"], batch["ref"], batch["reason"], strict=True):
             if reason:

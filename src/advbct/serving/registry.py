@@ -99,12 +99,14 @@ class ModelRegistry:
 
     @property
     def active(self) -> Generation | None:
+        """The generation that serves queries (``None`` before the first is registered)."""
         with self._transaction() as db:
             number = self._setting(db, "active")
             row = db.execute("SELECT * FROM generations WHERE number = ?", (number,)).fetchone()
         return None if row is None else _generation(row)
 
     def generation(self, number: int) -> Generation:
+        """Generation ``number``; refused where it is not registered."""
         found = next((g for g in self.generations if g.number == number), None)
         if found is None:
             raise GateRefused(f"no generation {number} is registered")
@@ -126,6 +128,8 @@ class ModelRegistry:
         return entry
 
     def register_first(self, path: str | Path, device: str = "cpu") -> Generation:
+        """Register the checkpoint that starts the gallery, active at once: with nothing to be compatible with,
+        there is no gate."""
         return self._append(Embedder(path, device), None, first=True)
 
     def upgrade(

@@ -9,11 +9,11 @@ back without a model. Both live in one vector field because Milvus before 2.4 (t
 refuses a second one; a search queries one half by zeroing the other half of the query, which inner product
 leaves exact. Search is inner product on normalised vectors, i.e. cosine similarity. ``bucket`` = id mod 64 is stored
 so backfill workers can split the gallery by id with a plain filter (Milvus filters have no modulo).
-Reads use strong consistency, so what a write returned from is what the next search sees. In Milvus Lite every
-write is flushed into a sealed segment: a Lite search scans unflushed rows one by one (2,048 of them add about
-40 ms to a 20,000-item search), while a flush of a batch costs tens of milliseconds once. A server indexes its
-growing segments itself and seals them on its own schedule; there a flush per write only makes small segments
-and waits for them to persist, so writes to a server are never flushed by hand.
+Reads use strong consistency, so what a write returned from is what the next search sees. In Milvus Lite each
+write is flushed into a sealed segment (a bulk job's every few batches): a Lite search scans unflushed rows one by
+one, so they slow every search that follows, while a flush is paid once. A server indexes its growing segments
+itself and seals them on its own schedule; there a flush per write only makes small segments and waits for them
+to persist, so writes to a server are never flushed by hand.
 pymilvus is imported when a gallery is opened, so the training commands run where only their needs are installed.
 """
 
@@ -94,6 +94,8 @@ class MixedMerge:
 
 
 def normalised(vectors: np.ndarray, dim: int) -> np.ndarray:
+    """``vectors`` as float32 rows of unit length; a :class:`StoreError` for a wrong shape, a non-finite value or a
+    zero vector, which cosine search cannot rank."""
     vectors = np.asarray(vectors, dtype=np.float32)
     if vectors.ndim != 2 or vectors.shape[1] != dim:
         raise StoreError(f"vectors must be (n, {dim}), got {vectors.shape}")
@@ -143,8 +145,9 @@ class GalleryStore:
         self.page_limit = 16_384 if server else 131_072
         self.flushes_writes = not server
         # Writers a bulk job may run at once. A server answers a strongly consistent read at its next time tick
-        # (about 200 ms), so a backfill's check-then-upsert per batch is pipelined over several threads there;
-        # Milvus Lite answers at once and shares this process's cores, where more writers only compete.
+        # (the proxy's ``timeTickInterval``, 200 ms by default), so a backfill's check-then-upsert per batch is
+        # pipelined over several threads there; Milvus Lite answers at once and shares this process's cores, where
+        # more writers only compete.
         self.concurrent_writes = 4 if server else 1
         # Milvus Lite takes one write (and its flush) at a time: two request threads flushing at once fail with
         # "current_seq is monotonic". A server orders concurrent writes itself.
@@ -194,8 +197,7 @@ class GalleryStore:
         self, ids: Sequence[int], refs: Sequence[str], both: np.ndarray, generation: int, previous: Sequence[int]
     ) -> list[dict]:
         now = time.time()
-        # Each vector stays a float32 array row: pymilvus packs that faster than a Python list of floats
-        # (57 against 70 ms per 256 rows of 256-d into Milvus Lite).
+        # Each vector stays a float32 array row: pymilvus packs that faster than a Python list of floats.
         return [
             {"id": int(i), "ref": ref, "vectors": v, "generation": int(generation), "previous_generation": int(p),
              "embedded_at": now, "bucket": int(i) % BUCKETS}
@@ -277,6 +279,7 @@ class GalleryStore:
             self.client.flush(self.collection)
 
     def delete(self, ids: Sequence[int]) -> None:
+        """Delete items; refused as a whole when any id is not stored."""
         missing = set(int(i) for i in ids) - self.existing(ids)
         if missing:
             raise StoreError(f"unknown ids: {sorted(missing)[:10]}")
@@ -349,6 +352,8 @@ class GalleryStore:
         return np.asarray(ids, dtype=np.int64)[by_id], stacked[by_id]
 
     def distinct_generations(self) -> list[int]:
+        """The generations some stored item is at: one single-row query per generation, each excluding those
+        found, and a last one that finds none."""
         seen: set[int] = set()
         while True:
             clause = f"generation not in {sorted(seen)}" if seen else ""

@@ -56,6 +56,7 @@ class SearchTraffic:
         return np.unique(seen, return_counts=True)
 
     def save(self, registry: ModelRegistry, collection: str) -> None:
+        """Save the window for ``collection`` in the registry's file, replacing the one saved before."""
         with self.lock:
             blob, position = self.hits.tobytes(), self.position
         with registry._transaction(write=True) as db:

@@ -1,7 +1,7 @@
 """The live watch: retrieval quality of the service as it serves, measured on a labelled probe while a backfill runs.
 
-The gate judges a candidate on a validation split before it serves; nothing after that looked at quality, and a
-forced upgrade could serve far worse results unseen. The watch searches the live gallery with a probe folder
+The gate judges a candidate on a validation split before it serves, but a forced upgrade, or a gallery unlike that
+split, can still serve worse results; the watch is what sees them. It searches the live gallery with a probe folder
 (``<class>/<image>``, images held out from the gallery) exactly as a user's query is searched (the active model,
 the mixed gallery merged as served) when a backfill starts (so at once after an upgrade) and every ``every``
 re-embedded items, and scores precision@10: the share of each probe query's top 10 hits whose class is the query's.

@@ -151,99 +151,158 @@ def run_backfill(
     if embedder.dim != store.dim:
         raise DataError(f"the model embeds to {embedder.dim} dimensions, the gallery holds {store.dim}")
     buckets = shard_buckets(worker, workers)
-    root = ImageRoot(image_root)
     progress = progress or BackfillProgress(target_generation)
     progress.state = "running"
     stale_filter = f"generation != {target_generation}"
     if buckets is not None:
         stale_filter += f" and bucket in {buckets}"
-    # A filtered count scans the whole collection (slow on a large Milvus Lite gallery). When the first page
-    # of the storage-order listing holds every stale item its length is the count; otherwise the count runs beside
-    # the work. What is left is that count minus what this run wrote.
-    initial: list[int] = []
     page_size = page_size or store.page_limit
     pages = _stale_pages(store, target_generation, page_size, buckets, order, progress)
     page = next(pages)
-
-    def count_stale() -> None:
-        initial.append(store.count(stale_filter))
-        progress.remaining = max(0, initial[0] - progress.done)
-
-    counter = None
-    if order is None and len(page) < page_size:
-        initial.append(len(page))
-        progress.remaining = len(page)
-    else:
-        progress.remaining = None
-        counter = threading.Thread(target=count_stale, daemon=True)
-        counter.start()
-    started = time.perf_counter()
-    writers = store.concurrent_writes
-    writes: queue.Queue = queue.Queue(maxsize=writers + 1)
-    written = [0]
-    failure: list[BaseException] = []
-    counting = threading.Lock()
-
-    def write() -> None:
-        while (job := writes.get()) is not None:
-            try:
-                with counting:
-                    written[0] += 1
-                    flush = written[0] % FLUSH_EVERY == 0
-                keep = job(flush=flush)
-            except BaseException as exc:  # handed to the main loop, which stops and re-raises
-                failure.append(exc)
-                writes.task_done()
-                continue
-            with counting:
-                progress.done += len(keep)
-                if initial:
-                    progress.remaining = max(0, initial[0] - progress.done)
-                progress.items_per_s = progress.done / max(time.perf_counter() - started, 1e-9)
-                if on_batch is not None:
-                    on_batch(progress)
-            writes.task_done()
-
-    threads = [threading.Thread(target=write, daemon=True) for _ in range(writers)]
-    for thread in threads:
-        thread.start()
-    exhausted = False
-    queued = 0
+    remaining = _StaleCount(store, stale_filter, progress)
+    remaining.start(page, exact=order is None and len(page) < page_size)
+    writers = _WriterPool(store.concurrent_writes, progress, remaining, on_batch)
+    feed = _Feed(store, embedder, ImageRoot(image_root), target_generation, batch_size, progress, stop, pause)
     try:
-        while not (stop is not None and stop.is_set()) and not failure:
-            if not page:
-                exhausted = True
-                break
-            if limit is not None:
-                page = page[: max(0, limit - queued)]
-                if not page:
-                    break
-            for offset in range(0, len(page), batch_size):
-                while pause is not None and pause.is_set() and not (stop is not None and stop.is_set()):
-                    progress.state = "paused"
-                    time.sleep(0.05)
-                progress.state = "running"
-                if (stop is not None and stop.is_set()) or failure:
-                    break
-                rows = page[offset : offset + batch_size]
-                for job in _batch_writes(store, embedder, root, target_generation, rows, progress):
-                    writes.put(job)
-                queued += len(rows)
-            writes.join()  # the next page must not list items of this one that are still being written
-            page = next(pages)
+        exhausted = feed.run(page, pages, writers, limit)
     finally:
-        for _ in threads:
-            writes.put(None)
-        for thread in threads:
-            thread.join()
-    if counter is not None:
-        counter.join()
+        writers.close()
+    remaining.join()
     store.flush()
-    if failure:
-        raise failure[0]
+    if writers.failure:
+        raise writers.failure[0]
     progress.remaining = 0 if exhausted else store.count(stale_filter) - len(progress.skipped)
     progress.state = "finished" if exhausted else "stopped"
     return progress
+
+
+class _StaleCount:
+    """How many items were stale when the run began, so ``remaining`` can be that minus what this run wrote.
+
+    A filtered count scans the whole collection (slow on a large Milvus Lite gallery). When the first page of
+    the storage-order listing holds every stale item its length is the count; otherwise the count runs beside the
+    work and ``remaining`` is unknown until it ends."""
+
+    def __init__(self, store: GalleryStore, stale_filter: str, progress: BackfillProgress):
+        self.store, self.stale_filter, self.progress = store, stale_filter, progress
+        self.initial: int | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self, first_page: list[dict], exact: bool) -> None:
+        if exact:
+            self.initial = self.progress.remaining = len(first_page)
+            return
+        self.progress.remaining = None
+        self._thread = threading.Thread(target=self._count, daemon=True)
+        self._thread.start()
+
+    def _count(self) -> None:
+        self.initial = self.store.count(self.stale_filter)
+        self.progress.remaining = max(0, self.initial - self.progress.done)
+
+    def join(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+
+
+class _WriterPool:
+    """Threads that run queued write jobs (check, then upsert) while the caller decodes and embeds the next batch;
+    a failure is kept for the caller, which stops feeding and re-raises it."""
+
+    def __init__(
+        self,
+        size: int,
+        progress: BackfillProgress,
+        remaining: _StaleCount,
+        on_batch: Callable[[BackfillProgress], None] | None,
+    ):
+        self.progress, self.remaining, self.on_batch = progress, remaining, on_batch
+        self.jobs: queue.Queue = queue.Queue(maxsize=size + 1)
+        self.failure: list[BaseException] = []
+        self._written = 0
+        self._counting = threading.Lock()
+        self._started = time.perf_counter()
+        self._threads = [threading.Thread(target=self._write, daemon=True) for _ in range(size)]
+        for thread in self._threads:
+            thread.start()
+
+    def _write(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            try:
+                with self._counting:
+                    self._written += 1
+                    flush = self._written % FLUSH_EVERY == 0
+                keep = job(flush=flush)
+            except BaseException as exc:  # handed to the caller, which stops and re-raises
+                self.failure.append(exc)
+                self.jobs.task_done()
+                continue
+            with self._counting:
+                self._count(len(keep))
+            self.jobs.task_done()
+
+    def _count(self, written: int) -> None:
+        progress = self.progress
+        progress.done += written
+        if self.remaining.initial is not None:
+            progress.remaining = max(0, self.remaining.initial - progress.done)
+        progress.items_per_s = progress.done / max(time.perf_counter() - self._started, 1e-9)
+        if self.on_batch is not None:
+            self.on_batch(progress)
+
+    def close(self) -> None:
+        for _ in self._threads:
+            self.jobs.put(None)
+        for thread in self._threads:
+            thread.join()
+
+
+@dataclass
+class _Feed:
+    """Pages of stale items cut into batches, each decoded and embedded here and handed to the writers; honours
+    ``pause`` between batches and ``stop`` at any batch."""
+
+    store: GalleryStore
+    embedder: Embedder
+    root: ImageRoot
+    target: int
+    batch_size: int
+    progress: BackfillProgress
+    stop: threading.Event | None
+    pause: threading.Event | None
+
+    def stopped(self) -> bool:
+        return self.stop is not None and self.stop.is_set()
+
+    def run(self, page: list[dict], pages: Iterator[list[dict]], writers: _WriterPool, limit: int | None) -> bool:
+        """Feed pages until none is left (returns True), or until stopped, failed or ``limit`` (False)."""
+        queued = 0
+        while not self.stopped() and not writers.failure:
+            if not page:
+                return True
+            if limit is not None:
+                page = page[: max(0, limit - queued)]
+                if not page:
+                    return False
+            queued += self._feed_page(page, writers)
+            writers.jobs.join()  # the next page must not list items of this one that are still being written
+            page = next(pages)
+        return False
+
+    def _feed_page(self, page: list[dict], writers: _WriterPool) -> int:
+        queued = 0
+        for offset in range(0, len(page), self.batch_size):
+            while self.pause is not None and self.pause.is_set() and not self.stopped():
+                self.progress.state = "paused"
+                time.sleep(0.05)
+            self.progress.state = "running"
+            if self.stopped() or writers.failure:
+                break
+            rows = page[offset : offset + self.batch_size]
+            for job in _batch_writes(self.store, self.embedder, self.root, self.target, rows, self.progress):
+                writers.jobs.put(job)
+            queued += len(rows)
+        return queued
 
 
 def _batch_writes(

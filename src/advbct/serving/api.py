@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from fastapi import FastAPI, File, Form, HTTPException, Request, Response, UploadFile
+from fastapi import APIRouter, FastAPI, File, Form, HTTPException, Request, Response, UploadFile
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel
@@ -242,6 +242,8 @@ class Service:
 
 
 def create_app(config: ServiceConfig) -> FastAPI:
+    """The service's FastAPI app: one ``Service`` (gallery, registry, batcher, backfill) shared by every route; a
+    damaged gallery answers 503 everywhere but the routes that report it."""
     service = Service(config)
 
     @asynccontextmanager
@@ -263,31 +265,49 @@ def create_app(config: ServiceConfig) -> FastAPI:
         service.metrics.observe_request(request.method, route, response.status_code, time.perf_counter() - started)
         return response
 
-    @app.get("/metrics")
+    app.include_router(status_routes(service))
+    app.include_router(model_routes(service, config))
+    app.include_router(item_routes(service, config))
+    app.include_router(backfill_routes(service))
+    return app
+
+
+def status_routes(service: Service) -> APIRouter:
+    """The page, health and Prometheus metrics."""
+    router = APIRouter()
+
+    @router.get("/metrics")
     def metrics() -> Response:
         service.follow_registry()
         p = service.progress
         service.metrics.set_backfill(p.items_per_s, p.done, service.generation_counts())
         return Response(service.metrics.render(), media_type=CONTENT_TYPE)
 
-    @app.get("/", response_class=HTMLResponse)
+    @router.get("/", response_class=HTMLResponse)
     def page() -> str:
         return PAGE
 
-    @app.get("/health", response_model=None)
+    @router.get("/health", response_model=None)
     def health() -> dict | JSONResponse:
         service.follow_registry()
         if service.damage is not None:
             return JSONResponse({"status": "damaged", "reason": service.damage, "active": service.generation}, 503)
         return {"status": "ok", "items": sum(service.generation_counts().values()), "active": service.generation}
 
-    @app.get("/models")
+    return router
+
+
+def model_routes(service: Service, config: ServiceConfig) -> APIRouter:
+    """Generations: list, gated upgrade (or roll-forward), rollback."""
+    router = APIRouter()
+
+    @router.get("/models")
     def models() -> dict:
         service.follow_registry()
         generations = [g.__dict__ for g in service.registry.generations]
         return {"active": service.generation, "generations": generations}
 
-    @app.post("/models")
+    @router.post("/models")
     def upgrade(request: UpgradeRequest) -> dict:
         with service.lock:
             try:
@@ -299,7 +319,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
             service.switch_to(generation)
         return {"generation": generation.number, "gate": generation.gate}
 
-    @app.post("/models/rollback")
+    @router.post("/models/rollback")
     def rollback() -> dict:
         with service.lock:
             try:
@@ -309,7 +329,14 @@ def create_app(config: ServiceConfig) -> FastAPI:
             service.switch_to(generation)
         return {"active": generation.number}
 
-    @app.post("/search")
+    return router
+
+
+def item_routes(service: Service, config: ServiceConfig) -> APIRouter:
+    """Search and the gallery's items: add by upload or by path, delete, fetch the image."""
+    router = APIRouter()
+
+    @router.post("/search")
     def search(image: UploadFile = File(...), k: int = Form(10)) -> dict:
         if not 1 <= k <= MAX_K:
             raise HTTPException(400, f"k must be between 1 and {MAX_K}")
@@ -320,7 +347,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
         service.traffic.record([h.id for h in hits])
         return {"active": generation, "hits": [h.__dict__ for h in hits]}
 
-    @app.post("/items")
+    @router.post("/items")
     def add_upload(image: UploadFile = File(...)) -> dict:
         data = image.file.read()
         pixels = service.decode(data, image.filename or "upload")
@@ -335,7 +362,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
         service.store.add([item_id], [ref], *service.batcher.embed(pixels[None]))
         return {"ids": [item_id]}
 
-    @app.post("/items/by-path")
+    @router.post("/items/by-path")
     def add_paths(request: AddByPath) -> dict:
         if not request.paths:
             raise HTTPException(400, "paths is empty: name at least one image file under the image root")
@@ -356,7 +383,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
         service.store.add(ids, refs, *service.batcher.embed(np.stack(arrays)))
         return {"ids": ids}
 
-    @app.delete("/items/{item_id}")
+    @router.delete("/items/{item_id}")
     def delete(item_id: int) -> dict:
         try:
             service.store.delete([item_id])
@@ -364,14 +391,21 @@ def create_app(config: ServiceConfig) -> FastAPI:
             raise HTTPException(404, str(exc)) from None
         return {"deleted": item_id}
 
-    @app.get("/items/{item_id}/image")
+    @router.get("/items/{item_id}/image")
     def item_image(item_id: int) -> FileResponse:
         rows = service.store.get([item_id])
         if not rows:
             raise HTTPException(404, f"unknown id {item_id}")
         return FileResponse(ImageRoot(config.image_root).resolve(rows[0]["ref"]))
 
-    @app.get("/backfill")
+    return router
+
+
+def backfill_routes(service: Service) -> APIRouter:
+    """The backfill's progress and its start, pause, resume and stop."""
+    router = APIRouter()
+
+    @router.get("/backfill")
     def backfill_status() -> dict:
         service.follow_registry()
         p = service.progress
@@ -390,7 +424,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
             "watch": None if service.watch is None else service.watch.to_json(p.target_generation),
         }
 
-    @app.post("/backfill/{action}")
+    @router.post("/backfill/{action}")
     def backfill_control(action: str, request: BackfillStart | None = None) -> dict:
         """start, pause, resume or stop the backfill; start (or resume) takes an optional JSON body
         ``{"order": POLICY, "restart_order": false}``."""
@@ -412,4 +446,4 @@ def create_app(config: ServiceConfig) -> FastAPI:
             raise HTTPException(404, f"unknown backfill action {action!r}; use start, pause, resume or stop")
         return backfill_status()
 
-    return app
+    return router

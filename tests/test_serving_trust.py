@@ -261,8 +261,8 @@ def _better_compatible_checkpoint(old: Path, train_folder: Path, out: Path) -> P
 
 
 def test_the_gate_passes_a_better_compatible_model_with_its_intervals(tmp_path, monkeypatch):
-    from advbct.cli import train_config
     from advbct.pipeline import train_old
+    from advbct.presets import train_config
 
     monkeypatch.setenv("ADVBCT_CACHE", str(tmp_path / "cache"))
     folder = write_image_folder(tmp_path / "data", classes=10, train_per_class=40, test_per_class=10, seed=5)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from advbct.config import ModelConfig, QuickstartConfig, build_quickstart, deep_merge, preset_tree
+from advbct.config import ModelConfig, QuickstartConfig, deep_merge, preset_tree
 from advbct.data.images import DataError
 from advbct.distributed import current_world, resolve_device
 from advbct.evaluation.protocol import evaluate_pairs
@@ -27,6 +27,7 @@ from advbct.pipeline import (
     train_new_models,
     train_old_models,
 )
+from advbct.presets import build_quickstart
 from advbct.reporting.bench_report import write_markdown, write_plots
 
 SETTINGS = ("extended-class", "extended-data", "extended-backbone")

@@ -24,6 +24,7 @@ from advbct.data.download import download_gldv2, download_revisited
 from advbct.distributed import current_world, init_from_environment, shutdown
 from advbct.evaluation.backfill import MERGES, ORDER_POLICIES
 from advbct.evaluation.landmarks import PAPER_TESTS, evaluate_benchmarks, parse_benchmarks
+from advbct.jobs import set_threads
 from advbct.presets import quickstart_config, train_config
 from advbct.quickstart import quickstart as run_quickstart
 from advbct.reporting import comparison_table, print_report
@@ -61,7 +62,7 @@ def _run(fn, *args, **kwargs):
     with refused_as_exit():
         world = init_from_environment()
         console.quiet = not world.is_main
-        pipeline.set_threads()
+        set_threads()
         return fn(*args, **kwargs)
 
 

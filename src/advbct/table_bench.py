@@ -20,8 +20,8 @@ from advbct.data.images import DataError
 from advbct.distributed import current_world, resolve_device
 from advbct.evaluation.protocol import evaluate_pairs
 from advbct.evaluation.results import BenchResults, RunCost, SettingResult, method_reports, pair_name
+from advbct.jobs import check_jobs
 from advbct.pipeline import (
-    check_jobs,
     embed_test_set,
     plan_new_models,
     train_new_models,

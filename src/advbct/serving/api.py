@@ -281,7 +281,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
     @app.get("/models")
     def models() -> dict:
         service.follow_registry()
-        generations = [g.__dict__ for g in service.registry.generations]
+        generations = [g.to_json() for g in service.registry.generations]
         return {"active": service.generation, "generations": generations}
 
     @app.post("/models")
@@ -294,7 +294,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
             except (GateRefused, DataError, CheckpointError, FileNotFoundError) as exc:
                 raise HTTPException(422, str(exc)) from None
             service.switch_to(generation)
-        return {"generation": generation.number, "gate": generation.gate}
+        return {"generation": generation.number, "gate": generation.gate_json()}
 
     @app.post("/models/rollback")
     def rollback() -> dict:

@@ -8,6 +8,7 @@ bootstrap intervals of both margins) and the registry is left untouched.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from advbct.errors import AdvbctError
 from advbct.evaluation.backfill import fit_calibration
 from advbct.evaluation.metrics import label_retrieval_scores
 from advbct.evaluation.protocol import embed_files, embed_images, ready_for_inference
-from advbct.evaluation.results import CROSS, OLD, SELF, compatibility_criterion, pair_name
+from advbct.evaluation.results import CROSS, OLD, SELF, TestResult, compatibility_criterion, pair_name
 from advbct.models.checkpoint import load_checkpoint
 
 
@@ -83,7 +84,124 @@ class GatePolicy:
     seed: int = 0
 
 
-def compatibility_gate(old: Embedder, new: Embedder, validation: ImageSet, policy: GatePolicy | None = None) -> dict:
+@dataclass(frozen=True)
+class Margin:
+    """A margin over M(o,o) in mAP points: the mean per-query difference and its bootstrap interval."""
+
+    point: float
+    low: float
+    high: float
+
+    def to_json(self) -> dict[str, float]:
+        return {"point": self.point, "low": self.low, "high": self.high}
+
+    @classmethod
+    def from_json(cls, data: Mapping) -> Margin:
+        return cls(data["point"], data["low"], data["high"])
+
+
+@dataclass(frozen=True)
+class ValidationSize:
+    """Images in the validation set, its scored queries (images with another image of their class) and the
+    classes with two or more images."""
+
+    images: int
+    queries: int
+    classes: int
+
+    def to_json(self) -> dict[str, int]:
+        return {"images": self.images, "queries": self.queries, "classes": self.classes}
+
+
+@dataclass(frozen=True)
+class GateEvidence:
+    """What a decision rests on beyond the three mAPs: both margins with their intervals, the validation set's
+    size and the bootstrap that drew the intervals; ``undecided`` says why the set was too small to decide (None
+    when it was not), ``confident`` whether both lower bounds are above zero."""
+
+    cross_margin: Margin
+    self_margin: Margin
+    validation: ValidationSize
+    bootstrap: Mapping[str, float]
+    undecided: str | None
+    confident: bool
+
+    @classmethod
+    def from_json(cls, data: Mapping) -> GateEvidence:
+        margins = data["margins"]
+        return cls(
+            Margin.from_json(margins[CROSS]),
+            Margin.from_json(margins[SELF]),
+            ValidationSize(**data["validation"]),
+            dict(data["bootstrap"]),
+            data["undecided"],
+            data["confident"],
+        )
+
+
+@dataclass(frozen=True)
+class GateResult:
+    """The gate's numbers and decision for one candidate, as the registry stores them with its generation.
+
+    ``old``, ``self_test`` and ``cross`` hold M(o,o), M(n,n) and M(n,o) (mAP, percent) on the validation set.
+    ``evidence`` and ``calibration`` are None in records that hold only the three mAPs and the decision (such
+    registries still load). ``forced`` is None until a registration records whether the operator overrode a
+    refusal; ``forced_by`` and ``reason`` name who did and why.
+    """
+
+    old: TestResult
+    self_test: TestResult
+    cross: TestResult
+    passed: bool
+    evidence: GateEvidence | None = None
+    calibration: dict | None = None
+    forced: bool | None = None
+    forced_by: str | None = None
+    reason: str | None = None
+
+    @property
+    def decided(self) -> bool:
+        """The validation set was large enough to decide on."""
+        return self.evidence is None or self.evidence.undecided is None
+
+    def to_json(self) -> dict:
+        """The JSON the registry stores and the API and the CLI return, keys in their stored order."""
+        data: dict = {OLD: self.old.map, SELF: self.self_test.map, CROSS: self.cross.map}
+        evidence = self.evidence
+        if evidence is not None:
+            data["margins"] = {CROSS: evidence.cross_margin.to_json(), SELF: evidence.self_margin.to_json()}
+            data["validation"] = evidence.validation.to_json()
+            data["bootstrap"] = dict(evidence.bootstrap)
+            data["decided"], data["undecided"] = self.decided, evidence.undecided
+        data["passed"] = self.passed
+        if evidence is not None:
+            data["confident"], data["calibration"] = evidence.confident, self.calibration
+        if self.forced is not None:
+            data["forced"] = self.forced
+        if self.forced:
+            data["forced_by"], data["reason"] = self.forced_by, self.reason
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping) -> GateResult:
+        tests = {test: TestResult({"map": data[test]}) for test in (OLD, SELF, CROSS)}
+        evidence = GateEvidence.from_json(data) if "margins" in data else None
+        return cls(
+            tests[OLD],
+            tests[SELF],
+            tests[CROSS],
+            data["passed"],
+            evidence,
+            data.get("calibration"),
+            data.get("forced"),
+            data.get("forced_by"),
+            data.get("reason"),
+        )
+
+
+def compatibility_gate(
+    old: Embedder, new: Embedder, validation: ImageSet, policy: GatePolicy | None = None
+) -> GateResult:
     """M(o,o), M(n,n), M(n,o) (mAP, percent) on the validation images, their margins over M(o,o) with bootstrap
     intervals, and whether the upgrade is allowed.
 
@@ -101,7 +219,7 @@ def compatibility_gate(old: Embedder, new: Embedder, validation: ImageSet, polic
         raise GateRefused(f"the candidate embeds to {new.dim} dimensions, the gallery holds {old.dim}")
     size = validation_size(validation.labels)
     too_small = _too_small(size, policy)
-    if size["queries"] == 0:
+    if size.queries == 0:
         raise GateRefused(f"the gate cannot measure anything: {too_small}")
     embeddings = {
         "old": embed_images(old.model, validation.images, old.prep, old.device),
@@ -115,23 +233,22 @@ def compatibility_gate(old: Embedder, new: Embedder, validation: ImageSet, polic
     }
     scored = scores[OLD].scored
     ap = {test: 100.0 * s.ap[scored] for test, s in scores.items()}
-    numbers: dict = {test: float(values.mean()) for test, values in ap.items()}
     differences = torch.stack([ap[CROSS] - ap[OLD], ap[SELF] - ap[OLD]])
     bounds = bootstrap_interval(differences, policy.resamples, policy.level, policy.seed)
-    numbers["margins"] = {
-        test: {"point": float(row.mean()), "low": float(low), "high": float(high)}
-        for test, row, (low, high) in zip((CROSS, SELF), differences, bounds.tolist(), strict=True)
-    }
-    numbers["validation"] = size
-    numbers["bootstrap"] = {"resamples": policy.resamples, "level": policy.level, "seed": policy.seed}
-    numbers["decided"], numbers["undecided"] = too_small is None, too_small
-    margins = numbers["margins"]
-    on_points = compatibility_criterion(margins[CROSS]["point"], margins[SELF]["point"])
-    on_lower_bounds = compatibility_criterion(margins[CROSS]["low"], margins[SELF]["low"])
-    numbers["passed"] = too_small is None and on_points.upgrade_ok
-    numbers["confident"] = too_small is None and on_lower_bounds.upgrade_ok
-    numbers["calibration"] = gallery_calibration(embeddings, validation.labels)
-    return numbers
+    cross, self_margin = (
+        Margin(float(row.mean()), float(low), float(high))
+        for row, (low, high) in zip(differences, bounds.tolist(), strict=True)
+    )
+    on_points = compatibility_criterion(cross.point, self_margin.point)
+    on_lower_bounds = compatibility_criterion(cross.low, self_margin.low)
+    bootstrap = {"resamples": policy.resamples, "level": policy.level, "seed": policy.seed}
+    evidence = GateEvidence(
+        cross, self_margin, size, bootstrap, too_small, too_small is None and on_lower_bounds.upgrade_ok
+    )
+    tests = {test: TestResult({"map": float(values.mean())}) for test, values in ap.items()}
+    passed = too_small is None and on_points.upgrade_ok
+    calibration = gallery_calibration(embeddings, validation.labels)
+    return GateResult(tests[OLD], tests[SELF], tests[CROSS], passed, evidence, calibration)
 
 
 def gallery_calibration(embeddings: dict[str, torch.Tensor], labels: torch.Tensor) -> dict | None:
@@ -143,20 +260,20 @@ def gallery_calibration(embeddings: dict[str, torch.Tensor], labels: torch.Tenso
         return None
 
 
-def validation_size(labels: torch.Tensor) -> dict:
+def validation_size(labels: torch.Tensor) -> ValidationSize:
     """Scored queries (images with another image of their class) and the classes with two or more images."""
     per_class = torch.bincount(labels.long()) if labels.numel() else torch.zeros(0, dtype=torch.long)
     usable = per_class[per_class >= 2]
-    return {"images": int(labels.numel()), "queries": int(usable.sum()), "classes": int(usable.numel())}
+    return ValidationSize(int(labels.numel()), int(usable.sum()), int(usable.numel()))
 
 
-def _too_small(size: dict, policy: GatePolicy) -> str | None:
+def _too_small(size: ValidationSize, policy: GatePolicy) -> str | None:
     """Why ``size`` is below the policy's minimum, naming both; None when it is not."""
-    if size["classes"] >= policy.min_classes and size["queries"] >= policy.min_queries:
+    if size.classes >= policy.min_classes and size.queries >= policy.min_queries:
         return None
     return (
-        f"the validation set is too small to decide: {size['queries']} scored queries in {size['classes']} classes "
-        f"with 2+ images ({size['images']} images); the gate needs at least {policy.min_queries} queries in "
+        f"the validation set is too small to decide: {size.queries} scored queries in {size.classes} classes "
+        f"with 2+ images ({size.images} images); the gate needs at least {policy.min_queries} queries in "
         f"{policy.min_classes} such classes"
     )
 
@@ -186,17 +303,17 @@ def bootstrap_interval(values: torch.Tensor, resamples: int, level: float, seed:
     return torch.quantile(torch.cat(means, dim=1), quantiles, dim=1).T
 
 
-def describe_gate(numbers: dict) -> str:
+def describe_gate(result: GateResult) -> str:
     """The gate's decision in one line, with the numbers and intervals it was made on."""
-    line = f"M(n,o) {numbers[CROSS]:.2f}, M(n,n) {numbers[SELF]:.2f}, M(o,o) {numbers[OLD]:.2f}"
-    margins, size = numbers.get("margins"), numbers.get("validation")
-    if margins is not None:
-        level = round(100 * numbers["bootstrap"]["level"])
+    line = f"M(n,o) {result.cross.map:.2f}, M(n,n) {result.self_test.map:.2f}, M(o,o) {result.old.map:.2f}"
+    evidence = result.evidence
+    if evidence is not None:
+        level = round(100 * evidence.bootstrap["level"])
         spans = [
-            f"{name} {m['point']:+.2f} [{m['low']:+.2f}, {m['high']:+.2f}]"
-            for name, m in (("M(n,o)", margins[CROSS]), ("M(n,n)", margins[SELF]))
+            f"{name} {m.point:+.2f} [{m.low:+.2f}, {m.high:+.2f}]"
+            for name, m in (("M(n,o)", evidence.cross_margin), ("M(n,n)", evidence.self_margin))
         ]
-        line += f"; over M(o,o): {', '.join(spans)} ({level}% bootstrap over {size['queries']} queries)"
-    if numbers.get("undecided"):
-        return f"{numbers['undecided']}; measured {line}"
+        line += f"; over M(o,o): {', '.join(spans)} ({level}% bootstrap over {evidence.validation.queries} queries)"
+        if evidence.undecided:
+            return f"{evidence.undecided}; measured {line}"
     return line + " (both must exceed M(o,o))"

@@ -24,15 +24,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from advbct.data.batches import normalise
 from advbct.data.images import DataError, load_image_folder
 from advbct.models.checkpoint import load_checkpoint, save_checkpoint
+from advbct.serving.gate import GateRefused, GateResult, ValidationSize, bootstrap_interval, describe_gate
 from advbct.serving.metrics import ServiceMetrics
-from advbct.serving.models import (
-    Embedder,
-    GateRefused,
-    GateResult,
-    ValidationSize,
-    bootstrap_interval,
-    describe_gate,
-)
+from advbct.serving.models import Embedder
 from advbct.serving.registry import ModelRegistry
 from advbct.serving.store import GalleryStore, StoreError
 from conftest import GalleryDb, build_gallery, run_advbct, write_image_folder

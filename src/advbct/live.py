@@ -24,8 +24,9 @@ from advbct.evaluation.backfill import ScoreCalibration, backfill_curve, refresh
 from advbct.evaluation.metrics import metrics_from_rankings
 from advbct.models.checkpoint import load_checkpoint
 from advbct.serving.backfill import BackfillProgress, run_backfill
+from advbct.serving.gate import GateResult
 from advbct.serving.ledger import open_counted_store
-from advbct.serving.models import Embedder, GateResult
+from advbct.serving.models import Embedder
 from advbct.serving.registry import ModelRegistry
 from advbct.serving.store import GalleryStore
 

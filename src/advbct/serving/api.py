@@ -27,9 +27,10 @@ from advbct.data.images import DataError
 from advbct.models.checkpoint import CheckpointError
 from advbct.serving.backfill import BackfillProgress, ImageRoot, run_backfill
 from advbct.serving.batcher import MicroBatcher
+from advbct.serving.gate import GateRefused
 from advbct.serving.ledger import GalleryDamaged, ItemLedger
 from advbct.serving.metrics import CONTENT_TYPE, ServiceMetrics
-from advbct.serving.models import Embedder, GateRefused
+from advbct.serving.models import Embedder
 from advbct.serving.orders import (
     BackfillOrders,
     OrderConflict,

@@ -19,14 +19,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from advbct.data.images import DataError, ImageSet, load_image_folder
-from advbct.serving.models import (
-    Embedder,
-    GatePolicy,
-    GateRefused,
-    GateResult,
-    compatibility_gate,
-    describe_gate,
-)
+from advbct.serving.gate import GatePolicy, GateRefused, GateResult, compatibility_gate, describe_gate
+from advbct.serving.models import Embedder
 from advbct.serving.store import MixedMerge
 
 SCHEMA = """

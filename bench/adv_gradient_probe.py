@@ -16,13 +16,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from advbct.cli import train_config
 from advbct.compat import CompatBatch, CompatContext, create, load_statistics
 from advbct.compat.advbct import adversarial_weight, dann_alpha
 from advbct.data.batches import BatchStream, normalise
 from advbct.data.sources import load_split
 from advbct.models.checkpoint import build_model
 from advbct.pipeline import load_old
+from advbct.presets import train_config
 
 
 def main() -> None:

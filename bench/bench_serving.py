@@ -44,8 +44,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from advbct.cli import train_config  # noqa: E402
 from advbct.pipeline import train_old  # noqa: E402
+from advbct.presets import train_config  # noqa: E402
 from advbct.serving.backfill import BackfillProgress, run_backfill  # noqa: E402
 from advbct.serving.models import Embedder  # noqa: E402
 from advbct.serving.registry import ModelRegistry  # noqa: E402

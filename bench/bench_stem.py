@@ -18,7 +18,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from advbct.cli import train_config
+from advbct.presets import train_config
 from bench_step import NUM_CLASSES, interleaved_medians, make_model
 
 STEMS = {

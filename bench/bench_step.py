@@ -35,7 +35,6 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from advbct.cli import train_config
 from advbct.compat import (
     CompatBatch,
     CompatContext,
@@ -47,6 +46,7 @@ from advbct.compat import (
 )
 from advbct.data.batches import Preprocessing, apply_crop_flip, crop_flip_params, normalise
 from advbct.models.checkpoint import ModelMeta, build_model
+from advbct.presets import train_config
 from advbct.training.cuda_graph import CudaGraphStep, StepScalars, prepare_optimizer
 from timing import median_interval, paired_ratios
 

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from advbct import pipeline
-from advbct.cli import train_config
+from advbct.presets import train_config
 
 
 def images_per_s(run_dir: Path) -> float:

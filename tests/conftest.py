@@ -73,8 +73,8 @@ def tiny_folder(tmp_path, monkeypatch) -> Path:
 def three_models(tmp_path_factory):
     """Three tiny checkpoints (seeds 0, 1, 2, same embedding dim) trained on a PNG folder: stand-ins for old,
     new and independent models wherever real checkpoints are needed but their quality is not the point."""
-    from advbct.cli import train_config
     from advbct.pipeline import train_old
+    from advbct.presets import train_config
 
     base = tmp_path_factory.mktemp("models")
     folder = write_image_folder(base / "data", classes=4, train_per_class=8, test_per_class=2)

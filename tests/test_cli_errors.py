@@ -13,7 +13,7 @@ from advbct.config import ConfigError
 from advbct.data.images import DataError
 from advbct.errors import AdvbctError
 from advbct.models.checkpoint import CheckpointError
-from advbct.serving.models import GateRefused
+from advbct.serving.gate import GateRefused
 from advbct.serving.orders import OrderConflict
 from advbct.serving.store import StoreError
 

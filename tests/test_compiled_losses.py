@@ -9,8 +9,8 @@ import torch._dynamo
 from torch._dynamo.utils import counters
 
 from advbct import pipeline
-from advbct.cli import train_config
 from advbct.compat import CompatBatch, create, list_methods
+from advbct.presets import train_config
 from advbct.training import run_folder
 from advbct.training.cuda_graph import StepScalars
 from test_host_sync import make_context

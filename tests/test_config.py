@@ -2,8 +2,8 @@
 
 import pytest
 
-from advbct.cli import quickstart_config, train_config
 from advbct.config import ConfigError, TrainConfig, apply_overrides, list_presets, load_config
+from advbct.presets import quickstart_config, train_config
 from conftest import run_advbct
 
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from advbct import pipeline
-from advbct.cli import train_config
 from advbct.compat.advbct import adversarial_weight, dann_alpha, grad_reverse
+from advbct.presets import train_config
 from advbct.training.cuda_graph import (
     CudaGraphStep,
     check_cuda_graph_setup,

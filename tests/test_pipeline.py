@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from advbct import pipeline
-from advbct.cli import quickstart_config, train_config
 from advbct.compat import StatisticsError
 from advbct.models import CheckpointError
+from advbct.presets import quickstart_config, train_config
 from paper_scores import reference_p_scores
 
 TESTS = ("old/old", "new/new", "new/old", "independent/independent", "independent/old")

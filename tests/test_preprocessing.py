@@ -11,13 +11,13 @@ import torch
 from PIL import Image
 
 from advbct import pipeline
-from advbct.cli import train_config
 from advbct.config import ConfigError, DataConfig, ModelConfig
 from advbct.data.batches import CIFAR100_MEAN, CIFAR100_STD, Preprocessing, channel_statistics
 from advbct.data.cifar import load_cifar100
 from advbct.data.images import square_rgb
 from advbct.models import load_checkpoint
 from advbct.models.preprocessing import training_preprocessing
+from advbct.presets import train_config
 from advbct.serving.models import Embedder
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

@@ -15,8 +15,8 @@ import pytest
 import websocket
 from PIL import Image
 
-from advbct.cli import train_config
 from advbct.pipeline import train_old
+from advbct.presets import train_config
 
 
 def _png(source) -> bytes:

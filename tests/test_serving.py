@@ -16,7 +16,8 @@ import torch
 
 from advbct.data.images import DataError
 from advbct.serving.backfill import ImageRoot, run_backfill
-from advbct.serving.models import Embedder, GateRefused
+from advbct.serving.gate import GateRefused
+from advbct.serving.models import Embedder
 from advbct.serving.registry import ModelRegistry
 from advbct.serving.store import GalleryStore, Hit, MixedMerge, StoreError
 from conftest import GalleryDb, build_gallery, write_image_folder

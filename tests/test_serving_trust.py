@@ -24,8 +24,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from advbct.data.batches import normalise
 from advbct.data.images import DataError, load_image_folder
 from advbct.models.checkpoint import load_checkpoint, save_checkpoint
+from advbct.serving.gate import GateRefused, GateResult, ValidationSize, bootstrap_interval, describe_gate
 from advbct.serving.metrics import ServiceMetrics
-from advbct.serving.models import Embedder, GateRefused, bootstrap_interval, describe_gate
+from advbct.serving.models import Embedder
 from advbct.serving.registry import ModelRegistry
 from advbct.serving.store import GalleryStore, StoreError
 from conftest import GalleryDb, build_gallery, run_advbct, write_image_folder
@@ -204,7 +205,7 @@ def test_forcing_past_the_gate_needs_a_reason_and_records_it(three_models, image
     with pytest.raises(DataError, match="needs a reason"):
         registry.upgrade(three_models["new"], image_root / "test", force=True)
     generation = registry.upgrade(three_models["new"], image_root / "test", force=True, reason="load test")
-    assert generation.gate["forced"] and generation.gate["reason"] == "load test" and generation.gate["forced_by"]
+    assert generation.gate.forced and generation.gate.reason == "load test" and generation.gate.forced_by
     assert ModelRegistry(tmp_path / "registry.sqlite").active.gate == generation.gate
 
 
@@ -223,6 +224,41 @@ def test_the_bootstrap_interval_on_hand_checked_cases():
         bootstrap_interval(torch.zeros(2, 0), 10, 0.95, 0)
 
 
+# A gate record as the registry stores it, keys in their stored order: a forced upgrade on a set too small to decide.
+FORCED_RECORD = {
+    "old/old": 41.25,
+    "new/new": 43.5,
+    "new/old": 40.75,
+    "margins": {
+        "new/old": {"point": -0.5, "low": -2.0, "high": 1.0},
+        "new/new": {"point": 2.25, "low": 0.5, "high": 4.0},
+    },
+    "validation": {"images": 16, "queries": 16, "classes": 4},
+    "bootstrap": {"resamples": 1000, "level": 0.95, "seed": 0},
+    "decided": False,
+    "undecided": "the validation set is too small to decide",
+    "passed": False,
+    "confident": False,
+    "calibration": {"same": {"scale": 12.5, "bias": -6.0}, "cross": {"scale": 10.0, "bias": -5.5}},
+    "forced": True,
+    "forced_by": "operator",
+    "reason": "load test",
+}
+
+
+def test_a_stored_gate_record_reads_back_to_the_same_json():
+    unforced = {"old/old": 41.25, "new/new": 43.5, "new/old": 42.0, "passed": True, "forced": False}
+    for record in (FORCED_RECORD, unforced):
+        gate = GateResult.from_json(record)
+        assert json.dumps(gate.to_json()) == json.dumps(record), "same keys, same order, same values"
+    forced = GateResult.from_json(FORCED_RECORD)
+    assert not forced.decided and forced.forced_by == "operator" and forced.evidence.cross_margin.low == -2.0
+    assert describe_gate(forced).startswith("the validation set is too small to decide; measured M(n,o) 40.75")
+    plain = GateResult.from_json({"old/old": 41.25, "new/new": 43.5, "new/old": 42.0, "passed": True})
+    assert plain.decided and plain.evidence is None and plain.calibration is None
+    assert describe_gate(plain) == "M(n,o) 42.00, M(n,n) 43.50, M(o,o) 41.25 (both must exceed M(o,o))"
+
+
 def test_the_gate_refuses_to_decide_on_too_small_a_validation_set(three_models, image_root, tmp_path):
     registry = ModelRegistry(tmp_path / "registry.sqlite")
     registry.register_first(three_models["old"])
@@ -231,8 +267,8 @@ def test_the_gate_refuses_to_decide_on_too_small_a_validation_set(three_models, 
         registry.upgrade(three_models["new"], image_root / "test")
     assert [g.number for g in registry.generations] == [1] and registry.active.number == 1
     numbers = registry.check_gate(three_models["new"], image_root / "test")
-    assert numbers["decided"] is False and numbers["passed"] is False
-    assert numbers["validation"] == {"images": 16, "queries": 16, "classes": 4}
+    assert numbers.decided is False and numbers.passed is False
+    assert numbers.evidence.validation == ValidationSize(images=16, queries=16, classes=4)
 
 
 def _better_compatible_checkpoint(old: Path, train_folder: Path, out: Path) -> Path:
@@ -261,8 +297,8 @@ def _better_compatible_checkpoint(old: Path, train_folder: Path, out: Path) -> P
 
 
 def test_the_gate_passes_a_better_compatible_model_with_its_intervals(tmp_path, monkeypatch):
-    from advbct.cli import train_config
     from advbct.pipeline import train_old
+    from advbct.presets import train_config
 
     monkeypatch.setenv("ADVBCT_CACHE", str(tmp_path / "cache"))
     folder = write_image_folder(tmp_path / "data", classes=10, train_per_class=40, test_per_class=10, seed=5)
@@ -274,15 +310,15 @@ def test_the_gate_passes_a_better_compatible_model_with_its_intervals(tmp_path, 
     generation = registry.upgrade(new, folder / "test")  # not forced
     gate = generation.gate
     assert generation.number == 2 and registry.active.number == 2
-    assert gate["passed"] and gate["decided"] and not gate["forced"]
-    assert gate["validation"] == {"images": 100, "queries": 100, "classes": 10}
-    for test in ("new/old", "new/new"):
-        margin = gate["margins"][test]
-        assert margin["point"] == pytest.approx(gate[test] - gate["old/old"])
-        assert margin["low"] <= margin["point"] <= margin["high"] and margin["point"] > 0
-    assert gate["bootstrap"] == {"resamples": 1000, "level": 0.95, "seed": 0}
+    evidence = gate.evidence
+    assert gate.passed and gate.decided and not gate.forced
+    assert evidence.validation == ValidationSize(images=100, queries=100, classes=10)
+    for margin, test in ((evidence.cross_margin, gate.cross), (evidence.self_margin, gate.self_test)):
+        assert margin.point == pytest.approx(test.map - gate.old.map)
+        assert margin.low <= margin.point <= margin.high and margin.point > 0
+    assert evidence.bootstrap == {"resamples": 1000, "level": 0.95, "seed": 0}
     line = describe_gate(gate)
-    assert "\n" not in line and f"[{gate['margins']['new/old']['low']:+.2f}, " in line and "100 queries" in line
+    assert "\n" not in line and f"[{evidence.cross_margin.low:+.2f}, " in line and "100 queries" in line
     assert ModelRegistry(tmp_path / "registry.sqlite").active.gate == gate
 
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from advbct import pipeline
-from advbct.cli import train_config
 from advbct.config import OptimConfig
 from advbct.models.checkpoint import CheckpointError
 from advbct.models.embedding import EmbeddingModel
+from advbct.presets import train_config
 from advbct.training import learning_rate, run_folder
 from advbct.training.setup import start_from_old
 

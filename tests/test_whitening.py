@@ -11,13 +11,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from advbct import pipeline
-from advbct.cli import train_config
 from advbct.compat import CompatContext, create
 from advbct.data.allocation import load_allocation
 from advbct.data.sources import load_split
 from advbct.models.checkpoint import CheckpointError, load_checkpoint
 from advbct.models.embedding import EmbeddingModel
 from advbct.models.whitening import set_whitened_stem, whitening_filters
+from advbct.presets import train_config
 from advbct.training.setup import whitening_sample
 from advbct.training.step import TrainStep
 

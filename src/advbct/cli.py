@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -19,22 +19,13 @@ from advbct.backfill_study import StudyPlan
 from advbct.cli_errors import errors, refused_as_exit
 from advbct.compat import compared_methods, list_methods, method_info, methods_of_kind, radius_summary
 from advbct.compat.advbct import PAPER_TAU
-from advbct.config import (
-    QuickstartConfig,
-    TrainConfig,
-    apply_overrides,
-    build,
-    build_quickstart,
-    deep_merge,
-    list_presets,
-    location_overrides,
-    preset_tree,
-    read_yaml,
-)
+from advbct.config import list_presets
 from advbct.data.download import download_gldv2, download_revisited
 from advbct.distributed import current_world, init_from_environment, shutdown
 from advbct.evaluation.backfill import MERGES, ORDER_POLICIES
 from advbct.evaluation.landmarks import PAPER_TESTS, evaluate_benchmarks, parse_benchmarks
+from advbct.jobs import set_threads
+from advbct.presets import quickstart_config, train_config
 from advbct.quickstart import quickstart as run_quickstart
 from advbct.reporting import comparison_table, print_report
 from advbct.reporting.landmarks import print_landmark_report
@@ -56,38 +47,6 @@ QuietOpt = Annotated[bool, typer.Option("--no-progress", help="hide progress bar
 JobsOpt = Annotated[int, typer.Option("--jobs", min=1, help="new models trained at once (fills a GPU)")]
 
 
-def _role_tree(preset_or_file: dict[str, Any], role: str) -> dict[str, Any]:
-    """A quickstart-shaped tree (common/old/new) reduced to one role's TrainConfig tree."""
-    if not {"common", "old", "new"} & preset_or_file.keys():
-        return preset_or_file
-    return deep_merge(preset_or_file.get("common", {}), preset_or_file.get(role, {}))
-
-
-def train_config(
-    role: str,
-    preset: str,
-    config: Path | None,
-    overrides: list[str] | None,
-    data: str | None,
-    device: str | None,
-) -> TrainConfig:
-    tree = _role_tree(preset_tree(preset), role)
-    if config is not None:
-        tree = deep_merge(tree, _role_tree(read_yaml(config), role))
-    tree = apply_overrides(tree, [*location_overrides(data, device), *(overrides or [])])
-    return build(TrainConfig, tree, f"preset {preset}" + (f" + {config}" if config else ""))
-
-
-def quickstart_config(
-    preset: str, config: Path | None, overrides: list[str] | None, data: str | None, device: str | None
-) -> QuickstartConfig:
-    tree = preset_tree(preset)
-    if config is not None:
-        tree = deep_merge(tree, read_yaml(config))
-    source = f"preset {preset}" + (f" + {config}" if config else "")
-    return build_quickstart(tree, list(overrides or []), data, device, source)
-
-
 def _method_list(text: str, extra: tuple[str, ...] = ()) -> list[str]:
     """Comma-separated method names plus ``extra``, each checked against the registry."""
     chosen = [m.strip() for m in text.split(",") if m.strip()]
@@ -103,7 +62,7 @@ def _run(fn, *args, **kwargs):
     with refused_as_exit():
         world = init_from_environment()
         console.quiet = not world.is_main
-        pipeline.set_threads()
+        set_threads()
         return fn(*args, **kwargs)
 
 

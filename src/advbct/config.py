@@ -7,7 +7,6 @@ run ``advbct quickstart`` without the source tree.
 
 from __future__ import annotations
 
-import json
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -260,25 +259,3 @@ def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = value
     return out
-
-
-def location_overrides(data: str | None, device: str | None, prefix: str = "") -> list[str]:
-    """Dotted overrides for the data root and the device given on the command line."""
-    out = []
-    if data is not None:
-        out.append(f"{prefix}data.root={json.dumps(data)}")
-    if device is not None:
-        out.append(f"{prefix}device={device}")
-    return out
-
-
-def build_quickstart(
-    tree: dict[str, Any], overrides: list[str], data: str | None, device: str | None, source: str
-) -> QuickstartConfig:
-    """A quickstart-shaped tree (common/old/new) with the data root, device and dotted overrides applied, its
-    ``common`` section merged under each role."""
-    tree = apply_overrides(tree, [*location_overrides(data, device, "common."), *overrides])
-    common = tree.pop("common", {})
-    for role in ("old", "new"):
-        tree[role] = deep_merge(common, tree.get(role, {}))
-    return build(QuickstartConfig, tree, source)

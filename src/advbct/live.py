@@ -11,7 +11,7 @@ Item ids are the test images' positions, so a search hit names the test image it
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -24,6 +24,7 @@ from advbct.evaluation.backfill import ScoreCalibration, backfill_curve, refresh
 from advbct.evaluation.metrics import metrics_from_rankings
 from advbct.models.checkpoint import load_checkpoint
 from advbct.serving.backfill import BackfillProgress, run_backfill
+from advbct.serving.gate import GateResult
 from advbct.serving.ledger import open_counted_store
 from advbct.serving.models import Embedder
 from advbct.serving.registry import ModelRegistry
@@ -101,20 +102,32 @@ def index_gallery(
     return gallery
 
 
-def deploy(gallery: LiveGallery, candidate: Path, validation: ImageSet, force: bool) -> dict:
+@dataclass(frozen=True)
+class Deployment:
+    """The gate's result for a candidate and the generation it serves as (None where the gate refused it)."""
+
+    gate: GateResult | None
+    generation: int | None
+
+    def to_json(self) -> dict:
+        """The gate's JSON with the generation number after it."""
+        return {**(self.gate.to_json() if self.gate is not None else {}), "generation": self.generation}
+
+
+def deploy(gallery: LiveGallery, candidate: Path, validation: ImageSet, force: bool) -> Deployment:
     """The compatibility gate on the validation split, and the candidate registered as the active generation when
     it passes (or ``force``); its numbers either way. A candidate registered by an earlier run is not gated again."""
     model_id = load_checkpoint(candidate)[1].model_id
     registered = next((g for g in gallery.registry.generations if g.model_id == model_id), None)
     if registered is not None:
-        return {**(registered.gate or {}), "generation": registered.number}
-    numbers = gallery.registry.check_gate(candidate, validation)
-    if numbers["passed"] or force:
+        return Deployment(registered.gate, registered.number)
+    result = gallery.registry.check_gate(candidate, validation)
+    if result.passed or force:
         generation = gallery.registry.upgrade(
             candidate, validation, force=force, reason="live.force=true in the run's config"
         )
-        return {**generation.gate, "generation": generation.number}
-    return {**numbers, "forced": False, "generation": None}
+        return Deployment(generation.gate, generation.number)
+    return Deployment(replace(result, forced=False), None)
 
 
 def probe_queries(num_items: int, count: int, seed: int) -> torch.Tensor:

@@ -5,10 +5,6 @@ The CLI is a thin layer over these, so notebooks and tests drive exactly what us
 
 from __future__ import annotations
 
-import multiprocessing
-import os
-from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,8 +29,8 @@ from advbct.data.sources import load_split
 from advbct.distributed import current_world, resolve_device
 from advbct.evaluation.protocol import embed_images, evaluate_pairs
 from advbct.evaluation.results import TestResult, UpgradeReport, method_pairs, method_reports
+from advbct.jobs import Task, check_jobs, run_concurrently
 from advbct.models.checkpoint import load_checkpoint, load_comparable_checkpoints
-from advbct.training.logger import report_epochs_as_lines
 from advbct.training.loop import train_model
 from advbct.training.setup import OldModel
 
@@ -221,12 +217,6 @@ class NewModelRun:
     label: str
 
 
-def check_jobs(jobs: int) -> None:
-    """Refuse a bad concurrency request before anything trains."""
-    if jobs < 1:
-        raise ValueError(f"jobs must be at least 1, got {jobs}")
-
-
 def plan_new_models(
     cfg: QuickstartConfig, out: Path, methods: list[str], console: Console, show_progress: bool = True, label: str = ""
 ) -> tuple[Path, list[NewModelRun]]:
@@ -249,8 +239,8 @@ def train_new_models(
     at a time, each in a process of its own: one small model leaves most of a GPU idle."""
     check_jobs(jobs)
     if jobs > 1 and not current_world().distributed:
-        tasks = [_Task(run.label, _train_run, (run,)) for run in runs]
-        return _run_concurrently("new models", tasks, jobs, console, show_progress)
+        tasks = [Task(run.label, _train_run, (run,)) for run in runs]
+        return run_concurrently("new models", tasks, jobs, console, show_progress)
     paths = []
     for run in runs:
         console.print(f"[bold]new model: {run.label}[/]")
@@ -269,8 +259,8 @@ def train_old_models(
     ones are skipped), so that a table's settings do not wait for each other's old models one after another."""
     check_jobs(jobs)
     if jobs > 1 and len(configs) > 1 and not current_world().distributed:
-        tasks = [_Task(f"{name}/old", train_old, (cfg.old, out / name / "old")) for name, cfg in configs.items()]
-        _run_concurrently("old models", tasks, jobs, console, show_progress)
+        tasks = [Task(f"{name}/old", train_old, (cfg.old, out / name / "old")) for name, cfg in configs.items()]
+        run_concurrently("old models", tasks, jobs, console, show_progress)
 
 
 def train_methods(
@@ -286,55 +276,6 @@ def train_methods(
     old_path, runs = plan_new_models(cfg, out, methods, console, show_progress)
     paths = train_new_models(runs, console, show_progress, jobs)
     return {"old": old_path, **{run.method: path for run, path in zip(runs, paths, strict=True)}}
-
-
-def _executor(workers: int, show_progress: bool) -> ProcessPoolExecutor:
-    """Spawned processes (CUDA cannot be forked) that share the machine's cores; each seeds and draws from its own
-    global random generator, so a run trains the same model as it would alone."""
-    context = multiprocessing.get_context("spawn")
-    return ProcessPoolExecutor(
-        workers, mp_context=context, initializer=_start_worker, initargs=(workers, show_progress)
-    )
-
-
-def _start_worker(workers: int, show_progress: bool) -> None:
-    """A training process of a pool: its share of the cores, and a printed line per epoch for progress."""
-    set_threads(workers)
-    if show_progress:
-        report_epochs_as_lines()
-
-
-@dataclass(frozen=True)
-class _Task:
-    """One training to run concurrently: ``fn(*args, show_progress)`` (module-level, so a spawned process can
-    unpickle it), named ``label`` in progress messages."""
-
-    label: str
-    fn: Callable[..., Path]
-    args: tuple
-
-
-def _run_concurrently(what: str, tasks: list[_Task], jobs: int, console: Console, show_progress: bool) -> list[Path]:
-    """Run ``jobs`` tasks at a time, each in a process of its own; their results in the order given. A failed
-    task's exception is raised here once the others finish or fail. The processes show no progress bars (they
-    cannot share this process's display), only a line per finished epoch."""
-    workers = min(jobs, len(tasks))
-    labels = ", ".join(task.label for task in tasks)
-    console.print(f"[bold]{what}:[/] {labels} ({workers} at a time, in processes)")
-    paths: dict[int, Path] = {}
-    with _executor(workers, show_progress) as pool:
-        futures = {pool.submit(_run_task, task): i for i, task in enumerate(tasks)}
-        for future in as_completed(futures):
-            i = futures[future]
-            paths[i] = future.result()
-            console.print(f"  finished: {tasks[i].label} ({len(paths)}/{len(tasks)})")
-    return [paths[i] for i in range(len(tasks))]
-
-
-def _run_task(task: _Task) -> Path:
-    """``task`` in a worker process, without a progress bar (where progress is shown, the worker prints a line per
-    epoch instead)."""
-    return task.fn(*task.args, False)
 
 
 def compare(
@@ -353,14 +294,3 @@ def compare(
     embeddings, labels = embed_test_set(paths, device=cfg.new.device)
     tests = evaluate_pairs(embeddings, labels, method_pairs(methods), resolve_device(cfg.new.device))
     return method_reports(tests, methods)
-
-
-def set_threads(processes: int | None = None) -> None:
-    """Share this command's cores between ``processes`` processes on this machine (by default those torchrun
-    started). The cores are ``OMP_NUM_THREADS`` where the user set it, else all this process may run on
-    (PyTorch's own default can be lower in containers)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    budget = os.environ.get("OMP_NUM_THREADS", "")
-    cores = int(budget) if budget.isdigit() and int(budget) > 0 else cores
-    local_processes = processes or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    torch.set_num_threads(max(1, (cores or 1) // max(1, local_processes)))

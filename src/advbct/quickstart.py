@@ -99,21 +99,21 @@ def live_upgrade(
     candidate = METHOD if live.candidate == METHOD else "independent"
     console.print(f"[bold]compatibility gate[/]: {candidate} against the old model on the validation split")
     validation = validation_images(paths["old"], cfg.old.data.root)
-    gate = deploy(gallery, paths[candidate], validation, live.force)
+    deployment = deploy(gallery, paths[candidate], validation, live.force)
     console.print("[bold]backfill curves[/] (test split; every order and merge for AdvBCT)")
     calibrations = fit_calibrations(paths, [METHOD, "independent"], validation, cfg.new.device)
     seed = live.backfill_seed
     study = backfill_study(paths, embeddings, labels, calibrations, QUICKSTART_STUDY, seed, console, show_progress)
     backfill: dict = {**study, "live": None}
     order = backfill_order("random", GalleryState(embeddings["old"], seed=seed))
-    if gate["generation"] is not None:
+    if deployment.generation is not None:
         probe = probe_queries(len(labels), live.probe_queries, live.backfill_seed)
         checks = backfill_with_checks(gallery, order, live.check_fractions, probe, labels, console, show_progress)
-        emb, served = embeddings[candidate], gallery.registry.active.gate.get("calibration")
+        emb, served = embeddings[candidate], gallery.registry.active.gate.calibration
         calibration = None if served is None else ScoreCalibration.from_json(served)
         check = live_check(checks, emb, embeddings["old"], emb, labels, order, probe, calibration)
         backfill["live"] = {"model": candidate, **check}
-    gate = {**gate, "candidate": candidate, "split": "validation"}
+    gate = {**deployment.to_json(), "candidate": candidate, "split": "validation"}
     return {"gate": gate, "backfill": backfill, "gallery": {"items": len(labels), **gallery_state(gallery)}}
 
 

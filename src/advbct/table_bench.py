@@ -15,18 +15,19 @@ from pathlib import Path
 
 from rich.console import Console
 
-from advbct.config import ModelConfig, QuickstartConfig, build_quickstart, deep_merge, preset_tree
+from advbct.config import ModelConfig, QuickstartConfig, deep_merge, preset_tree
 from advbct.data.images import DataError
 from advbct.distributed import current_world, resolve_device
 from advbct.evaluation.protocol import evaluate_pairs
 from advbct.evaluation.results import BenchResults, RunCost, SettingResult, method_reports, pair_name
+from advbct.jobs import check_jobs
 from advbct.pipeline import (
-    check_jobs,
     embed_test_set,
     plan_new_models,
     train_new_models,
     train_old_models,
 )
+from advbct.presets import build_quickstart
 from advbct.reporting.bench_report import write_markdown, write_plots
 
 SETTINGS = ("extended-class", "extended-data", "extended-backbone")

@@ -27,9 +27,10 @@ from advbct.data.images import DataError
 from advbct.models.checkpoint import CheckpointError
 from advbct.serving.backfill import BackfillProgress, ImageRoot, run_backfill
 from advbct.serving.batcher import MicroBatcher
+from advbct.serving.gate import GateRefused
 from advbct.serving.ledger import GalleryDamaged, ItemLedger
 from advbct.serving.metrics import CONTENT_TYPE, ServiceMetrics
-from advbct.serving.models import Embedder, GateRefused
+from advbct.serving.models import Embedder
 from advbct.serving.orders import (
     BackfillOrders,
     OrderConflict,
@@ -304,7 +305,7 @@ def model_routes(service: Service, config: ServiceConfig) -> APIRouter:
     @router.get("/models")
     def models() -> dict:
         service.follow_registry()
-        generations = [g.__dict__ for g in service.registry.generations]
+        generations = [g.to_json() for g in service.registry.generations]
         return {"active": service.generation, "generations": generations}
 
     @router.post("/models")
@@ -317,7 +318,7 @@ def model_routes(service: Service, config: ServiceConfig) -> APIRouter:
             except (GateRefused, DataError, CheckpointError, FileNotFoundError) as exc:
                 raise HTTPException(422, str(exc)) from None
             service.switch_to(generation)
-        return {"generation": generation.number, "gate": generation.gate}
+        return {"generation": generation.number, "gate": generation.gate_json()}
 
     @router.post("/models/rollback")
     def rollback() -> dict:

@@ -202,7 +202,7 @@ def upgrade_cmd(
     """Register a new generation behind the compatibility gate; it serves queries at once."""
     with refused_as_exit():
         generation = ModelRegistry(registry_path(db, registry)).upgrade(model, validation, device, force, reason)
-    print(json.dumps({"generation": generation.number, "gate": generation.gate}))
+    print(json.dumps({"generation": generation.number, "gate": generation.gate_json()}))
 
 
 def rollback_cmd(db: DbOpt = "gallery.db", registry: RegistryOpt = None) -> None:

@@ -1,14 +1,8 @@
-"""Query models and the compatibility gate.
-
-A new generation goes live only if, on a labelled validation image folder large enough to decide on, its queries
-find the current gallery better than the current model does (M(n,o) > M(o,o)) and it is better on its own
-(M(n,n) > M(o,o)), with the same embedding dimension; otherwise it is refused with the measured numbers (and
-bootstrap intervals of both margins) and the registry is left untouched.
-"""
+"""Query models: a checkpoint ready to embed decoded images or image files, as the service, the backfill and the
+compatibility gate use it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,17 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from advbct.data.batches import Preprocessing
-from advbct.data.images import ImageSet
-from advbct.errors import AdvbctError
-from advbct.evaluation.backfill import fit_calibration
-from advbct.evaluation.metrics import label_retrieval_scores
 from advbct.evaluation.protocol import embed_files, embed_images, ready_for_inference
-from advbct.evaluation.results import CROSS, OLD, SELF, compatibility_criterion, pair_name
 from advbct.models.checkpoint import load_checkpoint
-
-
-class GateRefused(AdvbctError):
-    """The candidate model failed the compatibility gate; the message holds the numbers."""
 
 
 class Embedder:
@@ -57,146 +42,3 @@ class Embedder:
         """Image files, framed as the checkpoint records -> L2-normalised float32 (N, d)."""
         emb = embed_files(self.model, self.prep, paths, self.device, whole=False)
         return F.normalize(emb, dim=1).numpy()
-
-
-@dataclass(frozen=True)
-class GatePolicy:
-    """How much validation evidence the gate needs, and how it states its uncertainty.
-
-    Minimum: ``min_classes`` classes with at least two images each (a query needs another image of its class to
-    be scored at all), and ``min_queries`` scored queries in all. With fewer, one or two lucky queries decide (on a
-    handful of images an incompatible model can beat M(o,o) by chance), and a bootstrap over a handful of queries
-    understates its own spread. Ten classes keep the mAP a statement about ranking among many classes rather than
-    telling two or three apart. Per-query AP differences lie in [-1, 1] and usually spread well under 0.3, so a
-    hundred queries put the standard error of the margin at a few mAP points: small beside an incompatible model's
-    shortfall, which is what the gate exists to catch.
-
-    Interval: a percentile bootstrap over queries, ``resamples`` draws with replacement (seeded, so the same
-    validation set always gives the same interval), of M(n,o) - M(o,o) and M(n,n) - M(o,o), paired (each draw
-    takes the same queries in all three tests).
-    """
-
-    min_classes: int = 10
-    min_queries: int = 100
-    resamples: int = 1000
-    level: float = 0.95
-    seed: int = 0
-
-
-def compatibility_gate(old: Embedder, new: Embedder, validation: ImageSet, policy: GatePolicy | None = None) -> dict:
-    """M(o,o), M(n,n), M(n,o) (mAP, percent) on the validation images, their margins over M(o,o) with bootstrap
-    intervals, and whether the upgrade is allowed.
-
-    Pass rule: the validation set meets the minimum, and both margins are above zero (the compatibility
-    criterion as stated, on the point estimates). The intervals are reported with the decision, and
-    ``confident`` says whether both lower bounds are above zero too. Requiring that for a pass would refuse a
-    model that is truly better whenever the validation set is too small to resolve its margin, and compatible
-    upgrades often win on M(n,o) by a point or less; the minimum size keeps chance passes of incompatible models
-    out, and the interval shows the operator how close the call was.
-    Below the minimum the numbers are still measured (a forced upgrade records them) but nothing passes:
-    ``decided`` is False and ``undecided`` names the size.
-    """
-    policy = policy or GatePolicy()
-    if new.dim != old.dim:
-        raise GateRefused(f"the candidate embeds to {new.dim} dimensions, the gallery holds {old.dim}")
-    size = validation_size(validation.labels)
-    too_small = _too_small(size, policy)
-    if size["queries"] == 0:
-        raise GateRefused(f"the gate cannot measure anything: {too_small}")
-    embeddings = {
-        "old": embed_images(old.model, validation.images, old.prep, old.device),
-        "new": embed_images(new.model, validation.images, new.prep, new.device),
-    }
-    scores = {
-        pair_name(q, g): label_retrieval_scores(
-            embeddings[q], validation.labels, embeddings[g], validation.labels, True
-        )
-        for q, g in (("old", "old"), ("new", "new"), ("new", "old"))
-    }
-    scored = scores[OLD].scored
-    ap = {test: 100.0 * s.ap[scored] for test, s in scores.items()}
-    numbers: dict = {test: float(values.mean()) for test, values in ap.items()}
-    differences = torch.stack([ap[CROSS] - ap[OLD], ap[SELF] - ap[OLD]])
-    bounds = bootstrap_interval(differences, policy.resamples, policy.level, policy.seed)
-    numbers["margins"] = {
-        test: {"point": float(row.mean()), "low": float(low), "high": float(high)}
-        for test, row, (low, high) in zip((CROSS, SELF), differences, bounds.tolist(), strict=True)
-    }
-    numbers["validation"] = size
-    numbers["bootstrap"] = {"resamples": policy.resamples, "level": policy.level, "seed": policy.seed}
-    numbers["decided"], numbers["undecided"] = too_small is None, too_small
-    margins = numbers["margins"]
-    on_points = compatibility_criterion(margins[CROSS]["point"], margins[SELF]["point"])
-    on_lower_bounds = compatibility_criterion(margins[CROSS]["low"], margins[SELF]["low"])
-    numbers["passed"] = too_small is None and on_points.upgrade_ok
-    numbers["confident"] = too_small is None and on_lower_bounds.upgrade_ok
-    numbers["calibration"] = gallery_calibration(embeddings, validation.labels)
-    return numbers
-
-
-def gallery_calibration(embeddings: dict[str, torch.Tensor], labels: torch.Tensor) -> dict | None:
-    """The score calibration searches use while the candidate's gallery is mixed, fitted on the gate's
-    validation embeddings; none (plain cosine) where the split holds no pair of one class."""
-    try:
-        return fit_calibration(embeddings["new"], embeddings["new"], embeddings["old"], labels).to_json()
-    except ValueError:
-        return None
-
-
-def validation_size(labels: torch.Tensor) -> dict:
-    """Scored queries (images with another image of their class) and the classes with two or more images."""
-    per_class = torch.bincount(labels.long()) if labels.numel() else torch.zeros(0, dtype=torch.long)
-    usable = per_class[per_class >= 2]
-    return {"images": int(labels.numel()), "queries": int(usable.sum()), "classes": int(usable.numel())}
-
-
-def _too_small(size: dict, policy: GatePolicy) -> str | None:
-    """Why ``size`` is below the policy's minimum, naming both; None when it is not."""
-    if size["classes"] >= policy.min_classes and size["queries"] >= policy.min_queries:
-        return None
-    return (
-        f"the validation set is too small to decide: {size['queries']} scored queries in {size['classes']} classes "
-        f"with 2+ images ({size['images']} images); the gate needs at least {policy.min_queries} queries in "
-        f"{policy.min_classes} such classes"
-    )
-
-
-def bootstrap_interval(values: torch.Tensor, resamples: int, level: float, seed: int) -> torch.Tensor:
-    """Percentile bootstrap intervals of the mean of each row of ``values`` (R, Q) over its Q columns:
-    (R, 2) of (low, high) at ``level``.
-
-    Every row is resampled with the same column draws (a paired bootstrap: the columns are queries, the rows
-    differences measured on them). The draws are one index tensor per block of resamples, the block sized to keep
-    it near 4 million indices whatever the number of queries.
-    """
-    if values.ndim != 2 or values.shape[1] == 0:
-        raise ValueError(f"bootstrap needs (rows, queries) with at least one query, got {tuple(values.shape)}")
-    if resamples < 1 or not 0.0 < level < 1.0:
-        raise ValueError(f"bootstrap needs resamples >= 1 and 0 < level < 1, got {resamples} and {level}")
-    generator = torch.Generator().manual_seed(seed)
-    values = values.to(torch.float64).cpu()
-    queries = values.shape[1]
-    block = max(1, 4_000_000 // queries)
-    means = []
-    for start in range(0, resamples, block):
-        draws = torch.randint(queries, (min(block, resamples - start), queries), generator=generator)
-        means.append(values[:, draws].mean(dim=2))
-    tail = (1.0 - level) / 2
-    quantiles = torch.tensor([tail, 1.0 - tail], dtype=torch.float64)
-    return torch.quantile(torch.cat(means, dim=1), quantiles, dim=1).T
-
-
-def describe_gate(numbers: dict) -> str:
-    """The gate's decision in one line, with the numbers and intervals it was made on."""
-    line = f"M(n,o) {numbers[CROSS]:.2f}, M(n,n) {numbers[SELF]:.2f}, M(o,o) {numbers[OLD]:.2f}"
-    margins, size = numbers.get("margins"), numbers.get("validation")
-    if margins is not None:
-        level = round(100 * numbers["bootstrap"]["level"])
-        spans = [
-            f"{name} {m['point']:+.2f} [{m['low']:+.2f}, {m['high']:+.2f}]"
-            for name, m in (("M(n,o)", margins[CROSS]), ("M(n,n)", margins[SELF]))
-        ]
-        line += f"; over M(o,o): {', '.join(spans)} ({level}% bootstrap over {size['queries']} queries)"
-    if numbers.get("undecided"):
-        return f"{numbers['undecided']}; measured {line}"
-    return line + " (both must exceed M(o,o))"

@@ -15,11 +15,12 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from advbct.data.images import DataError, ImageSet, load_image_folder
-from advbct.serving.models import Embedder, GatePolicy, GateRefused, compatibility_gate, describe_gate
+from advbct.serving.gate import GatePolicy, GateRefused, GateResult, compatibility_gate, describe_gate
+from advbct.serving.models import Embedder
 from advbct.serving.store import MixedMerge
 
 SCHEMA = """
@@ -39,19 +40,28 @@ class Generation:
     dim: int
     image_size: int
     registered_at: float
-    gate: dict | None
+    gate: GateResult | None
+
+    def gate_json(self) -> dict | None:
+        """The gate as the registry stores it; None for the first generation, which no gate judged."""
+        return None if self.gate is None else self.gate.to_json()
+
+    def to_json(self) -> dict:
+        """The generation as the API lists it."""
+        return {**self.__dict__, "gate": self.gate_json()}
 
     def mixed_merge(self) -> MixedMerge:
         """How searches run while this generation is active: through its own vectors where an item has one
         (current or kept), ranked by the score calibration its gate fitted (its own items against the previous
         generation's), or by plain cosine where it has none (the first generation)."""
-        calibration = (self.gate or {}).get("calibration")
+        calibration = None if self.gate is None else self.gate.calibration
         return MixedMerge(self.number) if calibration is None else MixedMerge.from_calibration(self.number, calibration)
 
 
 def _generation(row: tuple) -> Generation:
     number, path, model_id, dim, image_size, registered_at, gate = row
-    return Generation(number, path, model_id, dim, image_size, registered_at, json.loads(gate) if gate else None)
+    result = GateResult.from_json(json.loads(gate)) if gate else None
+    return Generation(number, path, model_id, dim, image_size, registered_at, result)
 
 
 class ModelRegistry:
@@ -112,16 +122,17 @@ class ModelRegistry:
             raise GateRefused(f"no generation {number} is registered")
         return found
 
-    def _append(self, embedder: Embedder, gate: dict | None, first: bool = False) -> Generation:
+    def _append(self, embedder: Embedder, gate: GateResult | None, first: bool = False) -> Generation:
         with self._transaction(write=True) as db:
             if first and db.execute("SELECT COUNT(*) FROM generations").fetchone()[0]:
                 raise GateRefused("the registry already has generations; use upgrade")
             number = db.execute("SELECT COALESCE(MAX(number), 0) + 1 FROM generations").fetchone()[0]
             entry = Generation(number, str(embedder.path.resolve()), embedder.meta.model_id, embedder.dim,
                                embedder.prep.image_size, time.time(), gate)  # fmt: skip
+            stored_gate = None if gate is None else json.dumps(gate.to_json())
             try:
                 db.execute("INSERT INTO generations VALUES (?, ?, ?, ?, ?, ?, ?)",
-                           (*list(entry.__dict__.values())[:-1], json.dumps(gate) if gate else None))  # fmt: skip
+                           (*list(entry.__dict__.values())[:-1], stored_gate))  # fmt: skip
             except sqlite3.IntegrityError:
                 raise GateRefused(f"{embedder.path} is already registered") from None
             self._set(db, "active", number)
@@ -154,18 +165,19 @@ class ModelRegistry:
         if force and not (reason or "").strip():
             raise DataError("forcing a model past the compatibility gate needs a reason (--reason TEXT)")
         candidate = Embedder(path, device)
-        numbers = self._gate(candidate, validation, policy)
-        if not numbers["passed"] and not force:
+        result = self._gate(candidate, validation, policy)
+        if not result.passed and not force:
             where = validation if not isinstance(validation, ImageSet) else "the validation split"
-            verb = "fails the compatibility gate" if numbers["decided"] else "cannot be gated"
-            raise GateRefused(f"{path} {verb} on {where}: {describe_gate(numbers)}")
-        numbers["forced"] = force and not numbers["passed"]
-        if numbers["forced"]:
-            numbers["forced_by"], numbers["reason"] = getpass.getuser(), reason
+            verb = "fails the compatibility gate" if result.decided else "cannot be gated"
+            raise GateRefused(f"{path} {verb} on {where}: {describe_gate(result)}")
+        forced = force and not result.passed
+        result = replace(result, forced=forced)
+        if forced:
+            result = replace(result, forced_by=getpass.getuser(), reason=reason)
         registered = next((g for g in self.generations if g.model_id == candidate.meta.model_id), None)
         if registered is not None:
             return self._activate(registered)
-        return self._append(candidate, numbers)
+        return self._append(candidate, result)
 
     def _activate(self, generation: Generation) -> Generation:
         with self._transaction(write=True) as db:
@@ -178,11 +190,11 @@ class ModelRegistry:
         validation: str | Path | ImageSet,
         device: str = "cpu",
         policy: GatePolicy | None = None,
-    ) -> dict:
+    ) -> GateResult:
         """The gate's numbers for a candidate against the active generation; registers nothing."""
         return self._gate(Embedder(path, device), validation, policy)
 
-    def _gate(self, candidate: Embedder, validation: str | Path | ImageSet, policy: GatePolicy | None) -> dict:
+    def _gate(self, candidate: Embedder, validation: str | Path | ImageSet, policy: GatePolicy | None) -> GateResult:
         current = self.active
         if current is None:
             raise GateRefused("no active generation to upgrade from; register the first model")

@@ -10,7 +10,7 @@ from advbct.evaluation import TestResult, UpgradeReport
 from advbct.evaluation.results import BenchResults, LiveUpgradeReport, RunCost, SettingResult
 from advbct.reporting import comparison_table, print_report
 from advbct.reporting.bench_report import markdown_table
-from advbct.reporting.markdown import render
+from advbct.reporting.markdown import above_before_the_end, render
 
 
 def _test(value: float) -> TestResult:
@@ -105,20 +105,18 @@ def test_bench_markdown_has_the_ratio_column_and_the_caveat_only_where_it_applie
 
 
 def test_a_curve_above_another_everywhere_before_the_end():
-    from advbct.reporting.markdown import _above_everywhere
-
     mine = {"fractions": [0.0, 0.5, 1.0], "map": [3.0, 4.0, 5.0]}
     # Above at 0 and 0.5; the end (t = 1) is the self tests, which compatible training is not asked to win.
-    assert _above_everywhere(mine, {"map": [2.0, 3.9, 9.0]})
-    assert not _above_everywhere(mine, {"map": [2.0, 4.0, 1.0]}), "equal is not above"
+    assert above_before_the_end(mine, {"map": [2.0, 3.9, 9.0]})
+    assert not above_before_the_end(mine, {"map": [2.0, 4.0, 1.0]}), "equal is not above"
 
 
 REPORT_RUNS = Path(__file__).parent / "report_runs"
 
 
-def test_advbct_report_renders_run_folders_written_before_the_typed_results_as_it_did():
-    # The two results.json files come from a smoke quickstart and a smoke compare (bct, advbct) of the code before
-    # the typed results; expected.md is what that code's `advbct report` printed for them.
+def test_advbct_report_renders_stored_run_folders_unchanged():
+    # Two results.json files as a smoke quickstart and a smoke compare (bct, advbct) write them, and the markdown
+    # `advbct report` gives for them: results.json is read through the typed results and must keep rendering so.
     runs = [REPORT_RUNS / "smoke-quickstart", REPORT_RUNS / "smoke-compare"]
     assert render(runs) == (REPORT_RUNS / "expected.md").read_text()
 

@@ -51,7 +51,7 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([_row(header), _row(["---"] * len(header)), *(_row(r) for r in rows)])
 
 
-def _above_everywhere(mine: dict, other: dict) -> bool:
+def above_before_the_end(mine: dict, other: dict) -> bool:
     """Whether ``mine`` lies above ``other`` at every fraction below 1."""
     return all(a > b for f, a, b in zip(mine["fractions"], mine["map"], other["map"], strict=True) if f < 1)
 
@@ -67,7 +67,7 @@ def _quickstart_row(name: str, report: LiveUpgradeReport) -> list[str]:
         f"{up.independent.map:.2f}", f"{up.independent_cross.map:.2f}",
         f"{decision} ({gate[CROSS]:.2f} vs {gate[OLD]:.2f})",
         f"{mine['auc_map']:.2f} / {other['auc_map']:.2f}", f"{mine['min_map']:.2f}",
-        f"{mine['max_negative_flips']:.2f}", "yes" if _above_everywhere(mine, other) else "no",
+        f"{mine['max_negative_flips']:.2f}", "yes" if above_before_the_end(mine, other) else "no",
     ]  # fmt: skip
 
 

@@ -187,11 +187,10 @@ def test_rollback_keeps_re_embedded_items_findable_and_a_roll_forward_swaps_them
     models = ModelRegistry(registry)
     new = Embedder(three_models["new"])
     store = gallery_db.open(new.dim)
-    stop = threading.Event()
-    run_backfill(store, new, 2, image_root, batch_size=5, stop=stop,
-                 on_batch=lambda p: stop.set() if p.done >= 10 else None)  # fmt: skip
+    # A backfill cut short at 15 items (a stop event is not exact: a server's writers may already hold the rest).
+    run_backfill(store, new, 2, image_root, batch_size=5, limit=15)
     moved = sorted(int(r["id"]) for r in store.get(list(range(40))) if r["generation"] == 2)
-    assert 10 <= len(moved) < 40
+    assert len(moved) == 15
 
     assert models.rollback().number == 1
     files = train_files(image_root)

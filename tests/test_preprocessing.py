@@ -47,11 +47,11 @@ def test_square_rgb_frames_the_centre_fraction_of_the_short_side():
 
 def test_a_pretrained_backbone_takes_imagenet_normalisation_from_timms_pretrained_config():
     prep = training_preprocessing(ModelConfig(backbone="resnet18", pretrained=True), DataConfig(), NO_IMAGES)
-    # timm's default resnet18 weights (a1_in1k): ImageNet statistics, a 0.95 centre crop, bicubic.
-    assert prep == Preprocessing(32, IMAGENET_MEAN, IMAGENET_STD, 0.95, "bicubic")
+    # timm's default resnet18 weights (a1_in1k): ImageNet statistics; the framing is the training data's.
+    assert prep == Preprocessing(32, IMAGENET_MEAN, IMAGENET_STD, 1.0, "bicubic")
     vit = training_preprocessing(ModelConfig(backbone="vit_small_patch16_224.augreg_in21k", weights="w.pt"),
                                  DataConfig(image_size=224), NO_IMAGES)  # fmt: skip
-    assert vit == Preprocessing(224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 0.9, "bicubic")
+    assert vit == Preprocessing(224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 1.0, "bicubic")
     with pytest.raises(ConfigError, match="timm has no pretrained config for 'no_such_net'"):
         training_preprocessing(ModelConfig(backbone="no_such_net", pretrained=True), DataConfig(), NO_IMAGES)
 
@@ -95,13 +95,13 @@ def test_a_pretrained_backbone_run_records_and_serves_with_imagenet_normalisatio
     torch.save(timm.create_model("resnet18", pretrained=False, num_classes=0, **kwargs).state_dict(), weights)
     path = _train_old(tiny_folder, tmp_path / "old", f"model.weights={weights}")
     model, meta = load_checkpoint(path)
-    assert meta.prep == Preprocessing(32, IMAGENET_MEAN, IMAGENET_STD, 0.95, "bicubic")
+    assert meta.prep == Preprocessing(32, IMAGENET_MEAN, IMAGENET_STD, 1.0, "bicubic")
 
-    # Serving frames an upload by the recorded crop (0.95 of 40 pixels: 38, from pixel 1) and normalises it by
-    # the recorded statistics; here both are done by hand with PIL and numpy.
+    # Serving frames an upload as training framed its images (the whole 40-pixel square, bicubic to 32) and
+    # normalises it by the recorded statistics; here both are done by hand with PIL and numpy.
     photo = np.random.default_rng(0).integers(0, 256, size=(40, 40, 3), dtype=np.uint8)
     Image.fromarray(photo).save(tmp_path / "photo.png")
-    framed = Image.fromarray(photo[1:39, 1:39]).resize((32, 32), Image.Resampling.BICUBIC)
+    framed = Image.fromarray(photo).resize((32, 32), Image.Resampling.BICUBIC)
     by_hand = (np.asarray(framed, dtype=np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
     with torch.no_grad():
         expected = model(torch.from_numpy(by_hand.transpose(2, 0, 1)).float().unsqueeze(0))

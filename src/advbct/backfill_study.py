@@ -49,7 +49,7 @@ def validation_images(old_path: Path, data_root: str | None = None) -> ImageSet:
     """The training images the old model's allocation set aside: no model of the run trained on them."""
     allocation = load_allocation(old_path.parent / ALLOCATION_FILE)
     if allocation.validation_indices.numel() == 0:
-        raise ValueError("calibration needs a validation split: set common.data.validation_per_class > 0")
+        raise ConfigError("calibration needs a validation split: set common.data.validation_per_class > 0")
     data = load_checkpoint(old_path)[1].data
     data = data if data_root is None else data.model_copy(update={"root": data_root})
     return load_split(data, "train").subset(allocation.validation_indices)

@@ -28,9 +28,8 @@ CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 class Preprocessing:
     """What a checkpoint needs to embed an image the way it was trained: the square input size, the
     normalisation, and how an image file is framed (the centre ``crop_fraction`` of its short side, resized with
-    ``interpolation``). Evaluation and serving take all of it from the checkpoint. The defaults are what a
-    checkpoint written before the framing was recorded was embedded with: CIFAR-100 statistics, the whole
-    short side, bicubic."""
+    ``interpolation``). Evaluation and serving take all of it from the checkpoint. The defaults (CIFAR-100
+    statistics, the whole short side, bicubic) are what a checkpoint that records no framing was trained with."""
 
     image_size: int
     mean: tuple[float, float, float] = CIFAR100_MEAN

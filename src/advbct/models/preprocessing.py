@@ -1,10 +1,12 @@
 """The evaluation transform a trained model is recorded with, decided once when its training starts.
 
 A backbone that starts from ImageNet weights (``pretrained`` or a local ``weights`` file of timm's) keeps the
-normalisation and framing its weights were made for, read from timm's pretrained config of the backbone; nothing is
-downloaded for it. A model trained from scratch is normalised by the statistics of its own training images. The
-input size is always the size the model trains at (``data.image_size``): a pretrained backbone fine-tuned on
-32-pixel images is evaluated on 32-pixel images, not at the size of its ImageNet weights.
+normalisation its weights were made for, read from timm's pretrained config of the backbone; nothing is downloaded
+for it. A model trained from scratch is normalised by the statistics of its own training images. The framing is the
+one the model is trained, tested and gated on: the whole short side, bicubic, at the size the model trains at
+(``data.image_size``), as image folders are decoded for training. Serving frames the same way, so a fine-tuned
+pretrained backbone never sees one crop in training and another in the gallery (timm's ImageNet crop fraction
+belongs to evaluating at the weights' own resolution, which these models are not).
 """
 
 from __future__ import annotations
@@ -15,31 +17,19 @@ from timm.models import get_pretrained_cfg
 
 from advbct.config import ConfigError, DataConfig, ModelConfig
 from advbct.data.batches import Preprocessing, channel_statistics
-from advbct.data.images import RESAMPLING
 
 
 def pretrained_preprocessing(backbone: str, image_size: int) -> Preprocessing:
-    """The mean, std, centre-crop fraction and interpolation of ``backbone``'s default pretrained weights in timm
-    (``resnet50`` or a tagged name such as ``resnet50.a1_in1k``), at ``image_size``."""
+    """The mean and std of ``backbone``'s default pretrained weights in timm (``resnet50`` or a tagged name such
+    as ``resnet50.a1_in1k``), with the training framing at ``image_size``."""
     pretrained = get_pretrained_cfg(backbone)
     if pretrained is None:
         raise ConfigError(
             f"model.backbone: timm has no pretrained config for {backbone!r} to take its normalisation from"
         )
     resolved = resolve_data_config({}, pretrained_cfg=pretrained.to_dict())
-    if resolved.get("crop_mode", "center") != "center" or resolved["interpolation"] not in RESAMPLING:
-        raise ConfigError(
-            f"model.backbone: {backbone!r}: timm's evaluation transform ({resolved.get('crop_mode')} crop, "
-            f"{resolved['interpolation']} interpolation) is not one advbct can apply (centre crop; "
-            f"{', '.join(RESAMPLING)})"
-        )
-    return Preprocessing(
-        image_size,
-        mean=tuple(float(v) for v in resolved["mean"]),
-        std=tuple(float(v) for v in resolved["std"]),
-        crop_fraction=float(resolved["crop_pct"]),
-        interpolation=resolved["interpolation"],
-    )
+    mean, std = (tuple(float(v) for v in resolved[key]) for key in ("mean", "std"))
+    return Preprocessing(image_size, mean=mean, std=std)
 
 
 def training_preprocessing(model: ModelConfig, data: DataConfig, train_images: torch.Tensor) -> Preprocessing:

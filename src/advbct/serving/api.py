@@ -24,7 +24,7 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel
 
 from advbct.data.images import DataError
-from advbct.models.checkpoint import CheckpointError
+from advbct.errors import AdvbctError
 from advbct.serving.backfill import BackfillProgress, ImageRoot, run_backfill
 from advbct.serving.batcher import MicroBatcher
 from advbct.serving.gate import GateRefused
@@ -268,6 +268,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
 
     app.include_router(status_routes(service))
     app.include_router(model_routes(service, config))
+    app.include_router(search_routes(service))
     app.include_router(item_routes(service, config))
     app.include_router(backfill_routes(service))
     return app
@@ -315,7 +316,7 @@ def model_routes(service: Service, config: ServiceConfig) -> APIRouter:
                 generation = service.registry.upgrade(
                     request.path, request.validation, config.device, request.force, request.reason
                 )
-            except (GateRefused, DataError, CheckpointError, FileNotFoundError) as exc:
+            except (AdvbctError, FileNotFoundError) as exc:
                 raise HTTPException(422, str(exc)) from None
             service.switch_to(generation)
         return {"generation": generation.number, "gate": generation.gate_json()}
@@ -333,8 +334,8 @@ def model_routes(service: Service, config: ServiceConfig) -> APIRouter:
     return router
 
 
-def item_routes(service: Service, config: ServiceConfig) -> APIRouter:
-    """Search and the gallery's items: add by upload or by path, delete, fetch the image."""
+def search_routes(service: Service) -> APIRouter:
+    """Search with an uploaded image, answered by the active generation over the mixed gallery."""
     router = APIRouter()
 
     @router.post("/search")
@@ -347,6 +348,13 @@ def item_routes(service: Service, config: ServiceConfig) -> APIRouter:
         hits = service.store.search(vector, k, service.registry.generation(generation).mixed_merge())[0]
         service.traffic.record([h.id for h in hits])
         return {"active": generation, "hits": [h.__dict__ for h in hits]}
+
+    return router
+
+
+def item_routes(service: Service, config: ServiceConfig) -> APIRouter:
+    """The gallery's items: add by upload or by path, delete, fetch the image."""
+    router = APIRouter()
 
     @router.post("/items")
     def add_upload(image: UploadFile = File(...)) -> dict:

@@ -20,7 +20,7 @@ from advbct.compat import ClassStatistics
 from advbct.config import TrainConfig
 from advbct.data.allocation import Allocation
 from advbct.data.batches import BatchStream
-from advbct.data.images import ImageSet
+from advbct.data.images import DataError, ImageSet
 from advbct.distributed import World, current_world, resolve_device
 from advbct.models.checkpoint import ModelMeta
 from advbct.training.cuda_graph import prepare_optimizer, set_learning_rate
@@ -75,7 +75,7 @@ def train_model(
     images, labels = train_images.to(device), train_set.labels[indices].to(device)
     stream = BatchStream(images, labels, cfg.optim.batch_size, cfg.seed, cfg.data.augment, world)
     if len(stream) == 0:
-        raise ValueError(f"{role} training set is empty")
+        raise DataError(f"{role} training set is empty")
     folder.write_config(cfg)
     # Every batch has one shape, so cuDNN's one-off search for the fastest convolution kernels pays off.
     torch.backends.cudnn.benchmark = device.type == "cuda"

@@ -49,8 +49,8 @@ def comparable_config(tree: dict) -> dict:
 
 
 def with_defaults(tree: dict) -> dict:
-    """A saved config with the options added since it was written filled in at their defaults (which keep the
-    old behaviour), so a folder from an earlier version is not refused for lacking them."""
+    """A saved config with the keys it lacks filled in at their defaults, which reproduce the behaviour it was saved
+    with, so a folder is not refused for lacking options it never set."""
     try:
         return TrainConfig.model_validate(tree).model_dump(mode="json")
     except ValidationError:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 
+from advbct.compat import reference_method
 from advbct.compat.statistics import load_statistics
 from advbct.config import ConfigError
 from advbct.data.allocation import load_allocation
@@ -156,7 +157,7 @@ def study_run_folder(
 ) -> dict:
     """The study of a run folder's studied methods (each ``run/<method>/model.pt``) beside its independent model,
     written to ``run/backfill_study.json``."""
-    names = [*plan.studied, "independent"]
+    names = [*plan.studied, reference_method()]
     paths = {name: run / name / "model.pt" for name in ("old", *names)}
     missing = [str(p) for p in paths.values() if not p.is_file()]
     if missing:

@@ -23,7 +23,8 @@ from advbct.config import list_presets
 from advbct.data.download import download_gldv2, download_revisited
 from advbct.distributed import current_world, init_from_environment, shutdown
 from advbct.evaluation.backfill import MERGES, ORDER_POLICIES
-from advbct.evaluation.landmarks import PAPER_TESTS, evaluate_benchmarks, parse_benchmarks
+from advbct.evaluation.landmarks import evaluate_benchmarks, parse_benchmarks
+from advbct.evaluation.results import UPGRADE_PAIRS
 from advbct.jobs import set_threads
 from advbct.presets import quickstart_config, train_config
 from advbct.quickstart import quickstart as run_quickstart
@@ -160,7 +161,7 @@ def eval_cmd(
             models, tests = {"query": query_model, "gallery": gallery_model}, [("query", "gallery")]
         else:
             models = {"old": old, "new": new, **({"independent": independent} if independent else {})}
-            tests = list(PAPER_TESTS if independent else PAPER_TESTS[:3])
+            tests = list(UPGRADE_PAIRS if independent else UPGRADE_PAIRS[:3])
         report = _run(evaluate_benchmarks, names, models, tests, data, device, not no_progress)
         print_landmark_report(report, console)
     if out is not None and current_world().is_main:

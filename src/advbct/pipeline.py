@@ -28,7 +28,7 @@ from advbct.data.images import DataError, ImageSet
 from advbct.data.sources import load_split
 from advbct.distributed import current_world, resolve_device
 from advbct.evaluation.protocol import embed_images, evaluate_pairs
-from advbct.evaluation.results import TestResult, UpgradeReport, method_pairs, method_reports
+from advbct.evaluation.results import UPGRADE_PAIRS, TestResult, UpgradeReport, method_pairs, method_reports
 from advbct.jobs import Task, check_jobs, run_concurrently
 from advbct.models.checkpoint import load_checkpoint, load_comparable_checkpoints
 from advbct.training.loop import train_model
@@ -163,9 +163,7 @@ def evaluate(
     if independent_path is not None:
         paths["independent"] = independent_path
     embeddings, labels = embed_test_set(paths, data_root, device, batch_size)
-    pairs = [("old", "old"), ("new", "new"), ("new", "old")]
-    if independent_path is not None:
-        pairs += [("independent", "independent"), ("independent", "old")]
+    pairs = list(UPGRADE_PAIRS if independent_path is not None else UPGRADE_PAIRS[:3])
     return UpgradeReport.from_tests(evaluate_pairs(embeddings, labels, pairs, resolve_device(device)))
 
 

@@ -41,7 +41,6 @@ from advbct.models.checkpoint import ModelMeta, load_comparable_checkpoints
 from advbct.models.embedding import EmbeddingModel
 
 Loaded = tuple[EmbeddingModel, ModelMeta]
-PAPER_TESTS = (("old", "old"), ("new", "new"), ("new", "old"), ("independent", "independent"), ("independent", "old"))
 
 
 @dataclass(frozen=True)

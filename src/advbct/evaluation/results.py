@@ -15,22 +15,19 @@ from pathlib import Path
 
 from advbct.evaluation.compatibility import compatibility_scores
 
-# The test names in results.json, in the order reports list them.
-OLD, SELF, CROSS, INDEPENDENT, INDEPENDENT_CROSS = (
-    "old/old",
-    "new/new",
-    "new/old",
-    "independent/independent",
-    "independent/old",
-)
-UPGRADE_TESTS = (OLD, SELF, CROSS, INDEPENDENT, INDEPENDENT_CROSS)
-# The tests every method of a comparison shares (one old and one independent model serve them all).
-SHARED_PAIRS = (("old", "old"), ("independent", "independent"), ("independent", "old"))
-
 
 def pair_name(query: str, gallery: str) -> str:
     """The name of the test whose queries ``query`` embeds and whose gallery ``gallery`` embeds."""
     return f"{query}/{gallery}"
+
+
+# The paper's five tests as (query model, gallery model), in the order reports list them: M(o,o), M(n,n), M(n,o),
+# M(*,*), M(*,o). The first three need no independent model.
+UPGRADE_PAIRS = (("old", "old"), ("new", "new"), ("new", "old"), ("independent", "independent"), ("independent", "old"))
+# Their names in results.json.
+OLD, SELF, CROSS, INDEPENDENT, INDEPENDENT_CROSS = UPGRADE_TESTS = tuple(pair_name(*p) for p in UPGRADE_PAIRS)
+# The tests every method of a comparison shares (one old and one independent model serve them all).
+SHARED_PAIRS = (UPGRADE_PAIRS[0], *UPGRADE_PAIRS[3:])
 
 
 @dataclass(frozen=True)

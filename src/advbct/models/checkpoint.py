@@ -24,6 +24,8 @@ from advbct.errors import AdvbctError
 from advbct.models.embedding import EmbeddingModel
 
 FORMAT_VERSION = 2
+# What an old model's metadata names as its method: it trains by classification alone, against no older model.
+OLD_MODEL_METHOD = "classification"
 # Keys of format 1 that repeat what other keys hold (the embedding dim is the architecture's, the role follows from
 # the method) or that never varied (every embedding was normalised): dropped when an older checkpoint is read.
 LEGACY_KEYS = ("embedding_dim", "normalised_embedding", "role")
@@ -80,7 +82,7 @@ class ModelMeta(BaseModel):
     @property
     def role(self) -> str:
         """``old`` for a model trained by classification alone, ``new`` for one trained against an old model."""
-        return "old" if self.method == "classification" else "new"
+        return "old" if self.method == OLD_MODEL_METHOD else "new"
 
     @property
     def prep(self) -> Preprocessing:

@@ -25,8 +25,9 @@ from advbct.data.images import DataError
 from advbct.serving.models import Embedder
 from advbct.serving.store import BUCKETS, GalleryStore
 
-# Batches written between flushes: unflushed rows slow searches a little (Milvus Lite scans them one by one),
-# a flush per batch slows the backfill more.
+# Writes (one upsert each: a batch's restored items and its re-embedded ones are separate writes) between flushes:
+# unflushed rows slow searches a little (Milvus Lite scans them one by one), a flush per write slows the backfill
+# more.
 FLUSH_EVERY = 4
 
 

@@ -22,7 +22,7 @@ from advbct.data.allocation import Allocation
 from advbct.data.batches import Preprocessing, normalise
 from advbct.data.images import ImageSet
 from advbct.distributed import convert_batchnorm
-from advbct.models.checkpoint import CheckpointError, ModelMeta, build_model
+from advbct.models.checkpoint import OLD_MODEL_METHOD, CheckpointError, ModelMeta, build_model
 from advbct.models.embedding import EmbeddingModel
 from advbct.models.preprocessing import training_preprocessing
 from advbct.training.cuda_graph import check_cuda_graph_setup
@@ -128,7 +128,7 @@ def model_meta(
         head_classes=list(allocation.old_classes) if role == "old" else list(range(train_set.num_classes)),
         allocation=allocation.summary(),
         generation=1 if old is None else old.meta.generation + 1,
-        method="classification" if role == "old" else cfg.compat.method,
+        method=OLD_MODEL_METHOD if role == "old" else cfg.compat.method,
         compatible_with=None if old is None else {"model_id": old.meta.model_id, "path": str(old.path)},
     )
 

@@ -63,3 +63,14 @@ def test_an_unknown_checkpoint_is_one_line_in_the_serving_command_line(tmp_path)
     result = run_cli("index", "add", "--db", str(tmp_path / "g.db"), "--image-root", str(tmp_path),
                      "--model", str(tmp_path / "missing.pt"), str(tmp_path))  # fmt: skip
     assert_refused(result, "missing.pt")
+
+
+def test_an_unknown_or_empty_evaluation_split_is_one_line(tiny_folder, three_models, tmp_path):
+    result = run_cli("compare", "--out", str(tmp_path / "cmp"), "--preset", "smoke", "--data", str(tiny_folder),
+                     "--split", "train", "--no-progress", "-o", "common.data.dataset=image-folder")  # fmt: skip
+    assert_refused(result, "unknown split 'train'; use one of test, validation")
+    assert not (tmp_path / "cmp").exists()
+    # These models' allocation set no images aside.
+    result = run_cli("eval", "--old", str(three_models["old"]), "--new", str(three_models["new"]),
+                     "--split", "validation", "--device", "cpu")  # fmt: skip
+    assert_refused(result, "the validation split is empty")

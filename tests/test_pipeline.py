@@ -227,6 +227,28 @@ def test_concurrent_runs_train_the_same_models_as_one_at_a_time(tiny_folder, tmp
         for key, value in first.items():
             assert torch.equal(second[key], value), f"{name}: {key}"
     assert json.loads((tmp_path / "two" / "results.json").read_text()).keys() == {"l2", "advbct"}
+    check_the_validation_split(tmp_path / "one", common)
+
+
+def check_the_validation_split(run, common):
+    """A finished comparison scored again on the validation split: no training, the allocation's held-out images
+    (5 per class of the 6), and numbers of their own."""
+    allocation = json.loads((run / "old" / "allocation.json").read_text())
+    held_out = set(allocation["validation_indices"])
+    assert len(held_out) == 30 and not held_out & set(allocation["old_indices"])
+    assert sorted(pipeline.validation_images(run / "old" / "model.pt").labels.tolist()) == sorted(list(range(6)) * 5)
+    test = json.loads((run / "results.json").read_text())
+    trained = {name: (run / name / "model.pt").stat().st_mtime_ns for name in ("old", "independent", "l2", "advbct")}
+    again = run_cli("compare", *common, "--out", str(run), "--split", "validation")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert {name: (run / name / "model.pt").stat().st_mtime_ns for name in trained} == trained
+    assert "validation split" in again.stdout
+    validation = json.loads((run / "results.json").read_text())
+    assert {report["split"] for report in validation.values()} == {"validation"}
+    assert validation["l2"]["tests"]["old/old"] != test["l2"]["tests"]["old/old"]
+    refused = run_cli("eval", "--query-model", str(run / "old" / "model.pt"), "--gallery-model",
+                      str(run / "l2" / "model.pt"), "--split", "validation")  # fmt: skip
+    assert refused.returncode == 2 and "--split validation takes the upgrade tests" in refused.stderr
 
 
 @pytest.mark.slow

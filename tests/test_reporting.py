@@ -127,3 +127,25 @@ def test_the_typed_reports_write_back_exactly_the_results_json_they_read():
     compare = json.loads((REPORT_RUNS / "smoke-compare" / "results.json").read_text())
     typed = {method: UpgradeReport.from_json(report).to_json() for method, report in compare.items()}
     assert json.dumps(typed) == json.dumps(compare)
+
+
+def _candidate_run(folder: Path, method: str, options: dict, old: float, split: str) -> Path:
+    """A compare run folder holding one method trained with ``options``, as `advbct compare` leaves it."""
+    (folder / method).mkdir(parents=True)
+    (folder / method / "config.json").write_text(json.dumps({"compat": {"method": method, "options": options}}))
+    report = _report(old, 20.0 + len(options), 12.0, 21.0, 1.5).to_json()
+    (folder / "results.json").write_text(json.dumps({method: {**report, "split": split}}))
+    return folder
+
+
+def test_candidates_sharing_old_and_independent_models_make_one_table_labelled_by_their_options(tmp_path: Path):
+    median = _candidate_run(tmp_path / "median", "advbct-tight", {"radius": "median"}, 9.0, "validation")
+    warmup = _candidate_run(tmp_path / "warm", "advbct-tight", {"adversarial_schedule": "warmup"}, 9.0, "validation")
+    other_old = _candidate_run(tmp_path / "other", "advbct-tight", {}, 7.5, "validation")
+    tables = render([median, warmup, other_old]).split("| method |")
+    assert len(tables) == 3, "the run with another old model gets a table of its own"
+    first = tables[1]
+    assert "| advbct-tight (radius=median) | 21.00 | 12.00 |" in first
+    assert "| advbct-tight (adversarial_schedule=warmup) | 21.00 | 12.00 |" in first
+    assert "validation split; M(o,o) 9.00" in first
+    assert "| advbct-tight | 20.00 | 12.00 |" in tables[2] and "validation split; M(o,o) 7.50" in tables[2]

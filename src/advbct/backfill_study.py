@@ -20,9 +20,7 @@ from rich.console import Console
 from advbct.compat import reference_method
 from advbct.compat.statistics import load_statistics
 from advbct.config import ConfigError
-from advbct.data.allocation import load_allocation
 from advbct.data.images import ImageSet
-from advbct.data.sources import load_split
 from advbct.distributed import resolve_device
 from advbct.evaluation.backfill import (
     DEFAULT_FRACTIONS,
@@ -38,22 +36,12 @@ from advbct.evaluation.metrics import label_retrieval_scores
 from advbct.evaluation.protocol import embed_images
 from advbct.live import progress_bars
 from advbct.models.checkpoint import load_checkpoint
-from advbct.pipeline import ALLOCATION_FILE, embed_test_set
+from advbct.pipeline import embed_split, validation_images
 
 # How the live service ranks a mixed gallery (``GalleryStore.search`` with the generation's calibration), and so
 # the curve a report leads with; raw cosine is computed beside it for comparison.
 SERVICE_MERGE = "calibrated"
 HEADLINE = f"random/{SERVICE_MERGE}"
-
-
-def validation_images(old_path: Path, data_root: str | None = None) -> ImageSet:
-    """The training images the old model's allocation set aside: no model of the run trained on them."""
-    allocation = load_allocation(old_path.parent / ALLOCATION_FILE)
-    if allocation.validation_indices.numel() == 0:
-        raise ConfigError("calibration needs a validation split: set common.data.validation_per_class > 0")
-    data = load_checkpoint(old_path)[1].data
-    data = data if data_root is None else data.model_copy(update={"root": data_root})
-    return load_split(data, "train").subset(allocation.validation_indices)
 
 
 def fit_calibrations(
@@ -162,7 +150,7 @@ def study_run_folder(
     missing = [str(p) for p in paths.values() if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"the run folder lacks {', '.join(missing)}")
-    embeddings, labels = embed_test_set(paths, data_root, device)
+    embeddings, labels = embed_split(paths, data_root, device)
     calibrations = fit_calibrations(paths, names, validation_images(paths["old"], data_root), device)
     study = backfill_study(paths, embeddings, labels, calibrations, plan, seed, console, show_progress)
     (run / "backfill_study.json").write_text(json.dumps(study, indent=2))

@@ -45,6 +45,9 @@ OverrideOpt = Annotated[list[str] | None, typer.Option("--set", "-o", help="dott
 DataOpt = Annotated[str | None, typer.Option("--data", help="data root (else $ADVBCT_DATA, ../shared/data)")]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda, cuda:1 ...")]
 QuietOpt = Annotated[bool, typer.Option("--no-progress", help="hide progress bars")]
+SplitOpt = Annotated[
+    str, typer.Option("--split", help="test, or validation (training images no model trained on: choose recipes there)")
+]
 JobsOpt = Annotated[int, typer.Option("--jobs", min=1, help="new models trained at once (fills a GPU)")]
 
 
@@ -132,6 +135,7 @@ def eval_cmd(
         str, typer.Option("--benchmark", help="cifar100, or roxford5k, rparis6k, gldv2 (comma-separated), paper")
     ] = "cifar100",
     out: Annotated[Path | None, typer.Option("--out", help="write the report as JSON")] = None,
+    split: SplitOpt = "test",
     data: DataOpt = None,
     device: Annotated[str, typer.Option("--device")] = "auto",
     no_progress: QuietOpt = False,
@@ -148,12 +152,15 @@ def eval_cmd(
     if not single and (old is None or new is None):
         errors.print("[red]error:[/] give --old and --new (or --query-model and --gallery-model for one test)")
         raise typer.Exit(2)
+    if split != "test" and (single or benchmark != "cifar100"):
+        errors.print("[red]error:[/] --split validation takes the upgrade tests (--old, --new) on cifar100")
+        raise typer.Exit(2)
     if benchmark == "cifar100":
         if single:
             report = _run(pipeline.evaluate_one, query_model, gallery_model, data, device)
             console.print(report.to_json())
         else:
-            report = _run(pipeline.evaluate, old, new, independent, data, device)
+            report = _run(pipeline.evaluate, old, new, independent, data, device, split=split)
             print_report(report, console)
     else:
         names = _run(parse_benchmarks, benchmark)
@@ -206,15 +213,17 @@ def compare_cmd(
     device: DeviceOpt = None,
     no_progress: QuietOpt = False,
     jobs: JobsOpt = 1,
+    split: SplitOpt = "test",
 ) -> None:
     """Train every method on one allocation and one seed set; one table, one results.json."""
     chosen = _method_list(methods, tuple(methods_of_kind("ablation")) if ablations else ())
     cfg = _run(quickstart_config, preset, config, overrides, data, device)
-    reports = _run(pipeline.compare, cfg, out, chosen, console, not no_progress, jobs)
-    title = f"{cfg.new.data.allocation}, {cfg.new.model.backbone}, seed {cfg.new.seed}"
+    reports = _run(pipeline.compare, cfg, out, chosen, console, not no_progress, jobs, split)
+    title = f"{cfg.new.data.allocation}, {cfg.new.model.backbone}, seed {cfg.new.seed}, {split} split"
     console.print(comparison_table(reports, title))
     if current_world().is_main:
-        (out / "results.json").write_text(json.dumps({m: r.to_json() for m, r in reports.items()}, indent=2))
+        results = {m: {**r.to_json(), "split": split} for m, r in reports.items()}
+        (out / "results.json").write_text(json.dumps(results, indent=2))
         write_run_info(out)
     console.print(f"results: {out / 'results.json'}")
 

@@ -22,7 +22,7 @@ from advbct.compat import (
     save_statistics,
 )
 from advbct.compat.advbct import PAPER_TAU
-from advbct.config import CompatConfig, DataConfig, QuickstartConfig, TrainConfig
+from advbct.config import CompatConfig, ConfigError, DataConfig, QuickstartConfig, TrainConfig
 from advbct.data.allocation import Allocation, load_allocation, load_or_make_allocation
 from advbct.data.images import DataError, ImageSet
 from advbct.data.sources import load_split
@@ -136,18 +136,42 @@ def train_new(
     return train_model(cfg, out, "new", train_set, allocation, old, stats, show_progress=show_progress)
 
 
-def embed_test_set(
-    paths: dict[str, Path], data_root: str | None = None, device: str = "auto", batch_size: int = 1024
+EVAL_SPLITS = ("test", "validation")
+
+
+def validation_images(old_path: Path, data_root: str | None = None) -> ImageSet:
+    """The training images the old model's allocation set aside: no model of the run trained on them."""
+    allocation = load_allocation(old_path.parent / ALLOCATION_FILE)
+    if allocation.validation_indices.numel() == 0:
+        raise ConfigError("the validation split is empty: set common.data.validation_per_class > 0")
+    data = _with_root(load_checkpoint(old_path)[1].data, data_root)
+    return load_split(data, "train").subset(allocation.validation_indices)
+
+
+def embed_split(
+    paths: dict[str, Path],
+    data_root: str | None = None,
+    device: str = "auto",
+    batch_size: int = 1024,
+    split: str = "test",
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Embed the test split once per checkpoint; all must share one embedding dimension."""
+    """Embed the test split, or the validation split the old model's allocation set aside (``paths["old"]``),
+    once per checkpoint; all must share one embedding dimension. The validation split is where recipes and
+    variants are chosen, so the test split's numbers stay unseen until the final table."""
+    if split not in EVAL_SPLITS:
+        raise ConfigError(f"unknown split {split!r}; use one of {', '.join(EVAL_SPLITS)}")
     models = load_comparable_checkpoints(paths)
-    data = _with_root(next(iter(models.values()))[1].data, data_root)
-    test_set = load_split(data, "test")
+    if split == "validation":
+        if "old" not in paths:
+            raise ConfigError("the validation split is the old model's allocation's: give the old model")
+        images = validation_images(paths["old"], data_root)
+    else:
+        images = load_split(_with_root(next(iter(models.values()))[1].data, data_root), "test")
     dev = resolve_device(device)
     embeddings = {
-        name: embed_images(model, test_set.images, meta.prep, dev, batch_size) for name, (model, meta) in models.items()
+        name: embed_images(model, images.images, meta.prep, dev, batch_size) for name, (model, meta) in models.items()
     }
-    return embeddings, test_set.labels
+    return embeddings, images.labels
 
 
 def evaluate(
@@ -157,12 +181,13 @@ def evaluate(
     data_root: str | None = None,
     device: str = "auto",
     batch_size: int = 1024,
+    split: str = "test",
 ) -> UpgradeReport:
-    """M(o,o), M(n,n), M(n,o) (and M(*,*), M(*,o) with an independent model) on the test split."""
+    """M(o,o), M(n,n), M(n,o) (and M(*,*), M(*,o) with an independent model) on the test or validation split."""
     paths = {"old": old_path, "new": new_path}
     if independent_path is not None:
         paths["independent"] = independent_path
-    embeddings, labels = embed_test_set(paths, data_root, device, batch_size)
+    embeddings, labels = embed_split(paths, data_root, device, batch_size, split)
     pairs = list(UPGRADE_PAIRS if independent_path is not None else UPGRADE_PAIRS[:3])
     return UpgradeReport.from_tests(evaluate_pairs(embeddings, labels, pairs, resolve_device(device)))
 
@@ -171,7 +196,7 @@ def evaluate_one(
     query_path: Path, gallery_path: Path, data_root: str | None = None, device: str = "auto"
 ) -> TestResult:
     """One test on the test split: queries embedded by one model, the gallery by another (or the same)."""
-    embeddings, labels = embed_test_set({"query": query_path, "gallery": gallery_path}, data_root, device)
+    embeddings, labels = embed_split({"query": query_path, "gallery": gallery_path}, data_root, device)
     return evaluate_pairs(embeddings, labels, [("query", "gallery")], resolve_device(device))["query/gallery"]
 
 
@@ -283,12 +308,15 @@ def compare(
     console: Console | None = None,
     show_progress: bool = True,
     jobs: int = 1,
+    split: str = "test",
 ) -> dict[str, UpgradeReport]:
     """Train the old model, the independent model and every method on one allocation and one seed set;
-    return one upgrade report per method (the test set is embedded once per model)."""
+    return one upgrade report per method, on the test or the validation split (embedded once per model)."""
     console = console or Console()
+    if split not in EVAL_SPLITS:
+        raise ConfigError(f"unknown split {split!r}; use one of {', '.join(EVAL_SPLITS)}")
     paths = train_methods(cfg, out, methods, console, show_progress, jobs)
-    console.print("[bold]evaluation[/]")
-    embeddings, labels = embed_test_set(paths, device=cfg.new.device)
+    console.print(f"[bold]evaluation[/] ({split} split)")
+    embeddings, labels = embed_split(paths, device=cfg.new.device, split=split)
     tests = evaluate_pairs(embeddings, labels, method_pairs(methods), resolve_device(cfg.new.device))
     return method_reports(tests, methods)

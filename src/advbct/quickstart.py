@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from advbct.backfill_study import StudyPlan, backfill_study, fit_calibrations, validation_images
+from advbct.backfill_study import StudyPlan, backfill_study, fit_calibrations
 from advbct.config import QuickstartConfig
 from advbct.data.sources import load_split
 from advbct.distributed import current_world, resolve_device, shutdown
@@ -34,9 +34,10 @@ from advbct.live import (
     probe_queries,
 )
 from advbct.pipeline import (
-    embed_test_set,
+    embed_split,
     plan_new_models,
     train_new_models,
+    validation_images,
 )
 from advbct.reporting.backfill_plot import plot_backfill
 from advbct.reporting.tables import print_live_report, print_report
@@ -65,7 +66,7 @@ def quickstart(
     paths = dict(zip([r.method for r in runs], train_new_models(runs, console, show_progress, cfg.jobs), strict=True))
     paths["old"] = old_path
     console.print("[bold]evaluation[/] (test split)")
-    embeddings, labels = embed_test_set(paths, device=cfg.new.device)
+    embeddings, labels = embed_split(paths, device=cfg.new.device)
     tests = evaluate_pairs(embeddings, labels, method_pairs([METHOD]), resolve_device(cfg.new.device))
     upgrade = method_reports(tests, [METHOD])[METHOD]
     # The live half is one serving process, as a deployment is: the other ranks are done with the offline table.

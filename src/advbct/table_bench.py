@@ -22,7 +22,7 @@ from advbct.evaluation.protocol import evaluate_pairs
 from advbct.evaluation.results import BenchResults, RunCost, SettingResult, method_reports, pair_name
 from advbct.jobs import check_jobs
 from advbct.pipeline import (
-    embed_test_set,
+    embed_split,
     plan_new_models,
     train_new_models,
     train_old_models,
@@ -72,7 +72,7 @@ def _architecture(model: ModelConfig) -> str:
 
 def evaluate_setting(cfg: QuickstartConfig, paths: dict[str, Path], methods: list[str]) -> SettingResult:
     """Score every (query model, gallery model) pair of one setting's trained models ``{name: model.pt}``."""
-    embeddings, labels = embed_test_set(paths, device=cfg.new.device)
+    embeddings, labels = embed_split(paths, device=cfg.new.device)
     names = list(paths)
     # Every pair is scored once; the per-method reports read the same numbers.
     matrix = evaluate_pairs(embeddings, labels, [(q, g) for q in names for g in names], resolve_device(cfg.new.device))

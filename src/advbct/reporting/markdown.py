@@ -2,8 +2,9 @@
 the docs are regenerated from the runs, never typed: ``advbct report RUN... > table.md``.
 
 A run folder is recognised by what it holds: a quickstart's report (it has a ``gate``), ``advbct compare``'s
-report (one entry per method), and an ``advbct backfill-curves`` study. Each table is preceded by the commands that
-made its runs and the machine they ran on, from each folder's ``run.json``.
+report (one entry per method), and an ``advbct backfill-curves`` study. Comparisons that share their split and
+their old and independent models (candidates compared on the validation split, say) make one table. Each table
+is preceded by the commands that made its runs and the machine they ran on, from each folder's ``run.json``.
 """
 
 from __future__ import annotations
@@ -82,19 +83,44 @@ def quickstart_markdown(runs: list[Path]) -> str:
     return "\n\n".join([_provenance(runs), _table(header, rows), caption])
 
 
-def compare_markdown(run: Path) -> str:
-    """``advbct compare``'s table: one row per method."""
-    reports = {method: UpgradeReport.from_json(report) for method, report in _load(run / "results.json").items()}
-    first = next(iter(reports.values()))
+def _method_label(run: Path, method: str) -> str:
+    """A method's name with the compatibility options its run was given, so candidates of one method that differ
+    only in options stay apart in one table."""
+    options = ((_load(run / method / "config.json") or {}).get("compat") or {}).get("options") or {}
+    given = ", ".join(f"{key}={value}" for key, value in sorted(options.items()))
+    return f"{method} ({given})" if given else method
+
+
+def _split(results: dict) -> str:
+    return next(iter(results.values())).get("split", "test")
+
+
+def _shared_key(run: Path) -> tuple:
+    """What the rows of one table must share: the split and the old and independent models' tests."""
+    results = _load(run / "results.json")
+    first = UpgradeReport.from_json(next(iter(results.values())))
+    return (_split(results), first.old.map, first.independent.map if first.independent else None)
+
+
+def compare_markdown(runs: list[Path]) -> str:
+    """``advbct compare``'s table: one row per method (with the options its run was given), over one or more run
+    folders that share their split and their old and independent models (candidates trained beside one another)."""
+    rows, seen, first, split = [], set(), None, "test"
+    for run in runs:
+        results = _load(run / "results.json")
+        split = _split(results)
+        for method, data in results.items():
+            report, label = UpgradeReport.from_json(data), _method_label(run, method)
+            first = first or report
+            if label not in seen:
+                seen.add(label)
+                p = report.p_scores
+                rows.append([label, f"{report.self_test.map:.2f}", f"{report.cross.map:.2f}", f"{p.p_up:.2f}",
+                             f"{p.p_comp:.2f}", f"{p.p_1:.2f}", "yes" if report.criterion.cross else "no"])  # fmt: skip
     labels = (("M(o,o)", first.old), ("M(\\*,\\*)", first.independent), ("M(\\*,o)", first.independent_cross))
     shared = ", ".join(f"{label} {test.map:.2f}" for label, test in labels)
     header = ["method", "M(n,n)", "M(n,o)", "P_up", "P_comp", "P_1", "M(n,o) > M(o,o)"]
-    rows = [
-        [m, f"{r.self_test.map:.2f}", f"{r.cross.map:.2f}", f"{r.p_scores.p_up:.2f}", f"{r.p_scores.p_comp:.2f}",
-         f"{r.p_scores.p_1:.2f}", "yes" if r.criterion.cross else "no"]
-        for m, r in reports.items()
-    ]  # fmt: skip
-    return "\n\n".join([_provenance([run]), _table(header, rows), f"mAP in percent, test split; {shared}."])
+    return "\n\n".join([_provenance(runs), _table(header, rows), f"mAP in percent, {split} split; {shared}."])
 
 
 def study_markdown(run: Path) -> str:
@@ -118,9 +144,10 @@ def render(runs: list[Path]) -> str:
         raise FileNotFoundError(f"no results.json or backfill_study.json in {', '.join(missing)}")
     quickstarts = [r for r in runs if "gate" in (_load(r / "results.json") or {})]
     parts = [quickstart_markdown(quickstarts)] if quickstarts else []
+    comparisons: dict[tuple, list[Path]] = {}
     for run in runs:
         if run not in quickstarts and (run / "results.json").is_file():
-            parts.append(compare_markdown(run))
-        if (run / "backfill_study.json").is_file():
-            parts.append(study_markdown(run))
+            comparisons.setdefault(_shared_key(run), []).append(run)
+    parts += [compare_markdown(group) for group in comparisons.values()]
+    parts += [study_markdown(run) for run in runs if (run / "backfill_study.json").is_file()]
     return "\n\n".join(parts) + "\n"

@@ -1,4 +1,5 @@
-"""AdvBCT's parts with hand-computed values: elastic radius, boundary loss, gradient reversal, schedules."""
+"""AdvBCT's parts with hand-computed values: elastic radius, boundary loss, gradient reversal, schedules; and the
+``advbct-tight`` variant's options (warm-up schedule, elastic step from a tight radius, class-conditional D)."""
 
 import math
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 
 from advbct.compat import (
+    ClassStatistics,
     CompatBatch,
     CompatContext,
     CompatError,
@@ -21,7 +23,9 @@ from advbct.compat.advbct import (
     elastic_radii,
     grad_reverse,
     mean_radius,
+    warmup_adversarial_weight,
 )
+from advbct.presets import train_config
 
 
 def test_elastic_radius_on_both_sides_of_tau():
@@ -185,3 +189,128 @@ def test_adversarial_loss_reverses_the_new_embeddings_gradient():
         + torch.nn.functional.cross_entropy(logits[6:], targets[6:])
     ).backward()
     assert torch.allclose(reversed_grad, -0.25 * new.grad, atol=1e-7)
+
+
+def test_warmup_weight_grows_to_one_in_the_last_epoch():
+    assert [warmup_adversarial_weight(e, 4) for e in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    # The CUDA-graph path hands the epoch as a 0-d tensor and gets a tensor back.
+    assert warmup_adversarial_weight(torch.tensor(2), 4).item() == 0.75
+
+
+def _hand_stats(min_radii, has_radius, dim=2):
+    """Statistics with hand-set tight radii; the other radii are far larger, so a test sees which one is used."""
+    classes = len(min_radii)
+    return ClassStatistics(
+        centres=torch.eye(classes, dim),
+        radii=torch.full((classes,), 9.0),
+        min_radii=torch.tensor(min_radii),
+        median_radii=torch.full((classes,), 7.0),
+        angular_radii=torch.ones(classes),
+        counts=torch.full((classes,), 5),
+        has_radius=torch.tensor(has_radius),
+        old_model_id="m",
+        class_names=tuple(str(c) for c in range(classes)),
+    )
+
+
+def test_tight_elastic_radius_moves_toward_the_mean_tight_radius():
+    stats = _hand_stats([0.2, 0.6, 5.0], [True, True, False])
+    ctx = CompatContext(embedding_dim=2, num_classes=3, statistics=stats)
+    method = create("advbct-tight", ctx, elastic=True, tau="stats")
+    # tau = mean of r_min over the classes with a radius = (0.2 + 0.6) / 2 = 0.4 (class 2 has none).
+    assert method.tau == pytest.approx(0.4)
+    with torch.no_grad():
+        method.radius_weights.zero_()
+    # sigmoid(0) = 1/2: halfway from r_min to 0.4: 0.3, 0.5, and 5.0 + (0.4 - 5.0) / 2 = 2.7.
+    assert method.radii().tolist() == pytest.approx([0.3, 0.5, 2.7])
+    bound_only = create("advbct-tight", ctx, elastic=True, tau="stats", adversarial=False)
+    bound_only.load_state_dict(method.state_dict(), strict=False)
+    out = bound_only(CompatBatch(torch.tensor([[1.0, 0.0]]), torch.tensor([0]), None, 0.5, 0, 2))
+    assert out.parts["radius"].item() == pytest.approx((0.3 + 0.5) / 2)
+    # Without the elastic step the radius is r_min itself.
+    assert create("advbct-tight", ctx, tau="stats").radii().tolist() == pytest.approx([0.2, 0.6, 5.0])
+
+
+def test_class_conditional_discriminator_adds_the_class_term_to_the_old_logit():
+    # dim 1, one hidden unit: Linear(x) = x, batch norm maps each side's pair (-1, 1) to (-1, 1) (up to its eps),
+    # ReLU to (0, 1). The marginal head says 0 for both logits; V = (2, -1) adds 2 <V[y], h> only where h = 1.
+    ctx = CompatContext(embedding_dim=1, num_classes=2, statistics=_hand_stats([0.5, 0.5], [True, True], dim=1))
+    method = create(
+        "advbct-tight", ctx, boundary=False, discriminator="class-conditional", adversarial_schedule="warmup",
+        discriminator_hidden=1,
+    )  # fmt: skip
+    disc = method.discriminator
+    with torch.no_grad():
+        disc.features[0].weight.fill_(1.0)
+        disc.features[0].bias.zero_()
+        disc.head.weight.zero_()
+        disc.head.bias.zero_()
+        disc.class_vectors.copy_(torch.tensor([[2.0], [-1.0]]))
+    emb = torch.tensor([[-1.0], [1.0]])
+    out = method(CompatBatch(emb, torch.tensor([1, 0]), emb.clone(), progress=0.5, epoch=1, num_epochs=4))
+    # Row 0 (h = 0): logits (0, 0), CE ln 2 on either side. Row 1 (h = 1, class 0): logits (0, 2), CE
+    # softplus(2) = 2.126928 as new (label 0), softplus(-2) = 0.126928 as old (label 1).
+    # Loss: (ln 2 + 2.126928) / 2 + (ln 2 + 0.126928) / 2 = 0.693147 + 1.126928 = 1.820075.
+    assert out.parts["adv"].item() == pytest.approx(1.820075, rel=1e-4)
+    # D calls row 0 new (a tie goes to index 0) and row 1 old: right on one row of each side.
+    assert out.parts["disc_acc"].item() == 0.5
+    # warm-up weight at epoch 1 of 4: 0.5.
+    assert out.total.item() == pytest.approx(0.5 * 1.820075, rel=1e-4)
+    # With class 1's vector on row 1 instead, the term is -1: logits (0, -1), so the loss is
+    # ln 2 + (softplus(-1) + softplus(1)) / 2 = 0.693147 + (0.313262 + 1.313262) / 2 = 1.506409.
+    other = method(CompatBatch(emb, torch.tensor([0, 1]), emb.clone(), progress=0.5, epoch=1, num_epochs=4))
+    assert other.parts["adv"].item() == pytest.approx(1.506409, rel=1e-4)
+
+
+def test_class_conditional_discriminator_covers_classes_new_to_the_new_model():
+    # Extended-class: statistics cover the new model's 5 classes, the last two without a radius (no old samples).
+    stats = _hand_stats([0.3, 0.4, 0.5, 0.0, 0.0], [True, True, True, False, False], dim=4)
+    method = create("advbct-tight", CompatContext(4, 5, stats), discriminator="class-conditional")
+    assert method.discriminator.class_vectors.shape == (5, method.discriminator.head.in_features)
+    new = torch.randn(6, 4, requires_grad=True)
+    out = method(CompatBatch(new, torch.tensor([0, 1, 2, 3, 4, 4]), torch.randn(6, 4), 0.5, 0, 2))
+    out.total.backward()
+    assert torch.isfinite(out.total) and new.grad is not None
+
+
+def test_default_tight_variant_is_the_fixed_radius_ablation():
+    ctx = _context(dim=4, classes=3)
+    torch.manual_seed(3)
+    tight = create("advbct-tight", ctx)
+    torch.manual_seed(3)
+    fixed = create("advbct-fixed-radius", ctx)
+    new, old, labels = torch.randn(9, 4), torch.randn(9, 4), torch.arange(9) % 3
+    grads = []
+    outputs = []
+    for method in (tight, fixed):
+        emb = new.clone().requires_grad_()
+        out = method(CompatBatch(emb, labels, old, progress=0.3, epoch=1, num_epochs=3))
+        out.total.backward()
+        outputs.append(out)
+        grads.append(emb.grad)
+    assert torch.equal(outputs[0].total, outputs[1].total)
+    assert outputs[0].parts.keys() == outputs[1].parts.keys()
+    assert torch.equal(grads[0], grads[1])
+
+
+def test_tight_variant_options_are_checked_and_reach_it_from_overrides():
+    with pytest.raises(CompatError, match=r"option tau: Input should be a valid number.* or Input should be 'stats'"):
+        create("advbct-tight", _context(), tau="loose")
+    with pytest.raises(CompatError, match="option adversarial_schedule"):
+        create("advbct-tight", _context(), adversarial_schedule="cosine")
+    overrides = [
+        "compat.method=advbct-tight",
+        "compat.options.tau=stats",
+        "compat.options.adversarial_schedule=warmup",
+        "compat.options.discriminator=class-conditional",
+        "compat.options.elastic=true",
+        "compat.options.radius=median",
+    ]
+    cfg = train_config("new", "smoke", None, overrides, None, "cpu")
+    assert cfg.compat.options == {
+        "tau": "stats",
+        "adversarial_schedule": "warmup",
+        "discriminator": "class-conditional",
+        "elastic": True,
+        "radius": "median",
+    }

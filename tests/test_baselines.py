@@ -205,6 +205,7 @@ def test_registry_tells_each_methods_kind_and_needs():
     assert reference_method() == "independent"
     assert compared_methods() == ["l2", "bct", "lce", "unibct", "hot-refresh", "advbct"]
     assert methods_of_kind("ablation") == ["advbct-adv-only", "advbct-bound-only", "advbct-fixed-radius"]
+    assert methods_of_kind("variant") == ["advbct-tight"]
     assert not method_info("independent").needs_old_model
     # L2 and Hot-refresh read old embeddings; BCT the old classifier; AdvBCT and LCE the old statistics.
     assert all(method_info(m).needs_old_model for m in compared_methods())

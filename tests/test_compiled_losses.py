@@ -15,24 +15,44 @@ from advbct.training import run_folder
 from advbct.training.cuda_graph import StepScalars
 from test_host_sync import make_context
 
-SLOW_TO_COMPILE = {"advbct-adv-only", "advbct-bound-only", "advbct-fixed-radius", "bct", "l2", "lce", "unibct"}
+SLOW_TO_COMPILE = {
+    "advbct-adv-only",
+    "advbct-bound-only",
+    "advbct-fixed-radius",
+    "advbct-tight",
+    "bct",
+    "l2",
+    "lce",
+    "unibct",
+}
+# The variant's non-default choices: a class-conditional D called with the batch's labels, a warm-up weight of
+# the tensor epoch, an elastic radius with tau from the statistics.
+TIGHT_CHOICES = {
+    "discriminator": "class-conditional",
+    "adversarial_schedule": "warmup",
+    "elastic": True,
+    "tau": "stats",
+}
 METHODS = [
-    pytest.param(name, marks=pytest.mark.slow) if name in SLOW_TO_COMPILE else name
-    for name in list_methods()
-    if name != "independent"
+    *(
+        pytest.param(name, {}, marks=pytest.mark.slow) if name in SLOW_TO_COMPILE else pytest.param(name, {})
+        for name in list_methods()
+        if name != "independent"
+    ),
+    pytest.param("advbct-tight", TIGHT_CHOICES, marks=pytest.mark.slow, id="advbct-tight-choices"),
 ]
 
 
-@pytest.mark.parametrize("name", METHODS)
-def test_a_compiled_loss_matches_the_eager_one_without_compiling_again(name):
+@pytest.mark.parametrize(("name", "options"), METHODS)
+def test_a_compiled_loss_matches_the_eager_one_without_compiling_again(name, options):
     # Three steps whose progress and epoch change, as training's do: handed as 0-d tensors (StepScalars) they are
     # inputs of the compiled loss, so a second compilation would be an error here.
     dim, classes, n = 8, 6, 12
     torch._dynamo.reset()
     torch.manual_seed(1)
-    compiled = create(name, make_context(dim, classes))
+    compiled = create(name, make_context(dim, classes), **options)
     torch.manual_seed(1)
-    eager = create(name, make_context(dim, classes))
+    eager = create(name, make_context(dim, classes), **options)
     compiled.compile()
     scalars = StepScalars(torch.device("cpu"))
     with torch._dynamo.config.patch(error_on_recompile=True):

@@ -8,9 +8,10 @@ import sys
 
 import pytest
 import torch
+from rich.console import Console
 
 from advbct import pipeline
-from advbct.compat import StatisticsError
+from advbct.compat import CompatError, StatisticsError
 from advbct.models import CheckpointError
 from advbct.presets import quickstart_config, train_config
 from paper_scores import reference_p_scores
@@ -272,3 +273,16 @@ def test_training_commands_import_without_the_serving_database():
     code = "import sys; sys.modules['pymilvus'] = None; import advbct.cli, advbct.table_bench; print('imported')"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "imported" in result.stdout, result.stderr
+
+
+def test_a_shared_option_that_does_not_suit_a_compared_method_is_refused_before_training(tmp_path):
+    overrides = ["new.compat.method=advbct-tight", "new.compat.options.discriminator=class-conditional"]
+    cfg = quickstart_config("smoke", None, overrides, None, "cpu")
+    # The configured method keeps its own section; another method receives the options it takes.
+    assert pipeline.compat_config_for(cfg, "advbct-tight").options == {"discriminator": "class-conditional"}
+    assert pipeline.compat_config_for(cfg, "advbct").options == {}
+    # tau=stats suits advbct-tight only: a comparison that also trains advbct stops before the old model trains.
+    stats_tau = quickstart_config("smoke", None, [*overrides, "new.compat.options.tau=stats"], None, "cpu")
+    with pytest.raises(CompatError, match=r"method 'advbct' option tau: .*got 'stats'"):
+        pipeline.plan_new_models(stats_tau, tmp_path / "run", ["advbct-tight", "advbct"], Console(quiet=True))
+    assert not (tmp_path / "run").exists()

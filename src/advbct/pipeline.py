@@ -13,6 +13,7 @@ from rich.console import Console
 
 from advbct.compat import (
     ClassStatistics,
+    check_options,
     compute_class_statistics,
     load_statistics,
     method_class,
@@ -213,8 +214,7 @@ def _prepare_old(cfg: QuickstartConfig, out: Path, console: Console, show_progre
 
 def _train_run(run: NewModelRun, show_progress: bool) -> Path:
     new_cfg = run.cfg.new.model_copy(deep=True)
-    if run.method != run.cfg.new.compat.method:
-        new_cfg.compat = CompatConfig(method=run.method, options=options_for(run.method, run.cfg.new.compat.options))
+    new_cfg.compat = compat_config_for(run.cfg, run.method)
     stats = run.stats_path if method_info(run.method).needs_old_model else None
     return train_new(new_cfg, run.out / run.method, run.old_path, stats, show_progress=show_progress)
 
@@ -225,6 +225,17 @@ def options_for(method: str, options: dict) -> dict:
     they fix; ``tau`` never reaches ``bct``)."""
     accepted = method_class(method).option_names()
     return {key: value for key, value in options.items() if key in accepted}
+
+
+def compat_config_for(cfg: QuickstartConfig, method: str) -> CompatConfig:
+    """``method``'s compatibility section in a run that configures ``cfg.new.compat``: that section itself for its
+    own method, the options it takes for any other; a one-line :class:`CompatError` where a shared option's value
+    does not suit ``method`` (``tau=stats`` set for advbct-tight reaches advbct, whose tau is a number)."""
+    if method == cfg.new.compat.method:
+        return cfg.new.compat.model_copy(deep=True)
+    options = options_for(method, cfg.new.compat.options)
+    check_options(method, options)
+    return CompatConfig(method=method, options=options)
 
 
 @dataclass(frozen=True)
@@ -245,9 +256,11 @@ def plan_new_models(
 ) -> tuple[Path, list[NewModelRun]]:
     """Train (or find) the old model and its statistics in ``out/old``; return it with the runs of the independent
     model and every method, which depend on nothing else and can train in any order or at once."""
+    names = [reference_method(), *[m for m in methods if m != reference_method()]]
+    for name in names:  # refused before the old model trains, not when a method's turn comes
+        compat_config_for(cfg, name)
     out.mkdir(parents=True, exist_ok=True)
     old_path, stats_path = _prepare_old(cfg, out, console, show_progress)
-    names = [reference_method(), *[m for m in methods if m != reference_method()]]
     prefix = f"{label}/" if label else ""
     return old_path, [NewModelRun(cfg, out, name, old_path, stats_path, prefix + name) for name in names]
 

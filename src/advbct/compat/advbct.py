@@ -12,7 +12,7 @@ L = L_cls + L_bound + w_e * L_adv, with
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Annotated, ClassVar, Literal
 
 import pydantic
@@ -64,6 +64,13 @@ def adversarial_weight(epoch: int | torch.Tensor, num_epochs: int) -> float | to
     return (num_epochs - epoch + 1) / num_epochs
 
 
+def warmup_adversarial_weight(epoch: int | torch.Tensor, num_epochs: int) -> float | torch.Tensor:
+    """w_e = (e + 1) / E, growing with the epoch index e = 0..E-1 to 1 in the last epoch: the alignment pulls
+    hardest once the new model's classes have formed, not in epoch 0 while its embedding is still random. A 0-d
+    tensor epoch gives a tensor weight, as :func:`adversarial_weight`'s does."""
+    return (epoch + 1) / num_epochs
+
+
 def elastic_radii(r_max: torch.Tensor, weights: torch.Tensor, tau: float) -> torch.Tensor:
     """r = r_max + |r_max - tau| sigmoid(w) below tau, r_max - |r_max - tau| sigmoid(w) above: always between.
 
@@ -105,7 +112,10 @@ class Discriminator(nn.Sequential):
 
 
 def adversarial_loss(
-    discriminator: nn.Module, new_emb: torch.Tensor, old_emb: torch.Tensor, alpha: float | torch.Tensor
+    discriminator: Callable[[torch.Tensor], torch.Tensor],
+    new_emb: torch.Tensor,
+    old_emb: torch.Tensor,
+    alpha: float | torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """CE(D(GRL(new)), 0) + CE(D(old), 1) with old and new in two calls of D, as the paper writes the loss and as
     its public code does.
@@ -169,6 +179,14 @@ class AdvBCT(CompatibilityMethod):
     def radii(self) -> torch.Tensor:
         return elastic_radii(self.r_max, self.radius_weights, self.tau) if self.elastic else self.r_max
 
+    def discriminator_for(self, batch: CompatBatch) -> Callable[[torch.Tensor], torch.Tensor]:
+        """D as the adversarial loss calls it on each side of ``batch``: the paper's D reads the embeddings alone."""
+        return self.discriminator
+
+    def epoch_weight(self, batch: CompatBatch) -> float | torch.Tensor:
+        """The adversarial term's schedule over epochs: the paper's decaying w_e."""
+        return adversarial_weight(batch.epoch, batch.num_epochs)
+
     def forward(self, batch: CompatBatch) -> LossOutput:
         zero = batch.new_emb.new_zeros((), dtype=torch.float32)
         parts: dict[str, torch.Tensor] = {}
@@ -185,8 +203,10 @@ class AdvBCT(CompatibilityMethod):
             new_emb, old_emb = batch.new_emb, batch.old_emb
             if self.normalise_discriminator_input:
                 new_emb, old_emb = F.normalize(new_emb.float(), dim=1), F.normalize(old_emb.float(), dim=1)
-            adv, disc_acc = adversarial_loss(self.discriminator, new_emb, old_emb, dann_alpha(batch.progress))
-            weight = self.adversarial_scale * adversarial_weight(batch.epoch, batch.num_epochs)
+            adv, disc_acc = adversarial_loss(
+                self.discriminator_for(batch), new_emb, old_emb, dann_alpha(batch.progress)
+            )
+            weight = self.adversarial_scale * self.epoch_weight(batch)
             parts["adv"], parts["disc_acc"] = adv, disc_acc.detach()
             total = total + weight * adv
         return LossOutput(total, parts)
@@ -249,3 +269,85 @@ class AdvBCTFixedRadius(AdvBCT):
 
     def radii(self) -> torch.Tensor:
         return self.fixed_radii
+
+
+class ClassConditionalDiscriminator(nn.Module):
+    """A projection discriminator (Miyato & Koyama, 2018) on (embedding, class) pairs: the marginal D's logits, with
+    <V[y], h> added to the "old" logit, where h is D's hidden layer and V holds one learned vector per class.
+
+    The logit difference old - new is then psi(h) + <V[y], h>: D can tell old from new within a class even when the
+    two marginal distributions match, so the reversed gradient aligns each class with its old counterpart. V starts
+    at zero, so D starts as the marginal one it wraps; its rows cover every class the new model trains on (global
+    ids), new classes included.
+    """
+
+    def __init__(self, marginal: Discriminator, num_classes: int):
+        super().__init__()
+        *features, self.head = marginal
+        self.features = nn.Sequential(*features)
+        hidden = self.head.in_features
+        self.class_vectors = nn.Parameter(torch.zeros(num_classes, hidden))
+
+    def forward(self, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        hidden = self.features(emb)
+        projection = (self.class_vectors[labels] * hidden).sum(1, keepdim=True)
+        return self.head(hidden) + torch.cat([torch.zeros_like(projection), projection], dim=1)
+
+
+_ADVERSARIAL_SCHEDULES = {"decay": adversarial_weight, "warmup": warmup_adversarial_weight}
+
+
+@options_schema
+class TightOptions(FixedRadiusOptions):
+    """The fixed-radius ablation's options (``radius``: which inlier distance bounds each old class; min is
+    tightest), with the elastic step, ``tau``, the adversarial schedule and the discriminator as choices.
+
+    - ``elastic``: move each class's radius from the tight one toward ``tau`` through a learned per-class weight,
+      so training can loosen a ball that is too tight for the new model (AdvBCT's elastic step, started from the
+      tight radius instead of r_max).
+    - ``tau``: the elastic step's threshold, a number or ``"stats"``: the mean chosen radius over the old classes
+      that have one, a threshold on the scale of this old model's balls (the paper's 1.0 lies above nearly every
+      class's radius of a small model, so the step could only loosen). It matters only with ``elastic``.
+    - ``adversarial_schedule``: ``decay`` is the paper's w_e = (E - e + 1) / E; ``warmup`` is (e + 1) / E, so the
+      alignment is strongest once the new classes have formed rather than on a random embedding.
+    - ``discriminator``: ``marginal`` is the paper's D on embeddings; ``class-conditional`` tells old from new on
+      (embedding, class) pairs (:class:`ClassConditionalDiscriminator`), so alignment is per class.
+    """
+
+    elastic: bool = False
+    tau: float | Literal["stats"] = PAPER_TAU
+    adversarial_schedule: Literal["decay", "warmup"] = "decay"
+    discriminator: Literal["marginal", "class-conditional"] = "marginal"
+
+
+@register_method("advbct-tight", kind="variant")
+class AdvBCTTight(AdvBCTFixedRadius):
+    """AdvBCT with a tight boundary (a fixed inlier radius per old class, optionally elastic toward a threshold
+    taken from the old statistics), a choice of adversarial schedule, and an optional class-conditional
+    discriminator: the candidate changes for small budgets and models trained from scratch, where r_max balls
+    overlap most other classes and a marginal discriminator sits at chance. With its defaults it is the
+    fixed-radius ablation at ``radius=min``.
+    """
+
+    Options = TightOptions
+    fixed_options: ClassVar[Mapping[str, bool]] = {}
+
+    def __init__(self, context: CompatContext, options: TightOptions):
+        super().__init__(context, options)
+        if options.tau == "stats":
+            self.tau = float(mean_radius(self.fixed_radii, self.has_radius))
+        self.schedule = _ADVERSARIAL_SCHEDULES[options.adversarial_schedule]
+        self.class_conditional = options.discriminator == "class-conditional"
+        if self.class_conditional:
+            self.discriminator = ClassConditionalDiscriminator(self.discriminator, context.num_classes)
+
+    def radii(self) -> torch.Tensor:
+        return elastic_radii(self.fixed_radii, self.radius_weights, self.tau) if self.elastic else self.fixed_radii
+
+    def discriminator_for(self, batch: CompatBatch) -> Callable[[torch.Tensor], torch.Tensor]:
+        if self.class_conditional:
+            return lambda emb: self.discriminator(emb, batch.labels)
+        return self.discriminator
+
+    def epoch_weight(self, batch: CompatBatch) -> float | torch.Tensor:
+        return self.schedule(batch.epoch, batch.num_epochs)

@@ -134,9 +134,12 @@ class CompatibilityMethod(nn.Module):
         try:
             return pydantic.TypeAdapter(cls.Options).validate_python({**raw, **cls.fixed_options})
         except pydantic.ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(part) for part in first["loc"])
-            raise CompatError(f"method {name!r} option {where}: {first['msg']}, got {first.get('input')!r}") from None
+            errors = exc.errors()
+            option = errors[0]["loc"][0]
+            # An option of several types (a number or a keyword) fails once per type: name them all.
+            reasons = " or ".join(error["msg"] for error in errors if error["loc"][0] == option)
+            got = errors[0].get("input")
+            raise CompatError(f"method {name!r} option {option}: {reasons}, got {got!r}") from None
 
     def forward(self, batch: CompatBatch) -> LossOutput:
         raise NotImplementedError

@@ -87,8 +87,13 @@ def _method_label(run: Path, method: str) -> str:
     """A method's name with the compatibility options its run was given, so candidates of one method that differ
     only in options stay apart in one table."""
     options = ((_load(run / method / "config.json") or {}).get("compat") or {}).get("options") or {}
-    given = ", ".join(f"{key}={value}" for key, value in sorted(options.items()))
+    given = ", ".join(f"{key}={_yaml_scalar(value)}" for key, value in sorted(options.items()))
     return f"{method} ({given})" if given else method
+
+
+def _yaml_scalar(value: object) -> str:
+    """An option's value as an override would spell it (``true``, ``0.5``, ``median``)."""
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 def _split(results: dict) -> str:

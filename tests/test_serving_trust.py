@@ -249,7 +249,10 @@ FORCED_RECORD = {
 
 def test_a_stored_gate_record_reads_back_to_the_same_json():
     unforced = {"old/old": 41.25, "new/new": 43.5, "new/old": 42.0, "passed": True, "forced": False}
-    for record in (FORCED_RECORD, unforced):
+    # A calibration without the evidence (a record from before the gate measured intervals): searches rank by it.
+    calibrated = {"old/old": 41.25, "new/new": 43.5, "new/old": 42.0, "passed": True,
+                  "calibration": FORCED_RECORD["calibration"]}  # fmt: skip
+    for record in (FORCED_RECORD, unforced, calibrated):
         gate = GateResult.from_json(record)
         assert json.dumps(gate.to_json()) == json.dumps(record), "same keys, same order, same values"
     forced = GateResult.from_json(FORCED_RECORD)

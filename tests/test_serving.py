@@ -6,10 +6,12 @@ gallery by id shard (as processes on the server)."""
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
 from collections import Counter
+from contextlib import closing
 
 import numpy as np
 import pytest
@@ -18,10 +20,10 @@ import torch
 from advbct.data.images import DataError
 from advbct.serving.backfill import ImageRoot, run_backfill
 from advbct.serving.gate import GateRefused
-from advbct.serving.ledger import ItemLedger
+from advbct.serving.ledger import ItemLedger, open_counted_store
 from advbct.serving.models import Embedder
 from advbct.serving.registry import ModelRegistry
-from advbct.serving.store import GalleryStore, Hit, MixedMerge, StoreError
+from advbct.serving.store import GalleryStore, Hit, MixedMerge, SearchParts, StoreError
 from conftest import GalleryDb, build_gallery, write_image_folder
 
 
@@ -565,4 +567,27 @@ def test_a_delete_racing_a_re_embedding_never_brings_the_item_back(gallery_db, t
     store.deleter.join()
     assert store.get([1]) == [] and store.existing([0, 1]) == {0}
     assert ledger.counts() == store.generations() == {2: 1}
+    store.close()
+
+
+def test_a_ledger_made_before_kept_generations_were_mirrored_is_rebuilt_when_opened(tmp_path):
+    db, registry = GalleryDb(str(tmp_path / "gallery.db")), ModelRegistry(tmp_path / "registry.sqlite")
+    store = open_counted_store(registry, db.uri, 2)
+    store.add([0, 1, 2], ["a", "b", "c"], np.array([[1, 0], [0.6, 0.8], [0, 1]], dtype=np.float32), generation=1)
+    store.replace([1], ["b"], np.array([[-1.0, 0.0]]), generation=2)
+    store.close()
+    with closing(sqlite3.connect(registry.path)) as sql, sql:  # the ledger's tables as they were before
+        for trigger in ("kept_added", "kept_removed", "kept_moved"):
+            sql.execute(f"DROP TRIGGER {trigger}")
+        sql.execute("DROP TABLE kept_counts")
+        sql.execute("ALTER TABLE items DROP COLUMN previous_generation")
+        sql.execute("ALTER TABLE pending_writes DROP COLUMN generation")
+
+    ledger = ItemLedger(registry, db.collection)
+    assert ledger.search_parts(1) == SearchParts(cross=True, kept=True), "kept generations unknown: search all"
+    store = open_counted_store(registry, db.uri, 2)
+    assert store.ledger.last_reconciliation().reason == "the mirror extended with each item's kept generation"
+    assert store.ledger.counts() == {1: 2, 2: 1} and store.ledger.kept_counts() == {1: 1}
+    assert store.ledger.search_parts(1) == SearchParts(cross=False, kept=True)
+    assert store.ledger.search_parts(2) == SearchParts(cross=True, kept=False)
     store.close()

@@ -2,6 +2,10 @@
 
 Prints (median / percentiles over many calls, measured in one run):
 - search latency p50 / p99 for one query image's vector, top-10;
+- the active generation's merged search (what the service runs) p50 / p99, each part of the gallery searched (a
+  store without the item ledger, which knows no counts) against the parts the ledger's counts leave (the same
+  collection, the same queries, calls alternated): on the one-generation gallery, a third of the way through the
+  backfill, and after it;
 - backfill throughput (decode image files, embed, check, upsert) in items/s over the whole gallery, as a ratio
   to the raw embedding throughput of the same model on the same files and batch size (decode + forward only).
   Target: >= 0.8. The backfill runs in segments with the raw rate measured before, between and after them: a
@@ -47,9 +51,10 @@ sys.path.insert(0, str(REPO / "tests"))
 from advbct.pipeline import train_old  # noqa: E402
 from advbct.presets import train_config  # noqa: E402
 from advbct.serving.backfill import BackfillProgress, run_backfill  # noqa: E402
+from advbct.serving.ledger import ItemLedger  # noqa: E402
 from advbct.serving.models import Embedder  # noqa: E402
 from advbct.serving.registry import ModelRegistry  # noqa: E402
-from advbct.serving.store import GalleryStore  # noqa: E402
+from advbct.serving.store import GalleryStore, MixedMerge  # noqa: E402
 from conftest import start_milvus_server, write_image_folder  # noqa: E402
 
 MODEL_PRESETS = {"smoke": "smoke", "paper": "paper-cifar100"}
@@ -94,6 +99,34 @@ def gallery_uri(args: argparse.Namespace, work: Path):
         yield f"http://127.0.0.1:{server.listen_port}"
     finally:
         server.stop()
+
+
+def percentiles_ms(seconds: list[float]) -> str:
+    ms = sorted(1e3 * x for x in seconds)
+    return f"p50 {statistics.median(ms):.2f} ms, p99 {ms[min(len(ms) - 1, int(0.99 * len(ms)))]:.2f} ms"
+
+
+def compare_merged_search(
+    every_part: GalleryStore, counted: GalleryStore, merge: MixedMerge, query: np.ndarray, searches: int, when: str
+) -> None:
+    """Merged-search latency through ``every_part`` (no ledger) and ``counted`` (its ledger rebuilt from Milvus
+    now, so its counts are this moment's), alternating calls so both see the same drift of a shared machine."""
+    counted.ledger.rebuild(counted, f"benchmark: counts taken {when}")
+    parts: list[str] = []
+    counted.on_search = parts.append
+    stores = {"every part": every_part, "parts skipped by counts": counted}
+    answers = [[(h.id, h.matched_generation) for h in s.search(query, 10, merge)[0]] for s in stores.values()]
+    assert answers[0] == answers[1], f"the same answer {when}"
+    parts.clear()
+    timings: dict[str, list[float]] = {name: [] for name in stores}
+    for _ in range(searches):
+        for name, store in stores.items():
+            t = time.perf_counter()
+            store.search(query, 10, merge)
+            timings[name].append(time.perf_counter() - t)
+    measured = "; ".join(f"{name} {percentiles_ms(times)}" for name, times in timings.items())
+    print(f"merged search top-10 {when} (active generation {merge.active}), {searches} queries: {measured} "
+          f"(counted: {len(parts) / searches:.0f} searches a query, {', '.join(sorted(set(parts)))})")  # fmt: skip
 
 
 def main() -> None:
@@ -150,9 +183,9 @@ def run(args: argparse.Namespace, work: Path, uri: str) -> None:
         t = time.perf_counter()
         store.search(query, 10)
         latencies.append(time.perf_counter() - t)
-    latencies_ms = sorted(1e3 * x for x in latencies)
-    p99 = latencies_ms[min(len(latencies_ms) - 1, int(0.99 * len(latencies_ms)))]
-    print(f"search top-10, {args.searches} queries: p50 {statistics.median(latencies_ms):.2f} ms, p99 {p99:.2f} ms")
+    print(f"search top-10, {args.searches} queries: {percentiles_ms(latencies)}")
+    counted = GalleryStore(uri, args.dim, store.collection, ledger=ItemLedger(registry, store.collection))
+    compare_merged_search(store, counted, registry.active.mixed_merge(), query, args.searches, "on one generation")
 
     started = time.perf_counter()
     registry.upgrade(new_path, root / "test", force=True, reason="benchmark: speed, not quality")
@@ -192,7 +225,13 @@ def run(args: argparse.Namespace, work: Path, uri: str) -> None:
         backfill_seconds += time.perf_counter() - t
         done += progress.done
         raw += raw_rates()
+        if segment == 0 and not last:
+            mixed = registry.active.mixed_merge()
+            compare_merged_search(store, counted, mixed, new.embed_files(files[:1]), args.searches, "mid-backfill")
     assert progress.state == "finished"
+    compare_merged_search(
+        store, counted, registry.active.mixed_merge(), new.embed_files(files[:1]), args.searches, "after the backfill"
+    )
     assert done == args.items == store.count("generation == 2"), (done, store.count("generation == 2"))
     backfill_rate = done / backfill_seconds
     raw_rate = statistics.median(raw)
@@ -204,6 +243,7 @@ def run(args: argparse.Namespace, work: Path, uri: str) -> None:
     print(f"backfill / raw embedding throughput: {backfill_rate / raw_rate:.2f} (target >= 0.8)")
     cpus = sorted(os.sched_getaffinity(0))
     print(f"model: {args.model}; threads: {torch.get_num_threads()} on CPUs {cpus}")
+    counted.close()
     store.client.drop_collection(store.collection)
 
 

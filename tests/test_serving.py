@@ -6,9 +6,12 @@ gallery by id shard (as processes on the server)."""
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
+from collections import Counter
+from contextlib import closing
 
 import numpy as np
 import pytest
@@ -17,9 +20,10 @@ import torch
 from advbct.data.images import DataError
 from advbct.serving.backfill import ImageRoot, run_backfill
 from advbct.serving.gate import GateRefused
+from advbct.serving.ledger import ItemLedger, open_counted_store
 from advbct.serving.models import Embedder
 from advbct.serving.registry import ModelRegistry
-from advbct.serving.store import GalleryStore, Hit, MixedMerge, StoreError
+from advbct.serving.store import GalleryStore, Hit, MixedMerge, SearchParts, StoreError
 from conftest import GalleryDb, build_gallery, write_image_folder
 
 
@@ -70,10 +74,10 @@ def test_a_mixed_gallery_is_merged_by_calibrated_score(gallery_db):
 
 
 def test_an_item_found_in_both_parts_counts_once_as_the_active_generations():
-    old = Hit(id=5, score=0.9, generation=1, ref="x")
-    new = Hit(id=5, score=0.2, generation=2, ref="x")
+    old = Hit(id=5, score=0.9, generation=1, matched_generation=1, ref="x")
+    new = Hit(id=5, score=0.2, generation=2, matched_generation=2, ref="x")
     merge = MixedMerge(active=2, same=(1.0, 0.0), cross=(1.0, 0.0))
-    assert merge.rank([new], [old], k=10) == [Hit(5, 0.2, 2, "x", relevance=0.2)]
+    assert merge.rank([new], [old], k=10) == [Hit(5, 0.2, 2, 2, "x", relevance=0.2)]
 
 
 def test_gate_refuses_an_incompatible_model_and_changes_nothing(three_models, image_root, tmp_path):
@@ -154,7 +158,7 @@ def test_searches_during_backfill_never_fail_or_miss_an_item(three_models, image
 def test_a_re_embedding_keeps_the_previous_vector_searched_by_its_own_generation(gallery_db):
     # Items 0 [1, 0], 1 [0.6, 0.8] and 2 [0, 1] at generation 1; item 1 re-embedded at generation 2 as [-1, 0]
     # keeps [0.6, 0.8]. The query [1, 0] scores item 1 at 0.6 through its kept vector for generation 1, at -1
-    # through its current one for generation 2 and for a plain search.
+    # through its current one for generation 2 and for a plain search; it stays an item of generation 2 either way.
     store = gallery_db.open(dim=2)
     store.add([0, 1, 2], ["a", "b", "c"], np.array([[1, 0], [0.6, 0.8], [0, 1]], dtype=np.float32), generation=1)
     assert store.replace([1, 7], ["b", "gone"], np.array([[-1.0, 0.0], [1.0, 0.0]]), generation=2) == [1]
@@ -162,12 +166,14 @@ def test_a_re_embedding_keeps_the_previous_vector_searched_by_its_own_generation
     query = np.array([[1.0, 0.0]], dtype=np.float32)
 
     def ranked(hits):
-        return [(h.id, round(h.score, 5), h.generation) for h in hits]
+        return [(h.id, round(h.score, 5), h.generation, h.matched_generation) for h in hits]
 
-    assert ranked(store.search(query, k=3, merge=MixedMerge(active=1))[0]) == [(0, 1.0, 1), (1, 0.6, 1), (2, 0.0, 1)]
-    assert ranked(store.search(query, k=3, merge=MixedMerge(active=2))[0]) == [(0, 1.0, 1), (2, 0.0, 1), (1, -1.0, 2)]
-    assert ranked(store.search(query, k=3)[0]) == [(0, 1.0, 1), (2, 0.0, 1), (1, -1.0, 2)]
-    assert ranked(store.search_generation(query, 3, 2)[0]) == [(1, -1.0, 2)]
+    by_generation_1 = [(0, 1.0, 1, 1), (1, 0.6, 2, 1), (2, 0.0, 1, 1)]
+    assert ranked(store.search(query, k=3, merge=MixedMerge(active=1))[0]) == by_generation_1
+    by_current = [(0, 1.0, 1, 1), (2, 0.0, 1, 1), (1, -1.0, 2, 2)]
+    assert ranked(store.search(query, k=3, merge=MixedMerge(active=2))[0]) == by_current
+    assert ranked(store.search(query, k=3)[0]) == by_current
+    assert ranked(store.search_generation(query, 3, 2)[0]) == [(1, -1.0, 2, 2)]
 
     assert store.restore([0, 1], generation=1) == [1], "item 0 kept no vector of generation 1 to restore"
     row = store.get([1], with_vectors=True)[0]
@@ -175,7 +181,8 @@ def test_a_re_embedding_keeps_the_previous_vector_searched_by_its_own_generation
     np.testing.assert_allclose(row["vector"], [0.6, 0.8], atol=1e-6)
     np.testing.assert_allclose(row["previous_vector"], [-1.0, 0.0], atol=1e-6)
     assert store.get([0])[0]["previous_generation"] == 0, "an item never re-embedded keeps no vector"
-    assert ranked(store.search(query, k=3, merge=MixedMerge(active=2))[0]) == [(0, 1.0, 1), (2, 0.0, 1), (1, -1.0, 2)]
+    restored = [(0, 1.0, 1, 1), (2, 0.0, 1, 1), (1, -1.0, 1, 2)]
+    assert ranked(store.search(query, k=3, merge=MixedMerge(active=2))[0]) == restored
     store.close()
 
 
@@ -200,7 +207,8 @@ def test_rollback_keeps_re_embedded_items_findable_and_a_roll_forward_swaps_them
     queries = np.stack([old_vectors[refs[i]] for i in moved])
     for item, hits in zip(moved, store.search(queries, 40, models.active.mixed_merge()), strict=True):
         assert sorted(h.id for h in hits) == list(range(40)), "every item once, none missed"
-        assert (hits[0].id, hits[0].generation) == (item, 1) and hits[0].score == pytest.approx(1.0, abs=1e-5)
+        assert (hits[0].id, hits[0].generation, hits[0].matched_generation) == (item, 2, 1)
+        assert hits[0].score == pytest.approx(1.0, abs=1e-5)
 
     # The backfill back to generation 1 swaps the kept vectors in without embedding anything: handed the
     # independent model, it still leaves every item with generation 1's own vector.
@@ -218,7 +226,8 @@ def test_rollback_keeps_re_embedded_items_findable_and_a_roll_forward_swaps_them
     assert forward.number == 2 and len(models.generations) == 2, "the registered checkpoint, not a new generation"
     queries = np.stack([new_vectors[refs[i]] for i in moved])
     for item, hits in zip(moved, store.search(queries, 1, forward.mixed_merge()), strict=True):
-        assert (hits[0].id, hits[0].generation) == (item, 2) and hits[0].score == pytest.approx(1.0, abs=1e-5)
+        assert (hits[0].id, hits[0].generation, hits[0].matched_generation) == (item, 1, 2)
+        assert hits[0].score == pytest.approx(1.0, abs=1e-5)
     again = run_backfill(store, new, 2, image_root, batch_size=8)
     assert again.state == "finished" and again.done == 40
     for row in store.get(list(range(40)), with_vectors=True):
@@ -476,4 +485,109 @@ def test_a_saved_order_survives_kill_9_and_is_kept_by_a_restart_without_order(th
     times = [embedded_at[i] for i in saved.ids]
     assert times == sorted(times), "before and after the kill, items were re-embedded in the saved order"
     assert store.generations() == {2: 40}
+    store.close()
+
+
+def _ranked(hits):
+    return [(h.id, round(h.score, 5), h.generation, h.matched_generation) for h in hits]
+
+
+def test_a_merged_search_skips_the_parts_no_item_is_in_and_answers_the_same(gallery_db, tmp_path):
+    # Items 0 [1, 0], 1 [0.6, 0.8] and 2 [0, 1] at generation 1; the query [1, 0]. A store with a ledger counts
+    # the searches it sends by part; one without a ledger on the same collection knows no counts and runs every
+    # part, as every search did before counts were kept: it is the reference the answers must equal.
+    sent: list[str] = []
+    ledger = ItemLedger(ModelRegistry(tmp_path / "registry.sqlite"), gallery_db.collection)
+    store = GalleryStore(gallery_db.uri, 2, gallery_db.collection, ledger=ledger, on_search=sent.append)
+    ledger.check(store)
+    unshortened = gallery_db.open(dim=2)
+    store.add([0, 1, 2], ["a", "b", "c"], np.array([[1, 0], [0.6, 0.8], [0, 1]], dtype=np.float32), generation=1)
+    query = np.array([[1.0, 0.0]], dtype=np.float32)
+
+    def searched(active, expected, parts):
+        sent.clear()
+        hits = store.search(query, k=3, merge=MixedMerge(active=active))[0]
+        assert (_ranked(hits), Counter(sent)) == (expected, parts)
+        assert _ranked(unshortened.search(query, k=3, merge=MixedMerge(active=active))[0]) == expected
+
+    one_generation = [(0, 1.0, 1, 1), (1, 0.6, 1, 1), (2, 0.0, 1, 1)]
+    searched(1, one_generation, {"plain": 1})
+    # Item 1 re-embedded at generation 2 as [-1, 0]: generation 2's queries find items 0 and 2 through their
+    # generation-1 vectors and item 1 through its own; no item keeps a vector of generation 2.
+    store.replace([1], ["b"], np.array([[-1.0, 0.0]]), generation=2)
+    searched(2, [(0, 1.0, 1, 1), (2, 0.0, 1, 1), (1, -1.0, 2, 2)], {"cross": 1, "current": 1})
+    # Rolled back to generation 1: item 1 answers through the vector it kept; every item has one of generation 1.
+    searched(1, [(0, 1.0, 1, 1), (1, 0.6, 2, 1), (2, 0.0, 1, 1)], {"kept": 1, "current": 1})
+    assert ledger.kept_counts() == {1: 1} == store.generations("previous_generation")
+
+    # A write of another generation than the active one, journalled and not settled, may be adding kept vectors
+    # of the active generation: the parts it could touch are searched until it settles.
+    token = ledger.begin([0], 2)
+    searched(1, [(0, 1.0, 1, 1), (1, 0.6, 2, 1), (2, 0.0, 1, 1)], {"cross": 1, "kept": 1, "current": 1})
+    ledger.settle(token, {0: (1, 0)})
+
+    # Restored: every item at generation 1 again, one plain search; generation 2 reaches item 1's kept vector.
+    assert store.restore([1], generation=1) == [1]
+    searched(1, one_generation, {"plain": 1})
+    searched(2, [(0, 1.0, 1, 1), (2, 0.0, 1, 1), (1, -1.0, 1, 2)], {"cross": 1, "kept": 1, "current": 1})
+    assert ledger.kept_counts() == {2: 1} == store.generations("previous_generation")
+    unshortened.close()
+    store.close()
+
+
+class DeletingDuringWrite(GalleryStore):
+    """The real store, with another thread deleting ``victim`` right after a write has read the stored rows:
+    the interleaving that would resurrect the item if the write's read and upsert were not under one lock."""
+
+    victim: int | None = None
+    deleter: threading.Thread
+
+    def get(self, ids, with_vectors=False):
+        rows = super().get(ids, with_vectors)
+        if with_vectors and self.victim is not None:  # the read replace and restore compute their upsert from
+            self.deleter = threading.Thread(target=self.delete, args=([self.victim],))
+            self.deleter.start()
+            self.deleter.join(timeout=1.0)  # it lands now unless the write holds the lock; then after the upsert
+        return rows
+
+
+@pytest.mark.parametrize("gallery_db", ["lite"], indirect=True)  # a server takes no lock: see GalleryStore.replace
+@pytest.mark.parametrize("write", ["replace", "restore"])
+def test_a_delete_racing_a_re_embedding_never_brings_the_item_back(gallery_db, tmp_path, write):
+    ledger = ItemLedger(ModelRegistry(tmp_path / "registry.sqlite"), gallery_db.collection)
+    store = DeletingDuringWrite(gallery_db.uri, 2, gallery_db.collection, ledger=ledger)
+    ledger.check(store)
+    store.add([0, 1], ["a", "b"], np.array([[1, 0], [0, 1]], dtype=np.float32), generation=1)
+    store.replace([0, 1], ["a", "b"], np.array([[0.0, 1.0], [1.0, 0.0]]), generation=2)
+    store.victim = 1
+    if write == "replace":
+        assert store.replace([1], ["b"], np.array([[0.6, 0.8]]), generation=3) == [1]
+    else:
+        assert store.restore([1], generation=1) == [1]
+    store.deleter.join()
+    assert store.get([1]) == [] and store.existing([0, 1]) == {0}
+    assert ledger.counts() == store.generations() == {2: 1}
+    store.close()
+
+
+def test_a_ledger_made_before_kept_generations_were_mirrored_is_rebuilt_when_opened(tmp_path):
+    db, registry = GalleryDb(str(tmp_path / "gallery.db")), ModelRegistry(tmp_path / "registry.sqlite")
+    store = open_counted_store(registry, db.uri, 2)
+    store.add([0, 1, 2], ["a", "b", "c"], np.array([[1, 0], [0.6, 0.8], [0, 1]], dtype=np.float32), generation=1)
+    store.replace([1], ["b"], np.array([[-1.0, 0.0]]), generation=2)
+    store.close()
+    with closing(sqlite3.connect(registry.path)) as sql, sql:  # the ledger's tables as they were before
+        for trigger in ("kept_added", "kept_removed", "kept_moved"):
+            sql.execute(f"DROP TRIGGER {trigger}")
+        sql.execute("DROP TABLE kept_counts")
+        sql.execute("ALTER TABLE items DROP COLUMN previous_generation")
+        sql.execute("ALTER TABLE pending_writes DROP COLUMN generation")
+
+    ledger = ItemLedger(registry, db.collection)
+    assert ledger.search_parts(1) == SearchParts(cross=True, kept=True), "kept generations unknown: search all"
+    store = open_counted_store(registry, db.uri, 2)
+    assert store.ledger.last_reconciliation().reason == "the mirror extended with each item's kept generation"
+    assert store.ledger.counts() == {1: 2, 2: 1} and store.ledger.kept_counts() == {1: 1}
+    assert store.ledger.search_parts(1) == SearchParts(cross=False, kept=True)
+    assert store.ledger.search_parts(2) == SearchParts(cross=True, kept=False)
     store.close()

@@ -24,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from advbct.data.batches import normalise
 from advbct.data.images import DataError, load_image_folder
 from advbct.models.checkpoint import load_checkpoint, save_checkpoint
+from advbct.serving.backfill import run_backfill
 from advbct.serving.gate import GateRefused, GateResult, ValidationSize, bootstrap_interval, describe_gate
 from advbct.serving.metrics import ServiceMetrics
 from advbct.serving.models import Embedder
@@ -248,7 +249,10 @@ FORCED_RECORD = {
 
 def test_a_stored_gate_record_reads_back_to_the_same_json():
     unforced = {"old/old": 41.25, "new/new": 43.5, "new/old": 42.0, "passed": True, "forced": False}
-    for record in (FORCED_RECORD, unforced):
+    # A calibration without the evidence (a record from before the gate measured intervals): searches rank by it.
+    calibrated = {"old/old": 41.25, "new/new": 43.5, "new/old": 42.0, "passed": True,
+                  "calibration": FORCED_RECORD["calibration"]}  # fmt: skip
+    for record in (FORCED_RECORD, unforced, calibrated):
         gate = GateResult.from_json(record)
         assert json.dumps(gate.to_json()) == json.dumps(record), "same keys, same order, same values"
     forced = GateResult.from_json(FORCED_RECORD)
@@ -407,10 +411,10 @@ rows = [{{"id": r["id"], "ref": r["ref"], "vectors": np.concatenate([r["vector"]
           "generation": r["generation"], "previous_generation": r["previous_generation"],
           "embedded_at": r["embedded_at"], "bucket": r["id"] % 64}}
         for r in store.get(list(range(10)), with_vectors=True)]
-store.ledger.begin([r["id"] for r in rows])
+store.ledger.begin([r["id"] for r in rows], 2)
 store.client.upsert(store.collection, [{{**r, "generation": 2}} for r in rows])
 new = [{{**r, "id": 1000 + i, "bucket": (1000 + i) % 64}} for i, r in enumerate(rows[:5])]
-store.ledger.begin([r["id"] for r in new])
+store.ledger.begin([r["id"] for r in new], 2)
 store.client.insert(store.collection, new)
 store.flush()
 os.kill(os.getpid(), 9)
@@ -575,3 +579,40 @@ def test_a_gallery_of_the_old_schema_is_refused_in_one_line_and_migrated(tmp_pat
     np.testing.assert_allclose(row["vector"], [0.6, 0.8], atol=1e-6)
     np.testing.assert_allclose(row["previous_vector"], [0.0, 0.0])
     store.close()
+
+
+def _searches_sent(client) -> dict[str, float]:
+    """The searches the service has sent to Milvus, by part of the gallery, from /metrics."""
+    return {
+        dict(labels)["part"]: value
+        for (name, labels), value in _scrape(client).items()
+        if name == "advbct_milvus_searches_total"
+    }
+
+
+def test_a_hit_through_a_kept_vector_reports_the_items_generation_and_the_one_that_matched(service, three_models):
+    client, state, root = service
+    assert client.post("/backfill/pause").status_code == 200  # the rollback's backfill must restore nothing yet
+    partial = run_backfill(state.store, Embedder(three_models["new"]), 2, root, batch_size=5, limit=15)
+    assert partial.done == 15
+    moved = sorted(int(r["id"]) for r in state.store.get(list(range(40))) if r["generation"] == 2)
+    query = (root / state.store.get([moved[0]])[0]["ref"]).read_bytes()
+
+    def search() -> dict:
+        return client.post("/search", files={"image": ("q.png", query)}, data={"k": "40"}).json()
+
+    before = _searches_sent(client)  # generation 2 active: no item keeps a vector of it, its kept part is skipped
+    assert search()["active"] == 2
+    assert _searches_sent(client) == {"cross": before.get("cross", 0) + 1, "current": before.get("current", 0) + 1}
+
+    assert client.post("/models/rollback").json() == {"active": 1}
+    before = _searches_sent(client)
+    result = search()
+    # Every item has a vector of generation 1 (current, or kept by the 15 re-embedded): no cross part.
+    assert _searches_sent(client) == {"cross": before["cross"], "kept": 1, "current": before["current"] + 1}
+    hits = result["hits"]
+    assert result["active"] == 1 and sorted(h["id"] for h in hits) == list(range(40))
+    assert (hits[0]["id"], hits[0]["generation"], hits[0]["matched_generation"]) == (moved[0], 2, 1)
+    assert hits[0]["score"] == pytest.approx(1.0, abs=1e-4), "the query's own image, through its kept vector"
+    pairs = {h["id"]: (h["generation"], h["matched_generation"]) for h in hits}
+    assert pairs == {i: (2, 1) if i in moved else (1, 1) for i in range(40)}

@@ -101,7 +101,9 @@ class Service:
         self.metrics = ServiceMetrics()
         self.batcher = MicroBatcher(self.embedder, self.generation, on_batch=self.metrics.batch_images.observe)
         self.ledger = ItemLedger(self.registry, config.collection)
-        self.store = GalleryStore(config.db, self.embedder.dim, config.collection, ledger=self.ledger)
+        self.store = GalleryStore(
+            config.db, self.embedder.dim, config.collection, ledger=self.ledger, on_search=self.metrics.count_search
+        )
         self.damage: str | None = None
         try:
             self.ledger.check(self.store, by_generation=True)

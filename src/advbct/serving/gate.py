@@ -141,7 +141,9 @@ class GateResult:
             data["decided"], data["undecided"] = self.decided, evidence.undecided
         data["passed"] = self.passed
         if evidence is not None:
-            data["confident"], data["calibration"] = evidence.confident, self.calibration
+            data["confident"] = evidence.confident
+        if evidence is not None or self.calibration is not None:  # searches rank by it: never dropped on a save
+            data["calibration"] = self.calibration
         if self.forced is not None:
             data["forced"] = self.forced
         if self.forced:

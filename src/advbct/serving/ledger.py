@@ -10,7 +10,8 @@ reading those ids' generations back from Milvus and setting them, which is right
 and right even while the writer is still alive (its own settlement then sets the same state again).
 
 Counts per generation are kept from the mirror by SQLite triggers, inside the same transactions, so a reader gets
-them in one short read and they always sum to the number of items mirrored.
+them in one short read and they always sum to the number of items mirrored. So are the counts of items per
+generation of their kept vector, which tell a search which parts of the gallery it can skip (``search_parts``).
 """
 
 from __future__ import annotations
@@ -23,21 +24,37 @@ from contextlib import closing, contextmanager, suppress
 from dataclasses import dataclass
 
 from advbct.serving.registry import ModelRegistry
-from advbct.serving.store import GalleryStore, StoreError, is_server_uri
+from advbct.serving.store import GalleryStore, SearchParts, StoreError, is_server_uri
 
-LEDGER_SCHEMA = """
+# ``previous_generation`` is the generation of an item's kept vector (0: none). ``pending_writes.generation`` is
+# the generation a write sets (NULL: a delete).
+LEDGER_TABLES = """
 CREATE TABLE IF NOT EXISTS items (
-    collection TEXT NOT NULL, id INTEGER NOT NULL, generation INTEGER NOT NULL, PRIMARY KEY (collection, id)
+    collection TEXT NOT NULL, id INTEGER NOT NULL, generation INTEGER NOT NULL, previous_generation INTEGER NOT NULL,
+    PRIMARY KEY (collection, id)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS item_counts (
     collection TEXT NOT NULL, generation INTEGER NOT NULL, items INTEGER NOT NULL, PRIMARY KEY (collection, generation)
 );
+CREATE TABLE IF NOT EXISTS kept_counts (
+    collection TEXT NOT NULL, generation INTEGER NOT NULL, items INTEGER NOT NULL, PRIMARY KEY (collection, generation)
+);
 CREATE TABLE IF NOT EXISTS pending_writes (
-    token INTEGER PRIMARY KEY AUTOINCREMENT, collection TEXT NOT NULL, ids TEXT NOT NULL, started_at REAL NOT NULL
+    token INTEGER PRIMARY KEY AUTOINCREMENT, collection TEXT NOT NULL, ids TEXT NOT NULL, started_at REAL NOT NULL,
+    generation INTEGER
 );
 CREATE TABLE IF NOT EXISTS reconciliations (
     collection TEXT NOT NULL, at REAL NOT NULL, items INTEGER NOT NULL, repaired INTEGER NOT NULL, reason TEXT NOT NULL
 );
+"""
+# Columns a ledger made before they existed lacks; its items' kept generations are unknown until the mirror is
+# rebuilt from Milvus (``ItemLedger.check`` does it), and counted meanwhile under UNKNOWN_KEPT.
+UNKNOWN_KEPT = -1
+ADDED_COLUMNS = {
+    "items": f"previous_generation INTEGER NOT NULL DEFAULT {UNKNOWN_KEPT}",
+    "pending_writes": "generation INTEGER",
+}
+LEDGER_TRIGGERS = """
 CREATE TRIGGER IF NOT EXISTS item_added AFTER INSERT ON items BEGIN
     INSERT INTO item_counts VALUES (NEW.collection, NEW.generation, 1)
         ON CONFLICT (collection, generation) DO UPDATE SET items = items + 1;
@@ -50,7 +67,34 @@ CREATE TRIGGER IF NOT EXISTS item_moved AFTER UPDATE OF generation ON items BEGI
     INSERT INTO item_counts VALUES (NEW.collection, NEW.generation, 1)
         ON CONFLICT (collection, generation) DO UPDATE SET items = items + 1;
 END;
+CREATE TRIGGER IF NOT EXISTS kept_added AFTER INSERT ON items WHEN NEW.previous_generation != 0 BEGIN
+    INSERT INTO kept_counts VALUES (NEW.collection, NEW.previous_generation, 1)
+        ON CONFLICT (collection, generation) DO UPDATE SET items = items + 1;
+END;
+CREATE TRIGGER IF NOT EXISTS kept_removed AFTER DELETE ON items BEGIN
+    UPDATE kept_counts SET items = items - 1
+        WHERE collection = OLD.collection AND generation = OLD.previous_generation;
+END;
+CREATE TRIGGER IF NOT EXISTS kept_moved AFTER UPDATE OF previous_generation ON items BEGIN
+    UPDATE kept_counts SET items = items - 1
+        WHERE collection = OLD.collection AND generation = OLD.previous_generation;
+    INSERT INTO kept_counts SELECT NEW.collection, NEW.previous_generation, 1 WHERE NEW.previous_generation != 0
+        ON CONFLICT (collection, generation) DO UPDATE SET items = items + 1;
+END;
 """
+
+
+def _add_missing_columns(db: sqlite3.Connection) -> None:
+    """Add the ``ADDED_COLUMNS`` a ledger made before them lacks; its items' kept generations, not known yet, are
+    counted under ``UNKNOWN_KEPT`` so that no search skips their part before the mirror is rebuilt."""
+    for table, column in ADDED_COLUMNS.items():
+        if column.split()[0] in {row[1] for row in db.execute(f"PRAGMA table_info({table})")}:
+            continue
+        db.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
+        if table == "items":
+            db.execute("INSERT INTO kept_counts SELECT collection, ?, COUNT(*) FROM items GROUP BY collection",
+                       (UNKNOWN_KEPT,))  # fmt: skip
+
 
 # Ids per statement when the mirror is read back from Milvus: an ``id in [...]`` filter of this size stays short.
 REPAIR_CHUNK = 4096
@@ -68,6 +112,10 @@ class Reconciliation:
     reason: str
 
 
+# An item's (generation, previous generation) as a write leaves it; None: deleted.
+ItemState = tuple[int, int] | None
+
+
 @dataclass(frozen=True)
 class _Snapshot:
     total: int
@@ -80,7 +128,11 @@ class ItemLedger:
     def __init__(self, registry: ModelRegistry, collection: str):
         self.registry, self.collection = registry, collection
         with closing(sqlite3.connect(registry.path, timeout=30.0)) as db:
-            db.executescript(LEDGER_SCHEMA)
+            db.executescript(LEDGER_TABLES)
+        with self.registry._transaction(write=True) as db:  # one process adds a missing column, the others see it
+            _add_missing_columns(db)
+        with closing(sqlite3.connect(registry.path, timeout=30.0)) as db:
+            db.executescript(LEDGER_TRIGGERS)
 
     def counts(self) -> dict[int, int]:
         """Items per generation, as of the last settled write: one consistent read."""
@@ -94,6 +146,36 @@ class ItemLedger:
     def total(self) -> int:
         return sum(self.counts().values())
 
+    def kept_counts(self) -> dict[int, int]:
+        """Items per generation of their kept vector (items keeping none left out), as of the last settled write."""
+        with self.registry._transaction() as db:
+            rows = db.execute(
+                "SELECT generation, items FROM kept_counts WHERE collection = ? AND items > 0 ORDER BY generation",
+                (self.collection,),
+            ).fetchall()
+        return {int(g): int(n) for g, n in rows}
+
+    def search_parts(self, active: int) -> SearchParts:
+        """Which parts a merged search for ``active`` must run, from one short read of the counts.
+
+        Counts read before the searches are safe to skip by because, while ``active`` is active, writes of it
+        only move items into its current vectors (a backfill re-embeds or restores to the active generation, and
+        new items are embedded by it): the items with a kept vector of it, and those with no vector of it, only
+        become fewer. A write of another generation (a backfill still finishing after a rollback) could add to
+        them, so while one is journalled and not settled, the part is searched anyway; so it is while kept
+        generations are unknown (a ledger made before they were recorded, until it is rebuilt)."""
+        with self.registry._transaction() as db:
+            total, at_active, kept, unknown, other_writes = db.execute(
+                "SELECT (SELECT COALESCE(SUM(items), 0) FROM item_counts WHERE collection = :c),"
+                " (SELECT COALESCE(SUM(items), 0) FROM item_counts WHERE collection = :c AND generation = :g),"
+                " (SELECT COALESCE(SUM(items), 0) FROM kept_counts WHERE collection = :c AND generation = :g),"
+                " (SELECT COALESCE(SUM(items), 0) FROM kept_counts WHERE collection = :c AND generation = :u),"
+                " (SELECT COUNT(*) FROM pending_writes WHERE collection = :c AND generation IS NOT :g)",
+                {"c": self.collection, "g": int(active), "u": UNKNOWN_KEPT},
+            ).fetchone()
+        unsure = unknown > 0 or other_writes > 0
+        return SearchParts(cross=unsure or total - at_active - kept > 0, kept=unsure or kept > 0)
+
     def last_reconciliation(self) -> Reconciliation | None:
         """The latest time the mirror was rebuilt or repaired from Milvus (``None``: never, a gallery not seen yet)."""
         with self.registry._transaction() as db:
@@ -103,28 +185,30 @@ class ItemLedger:
             ).fetchone()
         return None if row is None else Reconciliation(*row)
 
-    def begin(self, ids: Sequence[int]) -> int:
-        """Journal a write of ``ids`` before it is sent to Milvus; the token settles it."""
+    def begin(self, ids: Sequence[int], generation: int | None) -> int:
+        """Journal a write of ``ids`` at ``generation`` (``None``: a delete) before it is sent to Milvus; the token
+        settles it."""
         with self.registry._transaction(write=True) as db:
             cursor = db.execute(
-                "INSERT INTO pending_writes (collection, ids, started_at) VALUES (?, ?, ?)",
-                (self.collection, json.dumps([int(i) for i in ids]), time.time()),
+                "INSERT INTO pending_writes (collection, ids, started_at, generation) VALUES (?, ?, ?, ?)",
+                (self.collection, json.dumps([int(i) for i in ids]), time.time(), generation),
             )
             return int(cursor.lastrowid)
 
-    def settle(self, token: int, ids: Sequence[int], generation: int | None) -> None:
-        """The write landed: ``ids`` are now at ``generation`` (``None``: deleted), and the journal entry goes."""
+    def settle(self, token: int, states: dict[int, ItemState]) -> None:
+        """The write landed: each item is now in its state, and the journal entry goes."""
         with self.registry._transaction(write=True) as db:
-            self._set(db, {int(i): generation for i in ids})
+            self._set(db, states)
             db.execute("DELETE FROM pending_writes WHERE token = ?", (token,))
 
-    def _set(self, db: sqlite3.Connection, states: dict[int, int | None]) -> None:
-        gone = [(self.collection, i) for i, g in states.items() if g is None]
-        kept = [(self.collection, i, g) for i, g in states.items() if g is not None]
+    def _set(self, db: sqlite3.Connection, states: dict[int, ItemState]) -> None:
+        gone = [(self.collection, i) for i, state in states.items() if state is None]
+        kept = [(self.collection, i, *state) for i, state in states.items() if state is not None]
         db.executemany("DELETE FROM items WHERE collection = ? AND id = ?", gone)
         db.executemany(
-            "INSERT INTO items VALUES (?, ?, ?) ON CONFLICT (collection, id) DO UPDATE SET generation = "
-            "excluded.generation WHERE generation != excluded.generation",
+            "INSERT INTO items VALUES (?, ?, ?, ?) ON CONFLICT (collection, id) DO UPDATE SET "
+            "generation = excluded.generation, previous_generation = excluded.previous_generation "
+            "WHERE generation != excluded.generation OR previous_generation != excluded.previous_generation",
             kept,
         )
 
@@ -140,9 +224,9 @@ class ItemLedger:
         repaired = 0
         for token, text in entries:
             ids = json.loads(text)
-            found: dict[int, int] = {}
+            found: dict[int, tuple[int, int]] = {}
             for start in range(0, len(ids), REPAIR_CHUNK):
-                found.update(store.generation_of(ids[start : start + REPAIR_CHUNK]))
+                found.update(store.states_of(ids[start : start + REPAIR_CHUNK]))
             with self.registry._transaction(write=True) as db:
                 if db.execute("SELECT 1 FROM pending_writes WHERE token = ?", (token,)).fetchone() is None:
                     continue
@@ -152,12 +236,13 @@ class ItemLedger:
         return repaired
 
     def rebuild(self, store: GalleryStore, reason: str) -> int:
-        """The mirror replaced by what Milvus holds now (every id and generation listed), recorded with ``reason``:
-        a gallery seen for the first time, or an operator accepting what a damaged one still holds."""
-        states = store.all_generations()
+        """The mirror replaced by what Milvus holds now (every id and its generations listed), recorded with
+        ``reason``: a gallery seen for the first time, or an operator accepting what a damaged one still holds."""
+        states = store.all_states()
         with self.registry._transaction(write=True) as db:
             db.execute("DELETE FROM items WHERE collection = ?", (self.collection,))
             db.execute("DELETE FROM item_counts WHERE collection = ?", (self.collection,))
+            db.execute("DELETE FROM kept_counts WHERE collection = ?", (self.collection,))
             db.execute("DELETE FROM pending_writes WHERE collection = ?", (self.collection,))
             self._set(db, dict(states))
             self._record(db, len(states), len(states), reason)
@@ -181,27 +266,31 @@ class ItemLedger:
         return _Snapshot(int(total), sum(len(json.loads(text)) for (text,) in pending))
 
     @contextmanager
-    def writing(self, store: GalleryStore, ids: Sequence[int], generation: int | None) -> Iterator[None]:
-        """Journal, let the caller write to Milvus, settle. A write that raises stays journalled (it may or may not
-        have landed) and is repaired at once where Milvus still answers, else when the gallery is next opened."""
-        token = self.begin(ids)
+    def writing(self, store: GalleryStore, generation: int | None, states: dict[int, ItemState]) -> Iterator[None]:
+        """Journal, let the caller write to Milvus (at ``generation``, ``None`` for a delete), settle the items in
+        ``states``. A write that raises stays journalled (it may or may not have landed) and is repaired at once
+        where Milvus still answers, else when the gallery is next opened."""
+        token = self.begin(list(states), generation)
         try:
             yield
         except BaseException:
             with suppress(Exception):  # Milvus failing: the entry stays journalled, for the next open to repair
                 self.repair_pending(store)
             raise
-        self.settle(token, ids, generation)
+        self.settle(token, states)
 
     def check(self, store: GalleryStore, by_generation: bool = False) -> None:
         """Refuse a gallery whose Milvus count differs from the mirror's beyond the writes in flight; repair the
         writes a crash interrupted (recorded). A gallery never seen with a mirror is taken as it is (recorded).
 
-        ``by_generation``: also compare the counts per generation (one filtered count each, a scan of the whole
-        collection in Milvus Lite: affordable once as a server starts, not on every CLI command) and rebuild the
-        mirror where they differ with the total equal (no item lost: a write behind the registry's back, or an older
-        state of the same items). Done on Milvus Lite only, which one process holds: on a server other writers may be
-        mid-write and a listing would race them."""
+        A mirror whose kept generations are not known yet (made before they were recorded) is rebuilt once the
+        total is found right.
+
+        ``by_generation``: also compare the counts per generation, current and kept (one filtered count each, a
+        scan of the whole collection in Milvus Lite: affordable once as a server starts, not on every CLI command)
+        and rebuild the mirror where they differ with the total equal (no item lost: a write behind the registry's
+        back, or an older state of the same items). Done on Milvus Lite only, which one process holds: on a server
+        other writers may be mid-write and a listing would race them."""
         if self.last_reconciliation() is None:
             self.rebuild(store, "first opened with item counts: the mirror taken from Milvus")
             return
@@ -217,8 +306,12 @@ class ItemLedger:
                 f"{after.total} items{in_flight}, Milvus holds {found}; restore it from a backup, or accept what it "
                 "holds with `advbct index recount`"
             )
+        if UNKNOWN_KEPT in self.kept_counts():
+            self.rebuild(store, "the mirror extended with each item's kept generation")
+            return
         if by_generation and not is_server_uri(store.uri):
-            real, mirrored = store.generations(), self.counts()
+            real = {"current": store.generations(), "kept": store.generations("previous_generation")}
+            mirrored = {"current": self.counts(), "kept": self.kept_counts()}
             if real != mirrored:
                 self.rebuild(store, f"counts by generation {mirrored} differed from Milvus's {real}")
                 return

@@ -1,5 +1,5 @@
-"""Prometheus metrics of one service: requests and latency by route, embedding batch sizes, the backfill's rate
-and the gallery's items by generation, served at ``/metrics``.
+"""Prometheus metrics of one service: requests and latency by route, embedding batch sizes, searches sent to
+Milvus by part of the gallery, the backfill's rate and the gallery's items by generation, served at ``/metrics``.
 
 Each service holds its own collector registry, not prometheus-client's process-wide default: a process that
 creates several apps (tests, or two galleries served side by side) would otherwise register every metric twice.
@@ -30,6 +30,10 @@ class ServiceMetrics:
             "advbct_embed_batch_images", "images per micro-batched model call", buckets=BATCH_BUCKETS,
             registry=self.registry,
         )  # fmt: skip
+        self.milvus_searches = Counter(
+            "advbct_milvus_searches", "searches sent to Milvus, by the part of the gallery searched (plain: all of it; "
+            "cross, kept, current: the parts of a merged search)", ["part"], registry=self.registry,
+        )  # fmt: skip
         self.backfill_rate = Gauge(
             "advbct_backfill_items_per_second", "the running backfill's re-embedding rate", registry=self.registry
         )
@@ -44,6 +48,9 @@ class ServiceMetrics:
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
         self.requests.labels(method, route, str(status)).inc()
         self.latency.labels(method, route).observe(seconds)
+
+    def count_search(self, part: str) -> None:
+        self.milvus_searches.labels(part).inc()
 
     def set_backfill(self, items_per_s: float, done: int, by_generation: dict[int, int]) -> None:
         """The backfill's gauges as of now; a generation no longer holding items is dropped, not left stale."""

@@ -24,7 +24,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
@@ -42,6 +42,7 @@ MAX_REF_LENGTH = 2048
 COLLECTION_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")
 NO_GENERATION = 0  # ``previous_generation`` of an item that has no kept vector (generations count from 1)
 ITEM_FIELDS = ["id", "ref", "generation", "previous_generation", "embedded_at"]
+STATE_FIELDS = ["generation", "previous_generation"]  # what the ledger mirrors of each item
 
 
 def is_server_uri(db: str) -> bool:
@@ -55,14 +56,27 @@ class StoreError(AdvbctError):
 
 @dataclass(frozen=True)
 class Hit:
-    """One search result. ``score`` is the cosine similarity to the query; ``relevance``, where a mixed gallery
-    was merged, the calibrated log-odds that the item is relevant, which is what the hits are ranked by."""
+    """One search result. ``score`` is the cosine similarity to the query of the item's vector made by
+    ``matched_generation``: its current one (``generation``, the generation that embedded the item) or the one it
+    kept when it was re-embedded. ``relevance``, where a mixed gallery was merged, is the calibrated log-odds that
+    the item is relevant, which is what the hits are ranked by."""
 
     id: int
     score: float
     generation: int
+    matched_generation: int
     ref: str
     relevance: float | None = None
+
+
+@dataclass(frozen=True)
+class SearchParts:
+    """Which filtered searches a merged search for one active generation must run: each is skipped only where no
+    item can be in it (``cross``: items with no vector of the active generation; ``kept``: items whose kept vector
+    is the active generation's)."""
+
+    cross: bool = True
+    kept: bool = True
 
 
 @dataclass(frozen=True)
@@ -127,17 +141,26 @@ class GalleryStore:
     """One Milvus collection of gallery items.
 
     With a ``ledger`` every add, replace and delete is journalled and mirrored in the model registry's file
-    (``advbct.serving.ledger``), which is what keeps the per-generation counts; a store without one (benchmarks,
-    storage tests) writes Milvus alone."""
+    (``advbct.serving.ledger``), which is what keeps the per-generation counts and lets a merged search skip the
+    parts of the gallery that hold no item; a store without one (benchmarks, storage tests) writes Milvus alone
+    and runs every part. ``on_search`` is told the part (``plain``, ``cross``, ``kept`` or ``current``) of each
+    search sent to Milvus: what the service counts in its metrics."""
 
-    def __init__(self, uri: str, dim: int, collection: str = "gallery", ledger: ItemLedger | None = None):
+    def __init__(
+        self,
+        uri: str,
+        dim: int,
+        collection: str = "gallery",
+        ledger: ItemLedger | None = None,
+        on_search: Callable[[str], None] | None = None,
+    ):
         from pymilvus import MilvusClient
 
         if not COLLECTION_NAME.fullmatch(collection):
             raise StoreError(
                 f"collection name {collection!r}: use letters, digits and underscores, not starting with a digit"
             )
-        self.uri, self.dim, self.collection, self.ledger = uri, dim, collection, ledger
+        self.uri, self.dim, self.collection, self.ledger, self.on_search = uri, dim, collection, ledger, on_search
         # The most rows one listing query may return: Milvus servers cap offset + limit at 16,384
         # (maxQueryResultWindow); Milvus Lite has no cap, and each of its filtered queries scans the collection,
         # so fewer, larger listings cost less.
@@ -150,7 +173,8 @@ class GalleryStore:
         # more writers only compete.
         self.concurrent_writes = 4 if server else 1
         # Milvus Lite takes one write (and its flush) at a time: two request threads flushing at once fail with
-        # "current_seq is monotonic". A server orders concurrent writes itself.
+        # "current_seq is monotonic". A server orders concurrent writes itself. The lock also covers the read a
+        # write is computed from (see ``replace``), so no other write of this process lands in between.
         self._writing: AbstractContextManager = nullcontext() if server else threading.Lock()
         self.client = _connect(MilvusClient, uri)
         try:
@@ -216,24 +240,29 @@ class GalleryStore:
 
     def generation_of(self, ids: Sequence[int]) -> dict[int, int]:
         """The generation of each stored item among ``ids`` (ids not stored are absent)."""
+        return {item: generation for item, (generation, _) in self.states_of(ids).items()}
+
+    def states_of(self, ids: Sequence[int]) -> dict[int, tuple[int, int]]:
+        """(generation, previous generation) of each stored item among ``ids`` (ids not stored are absent)."""
         if not ids:
             return {}
         rows = self.client.query(
-            self.collection, filter=f"id in {[int(i) for i in ids]}", output_fields=["id", "generation"]
+            self.collection, filter=f"id in {[int(i) for i in ids]}", output_fields=["id", *STATE_FIELDS]
         )
-        return {int(row["id"]): int(row["generation"]) for row in rows}
+        return {int(row["id"]): (int(row["generation"]), int(row["previous_generation"])) for row in rows}
 
     def add(self, ids: Sequence[int], refs: Sequence[str], vectors: np.ndarray, generation: int) -> None:
         """New items; refused as a whole when any id is already stored or repeated."""
         if len(set(ids)) != len(ids):
             raise StoreError("the request repeats an id")
-        taken = self.existing(ids)
-        if taken:
-            raise StoreError(f"ids already in the gallery: {sorted(taken)[:10]}")
         rows = self._rows(ids, refs, vectors, generation, kept=None)
-        with self._writing, self._journalled(ids, generation):
-            self.client.insert(self.collection, rows)
-            self.flush()
+        with self._writing:
+            taken = self.existing(ids)
+            if taken:
+                raise StoreError(f"ids already in the gallery: {sorted(taken)[:10]}")
+            with self._journalled(rows, generation):
+                self.client.insert(self.collection, rows)
+                self.flush()
 
     def replace(
         self, ids: Sequence[int], refs: Sequence[str], vectors: np.ndarray, generation: int, flush: bool = True
@@ -243,33 +272,43 @@ class GalleryStore:
         (its kept vector too). One upsert by primary key writes both vectors of an item, so a write killed at any
         point leaves each item whole, as it was or re-embedded, and doing it twice leaves one copy.
 
+        The stored rows are read and the upsert written under the store's write lock. On Milvus Lite, which one
+        process holds, every write goes through that lock, so a delete cannot land between the read and the
+        upsert and an item deleted meanwhile never comes back. On a Milvus server the lock is not taken (writers
+        run in several threads and processes, and Milvus has no conditional write): there a delete that lands
+        between this read and the upsert is undone, the item coming back re-embedded, and must be sent again.
+
         ``flush=False`` leaves the rows in the growing segment (a bulk writer flushes every few batches)."""
-        stored = {int(row["id"]): row for row in self.get(ids, with_vectors=True)}
-        at = {item: int(row["generation"]) for item, row in stored.items()}
-        keep = [i for i, item in enumerate(ids) if at.get(int(item), generation) != generation]
-        if keep:
-            kept = [stored[int(ids[i])] for i in keep]
-            rows = self._rows([ids[i] for i in keep], [refs[i] for i in keep], vectors[keep], generation, kept)
-            self._upsert(rows, generation, flush)
+        with self._writing:
+            stored = {int(row["id"]): row for row in self.get(ids, with_vectors=True)}
+            at = {item: int(row["generation"]) for item, row in stored.items()}
+            keep = [i for i, item in enumerate(ids) if at.get(int(item), generation) != generation]
+            if keep:
+                kept = [stored[int(ids[i])] for i in keep]
+                rows = self._rows([ids[i] for i in keep], [refs[i] for i in keep], vectors[keep], generation, kept)
+                self._upsert(rows, generation, flush)
         return [int(ids[i]) for i in keep]
 
     def restore(self, ids: Sequence[int], generation: int, flush: bool = True) -> list[int]:
         """Items whose kept vector is ``generation``'s get it back as their current one, and keep the vector they
         had instead (a swap, no model needed); the ids written. Items without a kept vector of ``generation``, or
-        already at it, are left as they are."""
-        rows = [
-            row for row in self.get(ids, with_vectors=True)
-            if row["previous_generation"] == generation and row["generation"] != generation
-        ]  # fmt: skip
-        written = [int(r["id"]) for r in rows]
-        if rows:
-            swapped = np.hstack([np.stack([r["previous_vector"] for r in rows]), np.stack([r["vector"] for r in rows])])
-            was = [int(r["generation"]) for r in rows]
-            self._upsert(self._pack(written, [r["ref"] for r in rows], swapped, generation, was), generation, flush)
+        already at it, are left as they are. A racing delete is handled as in ``replace``."""
+        with self._writing:
+            rows = [
+                row for row in self.get(ids, with_vectors=True)
+                if row["previous_generation"] == generation and row["generation"] != generation
+            ]  # fmt: skip
+            written = [int(r["id"]) for r in rows]
+            if rows:
+                restored, replaced = [np.stack([r[half] for r in rows]) for half in ("previous_vector", "vector")]
+                both = np.hstack([restored, replaced])
+                was = [int(r["generation"]) for r in rows]
+                self._upsert(self._pack(written, [r["ref"] for r in rows], both, generation, was), generation, flush)
         return written
 
     def _upsert(self, rows: list[dict], generation: int, flush: bool) -> None:
-        with self._writing, self._journalled([row["id"] for row in rows], generation):
+        """Write ``rows`` by primary key; the caller holds the write lock."""
+        with self._journalled(rows, generation):
             self.client.upsert(self.collection, rows)
             if flush:
                 self.flush()
@@ -280,17 +319,24 @@ class GalleryStore:
 
     def delete(self, ids: Sequence[int]) -> None:
         """Delete items; refused as a whole when any id is not stored."""
-        missing = set(int(i) for i in ids) - self.existing(ids)
-        if missing:
-            raise StoreError(f"unknown ids: {sorted(missing)[:10]}")
-        with self._writing, self._journalled(ids, None):
-            self.client.delete(self.collection, ids=[int(i) for i in ids])
-            self.flush()
+        with self._writing:
+            missing = set(int(i) for i in ids) - self.existing(ids)
+            if missing:
+                raise StoreError(f"unknown ids: {sorted(missing)[:10]}")
+            with self._journalled([{"id": i} for i in ids], None):
+                self.client.delete(self.collection, ids=[int(i) for i in ids])
+                self.flush()
 
-    def _journalled(self, ids: Sequence[int], generation: int | None) -> AbstractContextManager:
-        """A write's ledger bracket (journal, then settle at ``generation``, ``None`` for deleted), inside the write
-        lock on Milvus Lite so the mirror settles in the order Milvus applied the writes."""
-        return nullcontext() if self.ledger is None else self.ledger.writing(self, ids, generation)
+    def _journalled(self, rows: Sequence[dict], generation: int | None) -> AbstractContextManager:
+        """A write's ledger bracket (journal, then settle each row's ``generation`` and ``previous_generation``;
+        ``generation`` ``None`` for a delete), inside the write lock on Milvus Lite so the mirror settles in the
+        order Milvus applied the writes."""
+        if self.ledger is None:
+            return nullcontext()
+        states = {
+            int(r["id"]): None if generation is None else (generation, int(r["previous_generation"])) for r in rows
+        }
+        return self.ledger.writing(self, generation, states)
 
     def get(self, ids: Sequence[int], with_vectors: bool = False) -> list[dict]:
         """The stored items among ``ids``: ``id``, ``ref``, ``generation``, ``previous_generation``
@@ -308,21 +354,24 @@ class GalleryStore:
         rows = self.client.query(self.collection, filter=filter, output_fields=["count(*)"])
         return int(rows[0]["count(*)"])
 
-    def generations(self) -> dict[int, int]:
-        """Items per generation."""
+    def generations(self, field: str = "generation") -> dict[int, int]:
+        """Items per generation; with ``field="previous_generation"``, items per generation of their kept vector
+        (items keeping none left out)."""
         counts: dict[int, int] = {}
-        for generation in self.distinct_generations():
-            counts[generation] = self.count(f"generation == {generation}")
+        for generation in self.distinct_generations(field):
+            if generation != NO_GENERATION:
+                counts[generation] = self.count(f"{field} == {generation}")
         return counts
 
-    def all_generations(self) -> dict[int, int]:
-        """Every stored item's generation by id, listed in pages: what a ledger is rebuilt from."""
-        states: dict[int, int] = {}
+    def all_states(self) -> dict[int, tuple[int, int]]:
+        """Every stored item's (generation, previous generation) by id, listed in pages: what a ledger is rebuilt
+        from."""
+        states: dict[int, tuple[int, int]] = {}
         batch = min(self.page_limit, 16_384)  # pymilvus's query iterator takes batches of at most 16,384 rows
-        listing = self.client.query_iterator(self.collection, batch_size=batch, output_fields=["generation"])
+        listing = self.client.query_iterator(self.collection, batch_size=batch, output_fields=STATE_FIELDS)
         try:
             while rows := listing.next():
-                states.update((int(row["id"]), int(row["generation"])) for row in rows)
+                states.update((int(r["id"]), (int(r["generation"]), int(r["previous_generation"]))) for r in rows)
         finally:
             listing.close()
         return states
@@ -351,16 +400,16 @@ class GalleryStore:
         stacked = np.concatenate(vectors) if vectors else np.zeros((0, self.dim), dtype=np.float32)
         return np.asarray(ids, dtype=np.int64)[by_id], stacked[by_id]
 
-    def distinct_generations(self) -> list[int]:
-        """The generations some stored item is at: one single-row query per generation, each excluding those
-        found, and a last one that finds none."""
+    def distinct_generations(self, field: str = "generation") -> list[int]:
+        """The values of ``field`` (a generation field) some stored item holds: one single-row query per value,
+        each excluding those found, and a last one that finds none."""
         seen: set[int] = set()
         while True:
-            clause = f"generation not in {sorted(seen)}" if seen else ""
-            rows = self.client.query(self.collection, filter=clause, output_fields=["generation"], limit=1)
+            clause = f"{field} not in {sorted(seen)}" if seen else ""
+            rows = self.client.query(self.collection, filter=clause, output_fields=[field], limit=1)
             if not rows:
                 return sorted(seen)
-            seen.add(int(rows[0]["generation"]))
+            seen.add(int(rows[0][field]))
 
     def stale(
         self,
@@ -390,18 +439,25 @@ class GalleryStore:
         generation's vector where it has one (current, or kept since a re-embedding that a rollback has undone)
         and through its current vector otherwise, and a calibrated merge ranks the two parts by the log-odds that
         each hit is relevant (``Hit.relevance``), so items not yet re-embedded compete on what their score means,
-        not its scale."""
+        not its scale.
+
+        With a ledger, a part no item can be in is not searched: where every item is at the active generation, one
+        plain search answers (see ``ItemLedger.search_parts`` for why the counts it reads first are safe)."""
         if k < 1:
             raise StoreError(f"k must be at least 1, got {k}")
         vectors = normalised(vectors, self.dim)
         if merge is None:
-            return self._search(vectors, k, "", kept=False)
+            return self._search(vectors, k, "", part="plain")
         active = int(merge.active)
+        parts = SearchParts() if self.ledger is None else self.ledger.search_parts(active)
+        if not (parts.cross or parts.kept):
+            return [merge.rank(hits, [], k) for hits in self._search(vectors, k, "", part="plain")]
         # The other generations first, then the kept vectors, then the current ones: a backfill only moves items
         # from the earlier parts into the last, so an item moved between two searches is found twice (and
         # counted once), never missed.
-        cross = self._search(vectors, k, f"generation != {active} and previous_generation != {active}", kept=False)
-        mine = self._own_vectors(vectors, k, active)
+        clause = f"generation != {active} and previous_generation != {active}"
+        cross = self._search(vectors, k, clause, part="cross") if parts.cross else [[] for _ in vectors]
+        mine = self._own_vectors(vectors, k, active, parts.kept)
         return [merge.rank(own, theirs, k) for own, theirs in zip(mine, cross, strict=True)]
 
     def search_generation(self, vectors: np.ndarray, k: int, generation: int) -> list[list[Hit]]:
@@ -409,22 +465,27 @@ class GalleryStore:
         own retrieval."""
         if k < 1:
             raise StoreError(f"k must be at least 1, got {k}")
-        own = self._own_vectors(normalised(vectors, self.dim), k, int(generation))
+        own = self._own_vectors(normalised(vectors, self.dim), k, int(generation), with_kept=True)
         return [MixedMerge(int(generation)).rank(hits, [], k) for hits in own]
 
-    def _own_vectors(self, vectors: np.ndarray, k: int, generation: int) -> list[list[Hit]]:
-        """Each query's hits among ``generation``'s kept vectors, then among its current ones (unranked)."""
-        kept = self._search(vectors, k, f"previous_generation == {generation} and generation != {generation}", True)
-        current = self._search(vectors, k, f"generation == {generation}", kept=False)
+    def _own_vectors(self, vectors: np.ndarray, k: int, generation: int, with_kept: bool) -> list[list[Hit]]:
+        """Each query's hits among ``generation``'s kept vectors (``with_kept``), then among its current ones
+        (unranked)."""
+        clause = f"previous_generation == {generation} and generation != {generation}"
+        kept = self._search(vectors, k, clause, part="kept") if with_kept else [[] for _ in vectors]
+        current = self._search(vectors, k, f"generation == {generation}", part="current")
         return [[*a, *b] for a, b in zip(kept, current, strict=True)]
 
-    def _search(self, vectors: np.ndarray, k: int, clause: str, kept: bool) -> list[list[Hit]]:
-        """Hits by inner product with the current half of the stored vectors, or with the kept half (``kept``):
-        the query fills that half and zeros the other."""
+    def _search(self, vectors: np.ndarray, k: int, clause: str, part: str) -> list[list[Hit]]:
+        """One ``part``'s hits: by inner product with the kept half of the stored vectors for ``kept``, with the
+        current half otherwise; the query fills that half and zeros the other."""
         from pymilvus.exceptions import MilvusException
 
+        kept = part == "kept"
         zeros = np.zeros_like(vectors)
         queries = np.hstack([zeros, vectors] if kept else [vectors, zeros])
+        if self.on_search is not None:
+            self.on_search(part)
         try:
             results = self.client.search(
                 self.collection, data=queries.tolist(), limit=k, filter=clause, anns_field="vectors",
@@ -432,11 +493,12 @@ class GalleryStore:
             )  # fmt: skip
         except MilvusException as exc:
             raise StoreError(f"search failed: {exc}") from exc
-        field = "previous_generation" if kept else "generation"
+        matched = "previous_generation" if kept else "generation"
         return [
-            [Hit(int(h["id"]), float(h["distance"]), int(h["entity"][field]), h["entity"]["ref"]) for h in row]
+            [Hit(int(h["id"]), float(h["distance"]), int(h["entity"]["generation"]), int(h["entity"][matched]),
+                 h["entity"]["ref"]) for h in row]
             for row in results
-        ]
+        ]  # fmt: skip
 
     def close(self) -> None:
         self.client.close()

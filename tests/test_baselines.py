@@ -203,7 +203,7 @@ def test_registry_lists_every_method_and_refuses_unmet_needs():
 
 def test_registry_tells_each_methods_kind_and_needs():
     assert reference_method() == "independent"
-    assert compared_methods() == ["l2", "bct", "lce", "unibct", "hot-refresh", "advbct"]
+    assert compared_methods() == ["l2", "bct", "lce", "unibct", "hot-refresh", "advbct", "advbct-tight"]
     assert methods_of_kind("ablation") == ["advbct-adv-only", "advbct-bound-only", "advbct-fixed-radius"]
     assert methods_of_kind("variant") == ["advbct-tight"]
     assert not method_info("independent").needs_old_model

@@ -193,6 +193,7 @@ def test_compare_every_method_on_one_allocation(tiny_folder, tmp_path):
         "advbct-adv-only",
         "advbct-bound-only",
         "advbct-fixed-radius",
+        "advbct-tight",
     }
     assert set(reports) == expected
     shared = {key: reports["advbct"]["tests"][key] for key in ("old/old", "independent/independent")}

@@ -11,7 +11,7 @@ from PIL import Image
 from paper_scores import reference_p_scores
 
 SETTINGS = ("extended-class", "extended-data", "extended-backbone")
-METHODS = ("l2", "bct", "lce", "unibct", "hot-refresh", "advbct")
+METHODS = ("l2", "bct", "lce", "unibct", "hot-refresh", "advbct", "advbct-tight")
 
 
 def run_bench(folder, out, cache, *extra):

@@ -203,7 +203,7 @@ def compare_cmd(
         "runs/compare"
     ),
     methods: Annotated[
-        str, typer.Option("--methods", help="comma-separated methods (default: every baseline and advbct)")
+        str, typer.Option("--methods", help="comma-separated methods (default: every baseline, advbct and its variant)")
     ] = ",".join(compared_methods()),
     ablations: Annotated[bool, typer.Option("--ablations", help="add the AdvBCT ablations")] = False,
     preset: PresetOpt = "quickstart",

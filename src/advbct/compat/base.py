@@ -195,8 +195,9 @@ def methods_of_kind(*kinds: MethodKind) -> list[str]:
 
 
 def compared_methods() -> list[str]:
-    """What a comparison trains by default: every baseline, then the proposed method (the table's last row)."""
-    return [*methods_of_kind("baseline"), *methods_of_kind("proposed")]
+    """What a comparison trains by default: every baseline, the proposed method, then its variants (the table's
+    last rows)."""
+    return [*methods_of_kind("baseline"), *methods_of_kind("proposed"), *methods_of_kind("variant")]
 
 
 def reference_method() -> str:

@@ -74,3 +74,14 @@ def test_an_unknown_or_empty_evaluation_split_is_one_line(tiny_folder, three_mod
     result = run_cli("eval", "--old", str(three_models["old"]), "--new", str(three_models["new"]),
                      "--split", "validation", "--device", "cpu")  # fmt: skip
     assert_refused(result, "the validation split is empty")
+
+
+def test_a_new_model_whose_config_names_another_split_than_the_old_models_is_one_line(three_models, tmp_path):
+    old = three_models["old"]
+    folder = old.parent.parent / "data"  # the PNG folder the fixture's models trained on
+    result = run_cli("train-new", "--old", str(old), "--method", "independent", "--out", str(tmp_path / "new"),
+                     "--preset", "smoke", "--data", str(folder), "--no-progress", "--device", "cpu",
+                     "-o", "data.dataset=image-folder", "-o", "data.validation_per_class=0",
+                     "-o", "data.allocation=extended-data")  # fmt: skip
+    assert_refused(result, "this run's data section asks for ('extended-data', 0.3, 0, 0)")
+    assert not (tmp_path / "new").exists()

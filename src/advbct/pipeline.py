@@ -91,6 +91,18 @@ def _check_allocation_fits(allocation: Allocation, train_set: ImageSet) -> None:
         )
 
 
+def _check_allocation_requested(allocation: Allocation, data: DataConfig, path: Path) -> None:
+    """A new model trains on the old model's split; its config must ask for that split, or the run's record
+    (config.json, the checkpoint's data section) would name another one than the model was trained on."""
+    have = (allocation.kind, allocation.old_fraction, allocation.seed, allocation.validation_per_class)
+    wanted = (data.allocation, data.old_fraction, data.allocation_seed, data.validation_per_class)
+    if have != wanted:
+        raise DataError(
+            f"the old model's split {path} is (allocation, old_fraction, allocation_seed, validation_per_class)="
+            f"{have}, this run's data section asks for {wanted}: set data.* to the old model's values"
+        )
+
+
 def compute_statistics(
     old_path: Path,
     out: Path | None = None,
@@ -129,6 +141,7 @@ def train_new(
     if old is not None:
         allocation = _allocation_for(old.path, allocation_path)
         _check_allocation_fits(allocation, train_set)
+        _check_allocation_requested(allocation, cfg.data, allocation_path or old.path.parent / ALLOCATION_FILE)
     else:
         allocation = prepare_allocation(cfg.data, train_set, allocation_path or out / ALLOCATION_FILE)
     stats = None

@@ -273,12 +273,12 @@ def test_class_conditional_discriminator_covers_classes_new_to_the_new_model():
     assert torch.isfinite(out.total) and new.grad is not None
 
 
-def test_default_tight_variant_is_the_fixed_radius_ablation():
+def test_default_tight_variant_is_the_fixed_radius_ablation_with_a_normalised_discriminator_input():
     ctx = _context(dim=4, classes=3)
     torch.manual_seed(3)
     tight = create("advbct-tight", ctx)
     torch.manual_seed(3)
-    fixed = create("advbct-fixed-radius", ctx)
+    fixed = create("advbct-fixed-radius", ctx, normalise_discriminator_input=True)
     new, old, labels = torch.randn(9, 4), torch.randn(9, 4), torch.arange(9) % 3
     grads = []
     outputs = []

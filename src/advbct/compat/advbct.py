@@ -312,12 +312,16 @@ class TightOptions(FixedRadiusOptions):
       alignment is strongest once the new classes have formed rather than on a random embedding.
     - ``discriminator``: ``marginal`` is the paper's D on embeddings; ``class-conditional`` tells old from new on
       (embedding, class) pairs (:class:`ClassConditionalDiscriminator`), so alignment is per class.
+    - ``normalise_discriminator_input`` is on: D compares directions, which is all that cosine retrieval reads.
+
+    The defaults are the candidate chosen on the validation split (docs/results.md, "An AdvBCT variant").
     """
 
     elastic: bool = False
     tau: float | Literal["stats"] = PAPER_TAU
     adversarial_schedule: Literal["decay", "warmup"] = "decay"
     discriminator: Literal["marginal", "class-conditional"] = "marginal"
+    normalise_discriminator_input: bool = True
 
 
 @register_method("advbct-tight", kind="variant")
@@ -326,7 +330,8 @@ class AdvBCTTight(AdvBCTFixedRadius):
     taken from the old statistics), a choice of adversarial schedule, and an optional class-conditional
     discriminator: the candidate changes for small budgets and models trained from scratch, where r_max balls
     overlap most other classes and a marginal discriminator sits at chance. With its defaults it is the
-    fixed-radius ablation at ``radius=min``.
+    fixed-radius ablation at ``radius=min`` with the discriminator reading L2-normalised embeddings: the tight ball
+    keeps each new embedding near its old class centre, and the alignment acts on directions only.
     """
 
     Options = TightOptions

@@ -179,10 +179,12 @@ def test_compare_every_method_on_one_allocation(tiny_folder, tmp_path):
     )
     assert result.returncode == 0, result.stdout + result.stderr
     reports = json.loads((out / "results.json").read_text())
-    # AdvBCT's option reaches AdvBCT and its ablations, and no other method.
-    for method in ("advbct", "advbct-bound-only", "bct", "hot-refresh"):
+    # AdvBCT's option reaches AdvBCT, its ablations and its variant, and no other method; each run records every
+    # option of its method at the value it used.
+    for method in ("advbct", "advbct-bound-only", "advbct-tight", "bct", "hot-refresh"):
         options = json.loads((out / method / "config.json").read_text())["compat"]["options"]
-        assert options == ({"tau": 0.5} if method.startswith("advbct") else {}), method
+        assert options.get("tau") == (0.5 if method.startswith("advbct") else None), method
+    assert json.loads((out / "bct" / "config.json").read_text())["compat"]["options"] == {"weight": 1.0}
     expected = {
         "l2",
         "bct",

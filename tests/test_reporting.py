@@ -142,10 +142,14 @@ def test_candidates_sharing_old_and_independent_models_make_one_table_labelled_b
     median = _candidate_run(tmp_path / "median", "advbct-tight", {"radius": "median"}, 9.0, "validation")
     warmup = _candidate_run(tmp_path / "warm", "advbct-tight", {"elastic": True, "tau": 0.5}, 9.0, "validation")
     other_old = _candidate_run(tmp_path / "other", "advbct-tight", {}, 7.5, "validation")
-    tables = render([median, warmup, other_old]).split("| method |")
+    # A run records every option; the label names those that differ from the method's defaults.
+    recorded = {"tau": 1.0, "elastic": False, "discriminator": "class-conditional", "radius": "min"}
+    full = _candidate_run(tmp_path / "full", "advbct-tight", recorded, 9.0, "validation")
+    tables = render([median, warmup, other_old, full]).split("| method |")
     assert len(tables) == 3, "the run with another old model gets a table of its own"
     first = tables[1]
     assert "| advbct-tight (radius=median) | 21.00 | 12.00 |" in first
     assert "| advbct-tight (elastic=true, tau=0.5) | 22.00 | 12.00 |" in first
+    assert "| advbct-tight (discriminator=class-conditional) | 24.00 | 12.00 |" in first
     assert "validation split; M(o,o) 9.00" in first
     assert "| advbct-tight | 20.00 | 12.00 |" in tables[2] and "validation split; M(o,o) 7.50" in tables[2]

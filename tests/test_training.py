@@ -159,3 +159,28 @@ def test_a_method_that_reads_the_old_model_is_refused_without_one_and_the_refere
     assert not (tmp_path / "l2" / "model.pt").exists()
     reference = train_config("new", "smoke", None, [*base, "compat.method=independent"], str(tiny_folder), None)
     assert pipeline.train_new(reference, tmp_path / "independent", None, show_progress=False).is_file()
+
+
+def test_a_run_records_every_compat_option_so_a_changed_default_is_not_reused_unnoticed(tiny_folder, tmp_path):
+    base = ["data.dataset=image-folder", "device=cpu", "optim.epochs=1"]
+    old_path = pipeline.train_old(train_config("old", "smoke", None, base, str(tiny_folder), None), tmp_path / "old",
+                                  show_progress=False)  # fmt: skip
+    _, stats = pipeline.compute_statistics(old_path, device="cpu")
+    cfg = train_config("new", "smoke", None, [*base, "compat.method=advbct-tight", "compat.options.radius=median"],
+                       str(tiny_folder), None)  # fmt: skip
+    out = tmp_path / "tight"
+    first = pipeline.train_new(cfg, out, old_path, stats, show_progress=False)
+    saved = json.loads((out / "config.json").read_text())
+    recorded = saved["compat"]["options"]
+    assert recorded["radius"] == "median" and recorded["normalise_discriminator_input"] is True
+    assert recorded["tau"] == 1.0 and recorded["discriminator"] == "marginal"
+    assert pipeline.train_new(cfg, out, old_path, stats, show_progress=False) == first  # same request: reused
+    # A folder made while a default was different records it: the same request now means another run.
+    saved["compat"]["options"]["normalise_discriminator_input"] = False
+    (out / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(CheckpointError, match=r"different config \(sections compat differ\)"):
+        pipeline.train_new(cfg, out, old_path, stats, show_progress=False)
+    # A folder that recorded only the options it was given is compared at today's defaults, as it always was.
+    saved["compat"]["options"] = {"radius": "median"}
+    (out / "config.json").write_text(json.dumps(saved))
+    assert pipeline.train_new(cfg, out, old_path, stats, show_progress=False) == first

@@ -86,8 +86,9 @@ class OptimConfig(_Section):
 
 class CompatConfig(_Section):
     """Which compatibility method trains the new model, and its options (checked against the method's options
-    schema here, so a misspelt or ill-typed option is refused before any work). They are kept as given: the
-    saved ``config.json`` holds what the user set, not the schema's defaults."""
+    schema here, so a misspelt or ill-typed option is refused before any work). They are kept as given here, so a
+    comparison can pass each method the ones it takes; a run's ``config.json`` records every option of its method
+    at the value the run uses (``advbct.training.run_folder``)."""
 
     method: str = "advbct"
     options: dict[str, Any] = Field(default_factory=dict)

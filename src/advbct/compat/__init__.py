@@ -27,6 +27,7 @@ from advbct.compat.base import (
     options_schema,
     reference_method,
     register_method,
+    resolved_options,
 )
 from advbct.compat.statistics import (
     ClassStatistics,
@@ -63,5 +64,6 @@ __all__ = [
     "radius_summary",
     "reference_method",
     "register_method",
+    "resolved_options",
     "save_statistics",
 ]

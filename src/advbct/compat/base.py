@@ -224,6 +224,14 @@ def check_options(name: str, options: Mapping[str, Any]) -> None:
     method_class(name).parse_options(name, options)
 
 
+def resolved_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """Every option ``name`` takes, at the value a run given ``options`` uses (defaults included): what a run folder
+    records, so that a later change of a default cannot change unnoticed what a stored run was trained with."""
+    cls = method_class(name)
+    parsed = dataclasses.asdict(cls.parse_options(name, options))
+    return {key: value for key, value in parsed.items() if key not in cls.fixed_options}
+
+
 def create(name: str, context: CompatContext | None = None, **options: Any) -> CompatibilityMethod:
     """Build a registered method; refuse it with a clear message when the context lacks what it needs."""
     cls = method_class(name)

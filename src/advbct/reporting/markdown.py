@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from advbct.compat import CompatError, resolved_options
 from advbct.evaluation.results import CROSS, OLD, LiveUpgradeReport, UpgradeReport
 from advbct.reporting.run_info import read_run_info
 
@@ -84,10 +85,15 @@ def quickstart_markdown(runs: list[Path]) -> str:
 
 
 def _method_label(run: Path, method: str) -> str:
-    """A method's name with the compatibility options its run was given, so candidates of one method that differ
-    only in options stay apart in one table."""
+    """A method's name with the compatibility options its run used where they differ from the method's defaults,
+    so candidates of one method stay apart in one table and each label reads as the overrides that train it."""
     options = ((_load(run / method / "config.json") or {}).get("compat") or {}).get("options") or {}
-    given = ", ".join(f"{key}={_yaml_scalar(value)}" for key, value in sorted(options.items()))
+    try:
+        defaults = resolved_options(method, {})
+    except CompatError:  # a method this version does not have: show what its run recorded
+        defaults = {}
+    changed = {key: value for key, value in options.items() if key not in defaults or defaults[key] != value}
+    given = ", ".join(f"{key}={_yaml_scalar(value)}" for key, value in sorted(changed.items()))
     return f"{method} ({given})" if given else method
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from advbct.compat import CompatError, resolved_options
 from advbct.config import TrainConfig
 from advbct.distributed import World
 from advbct.models.checkpoint import (
@@ -57,13 +58,25 @@ def with_defaults(tree: dict) -> dict:
         return tree
 
 
+def with_resolved_options(tree: dict) -> dict:
+    """A config tree whose ``compat.options`` hold every option of its method at the value the run uses. A folder
+    saved with the options as given (or with an option its method no longer takes) is left as it is."""
+    compat = tree.get("compat") or {}
+    try:
+        options = resolved_options(compat["method"], compat.get("options") or {})
+    except (KeyError, CompatError):
+        return tree
+    return {**tree, "compat": {**compat, "options": options}}
+
+
 def check_same_run(run_dir: Path, cfg: TrainConfig) -> None:
-    """Refuse to resume or reuse a run folder that was made with another configuration."""
+    """Refuse to resume or reuse a run folder that was made with another configuration, compatibility options
+    compared at the values each run uses."""
     saved_path = run_dir / "config.json"
     if not saved_path.is_file():
         return
-    saved = comparable_config(with_defaults(json.loads(saved_path.read_text())))
-    current = comparable_config(cfg.model_dump(mode="json"))
+    saved = comparable_config(with_resolved_options(with_defaults(json.loads(saved_path.read_text()))))
+    current = comparable_config(with_resolved_options(cfg.model_dump(mode="json")))
     if saved != current:
         differing = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
         raise CheckpointError(
@@ -95,7 +108,8 @@ class RunFolder:
     def write_config(self, cfg: TrainConfig) -> None:
         if self.world.is_main:
             self.path.mkdir(parents=True, exist_ok=True)
-            (self.path / "config.json").write_text(cfg.model_dump_json(indent=2))
+            recorded = with_resolved_options(cfg.model_dump(mode="json"))
+            (self.path / "config.json").write_text(json.dumps(recorded, indent=2))
 
     def resume(self, parts: TrainingParts) -> tuple[ModelMeta, Position]:
         """Load ``last.pt`` into ``parts``; the saved metadata (its model id included) and position."""

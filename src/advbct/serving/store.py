@@ -174,7 +174,8 @@ class GalleryStore:
         self.concurrent_writes = 4 if server else 1
         # Milvus Lite takes one write (and its flush) at a time: two request threads flushing at once fail with
         # "current_seq is monotonic". A server orders concurrent writes itself. The lock also covers the read a
-        # write is computed from (see ``replace``), so no other write of this process lands in between.
+        # write is computed from (see ``replace``), so no other write of this process lands in between, and the
+        # parts of a merged search (see ``search``), so they read one state of the gallery.
         self._writing: AbstractContextManager = nullcontext() if server else threading.Lock()
         self.client = _connect(MilvusClient, uri)
         try:
@@ -454,10 +455,13 @@ class GalleryStore:
             return [merge.rank(hits, [], k) for hits in self._search(vectors, k, "", part="plain")]
         # The other generations first, then the kept vectors, then the current ones: a backfill only moves items
         # from the earlier parts into the last, so an item moved between two searches is found twice (and
-        # counted once), never missed.
+        # counted once), never missed. That needs each search to see at least what the one before it saw, which
+        # Milvus Lite does not promise while it writes and flushes (two consecutive filtered searches can miss an
+        # item that moved); there the parts are searched under the write lock, so no write lands between them.
         clause = f"generation != {active} and previous_generation != {active}"
-        cross = self._search(vectors, k, clause, part="cross") if parts.cross else [[] for _ in vectors]
-        mine = self._own_vectors(vectors, k, active, parts.kept)
+        with self._writing:
+            cross = self._search(vectors, k, clause, part="cross") if parts.cross else [[] for _ in vectors]
+            mine = self._own_vectors(vectors, k, active, parts.kept)
         return [merge.rank(own, theirs, k) for own, theirs in zip(mine, cross, strict=True)]
 
     def search_generation(self, vectors: np.ndarray, k: int, generation: int) -> list[list[Hit]]:
@@ -465,7 +469,8 @@ class GalleryStore:
         own retrieval."""
         if k < 1:
             raise StoreError(f"k must be at least 1, got {k}")
-        own = self._own_vectors(normalised(vectors, self.dim), k, int(generation), with_kept=True)
+        with self._writing:  # the two parts read one state of the gallery (see ``search``)
+            own = self._own_vectors(normalised(vectors, self.dim), k, int(generation), with_kept=True)
         return [MixedMerge(int(generation)).rank(hits, [], k) for hits in own]
 
     def _own_vectors(self, vectors: np.ndarray, k: int, generation: int, with_kept: bool) -> list[list[Hit]]:

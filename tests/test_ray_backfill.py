@@ -34,11 +34,14 @@ def expected_vectors(model, image_root, files) -> dict[str, np.ndarray]:
 
 @pytest.fixture
 def local_ray():
-    """Ray on this machine with two CPUs, started in this process and shut down after the test."""
+    """Ray on this machine, started in this process as the engine starts it (a start that times out on a busy
+    machine is tried again) and shut down after the test."""
     needs_ray()
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from advbct.serving.ray_backfill import connect
+
+    assert connect(ray, None), "no Ray was running in this process before the test"
     yield ray
     ray.shutdown()
 

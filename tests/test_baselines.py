@@ -21,6 +21,7 @@ from advbct.compat import (
 )
 from advbct.compat.baselines import hot_refresh_loss, l2_regression_loss
 from advbct.models.heads import SoftmaxHead
+from test_host_sync import make_context
 
 
 def unit(deg):
@@ -271,3 +272,20 @@ def test_fixed_radius_defaults_to_the_public_codes_smallest_inlier_distance_and_
         create("advbct-fixed-radius", ctx, radius="mean")
     with pytest.raises(CompatError, match="method 'advbct-fixed-radius' has no option 'elastic'"):
         create("advbct-fixed-radius", ctx, elastic=True)
+
+
+PARTS = [{"adversarial": False}, {"boundary": False}, {"elastic": True}, {"discriminator": "class-conditional"}]
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [*((m, {}) for m in list_methods() if m != reference_method()), *(("advbct-tight", o) for o in PARTS)],
+)
+def test_every_parameter_of_a_method_receives_a_gradient(name, options):
+    # DistributedDataParallel stops a run whose loss holds a parameter no term uses: an ablation or variant with a
+    # part switched off must not keep that part's weights.
+    method = create(name, make_context(8, 6), **options)
+    labels = torch.arange(12) % 6
+    new_emb, classifier = torch.randn(12, 8, requires_grad=True), torch.randn(6, 8, requires_grad=True)
+    method(CompatBatch(new_emb, labels, torch.randn(12, 8), 0.3, 1, 3, classifier)).total.backward()
+    assert [key for key, p in method.named_parameters() if p.requires_grad and p.grad is None] == []

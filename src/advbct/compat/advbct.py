@@ -173,8 +173,14 @@ class AdvBCT(CompatibilityMethod):
         self.register_buffer("centres", stats.centres.clone())
         self.register_buffer("r_max", stats.radii.clone())
         self.register_buffer("has_radius", stats.has_radius.clone())
-        self.radius_weights = nn.Parameter(torch.empty(stats.num_classes).uniform_(-1.0, 1.0))
-        self.discriminator = Discriminator(context.embedding_dim, options.discriminator_hidden)
+        # Both are drawn whichever parts run, so an ablation starts from the same weights as the whole method; each
+        # is registered only where a loss uses it: a parameter without gradients stops DistributedDataParallel.
+        weights = torch.empty(stats.num_classes).uniform_(-1.0, 1.0)
+        discriminator = Discriminator(context.embedding_dim, options.discriminator_hidden)
+        if self.use_boundary and self.elastic:
+            self.radius_weights = nn.Parameter(weights)
+        if self.use_adversarial:
+            self.discriminator = discriminator
 
     def radii(self) -> torch.Tensor:
         return elastic_radii(self.r_max, self.radius_weights, self.tau) if self.elastic else self.r_max
@@ -343,7 +349,7 @@ class AdvBCTTight(AdvBCTFixedRadius):
             self.tau = float(mean_radius(self.fixed_radii, self.has_radius))
         self.schedule = _ADVERSARIAL_SCHEDULES[options.adversarial_schedule]
         self.class_conditional = options.discriminator == "class-conditional"
-        if self.class_conditional:
+        if self.class_conditional and self.use_adversarial:
             self.discriminator = ClassConditionalDiscriminator(self.discriminator, context.num_classes)
 
     def radii(self) -> torch.Tensor:

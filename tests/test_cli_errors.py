@@ -51,6 +51,13 @@ def test_cuda_graph_on_a_cpu_is_one_line_and_trains_nothing(tiny_folder, tmp_pat
     assert not (tmp_path / "old" / "model.pt").exists() and not (tmp_path / "run" / "old" / "model.pt").exists()
 
 
+def test_a_quickstart_without_a_compatible_method_is_one_line_and_trains_nothing(tiny_folder, tmp_path):
+    result = run_cli("quickstart", "--out", str(tmp_path / "run"), "--preset", "smoke", "--data", str(tiny_folder),
+                     "--no-progress", "-o", "new.compat.method=independent")  # fmt: skip
+    assert_refused(result, "new.compat.method is 'independent': the quickstart trains that model beside a compatible")
+    assert not (tmp_path / "run").exists()
+
+
 def test_an_option_the_method_does_not_take_is_one_line(tiny_folder, tmp_path):
     result = run_cli("train-new", "--method", "independent", "--out", str(tmp_path / "new"), "--preset", "smoke",
                      "--data", str(tiny_folder), "--no-progress", "--device", "cpu",

@@ -14,18 +14,20 @@ def test_presets_load_and_validate():
         assert cfg.old.data == cfg.new.data
 
 
-def test_cpu_large_is_the_quickstart_with_a_longer_old_model():
+def test_cpu_large_is_the_quickstart_with_a_longer_old_model_and_the_papers_loss():
     quick, large = (quickstart_config(name, None, None, None, None) for name in ("quickstart", "cpu-large"))
     for role in ("old", "new"):
         q, g = getattr(quick, role), getattr(large, role)
-        assert g.model == q.model and g.data == q.data and g.compat == q.compat and g.seed == q.seed
+        assert g.model == q.model and g.data == q.data and g.seed == q.seed
         schedule = {"epochs", "milestones"}
         assert g.optim.model_dump(exclude=schedule) == q.optim.model_dump(exclude=schedule)
     assert large.new.data.allocation == "extended-data" and large.new.data.max_train_per_class is None
     assert large.new.model.whitened_stem and large.new.optim.label_smoothing == 0.2
     assert (large.old.optim.epochs, large.new.optim.epochs) == (16, 15)
     assert (quick.old.optim.epochs, quick.new.optim.epochs) == (8, 16)
+    assert large.old.compat == quick.old.compat
     assert large.new.compat.method == "advbct" and large.new.compat.options == {}
+    assert quick.new.compat.method == "advbct-tight" and quick.new.compat.options == {}
 
 
 def test_dotted_overrides_parse_yaml_values():
@@ -59,7 +61,7 @@ def test_method_options_are_checked_against_the_methods_schema_when_the_config_l
         load_config(TrainConfig, overrides=["compat.options.tau=x"])
     with pytest.raises(ConfigError, match=r"unknown compatibility method 'nope'"):
         load_config(TrainConfig, overrides=["compat.method=nope"])
-    with pytest.raises(ConfigError, match=r"new\.compat: method 'advbct' has no option 'typo'"):
+    with pytest.raises(ConfigError, match=r"new\.compat: method 'advbct-tight' has no option 'typo'"):
         quickstart_config("smoke", None, ["new.compat.options.typo=1"], None, None)
     cfg = load_config(TrainConfig, overrides=["compat.method=hot-refresh", "compat.options.top_k_negatives=null"])
     assert cfg.compat.options == {"top_k_negatives": None}  # kept as given: config.json shows what was set

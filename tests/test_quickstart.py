@@ -13,6 +13,8 @@ from advbct.serving.registry import ModelRegistry
 from advbct.serving.store import GalleryStore
 from test_pipeline import check_results_dict, run_cli
 
+METHOD = "advbct-tight"  # the smoke preset's compatible model, as the built-in default's
+
 
 def _quickstart(folder, out, *overrides):
     args = ["quickstart", "--preset", "smoke", "--data", str(folder), "--out", str(out), "--no-progress",
@@ -93,9 +95,10 @@ def test_refused_then_forced_upgrade_through_the_whole_flow(tiny_folder, tmp_pat
     assert "M(n,o)  cross test" in refused.stdout
     for part in ("old/stats.pt", "old/allocation.json", "independent/model.pt", "gallery/gallery.db"):
         assert (out / part).exists(), part
-    assert list((out / "advbct" / "tb").iterdir()), "TensorBoard events written"
+    assert list((out / METHOD / "tb").iterdir()), "TensorBoard events written"
     report = json.loads((out / "results.json").read_text())
     check_results_dict(report)
+    assert report["method"] == METHOD
     gate = report["gate"]
     assert gate["candidate"] == "independent" and gate["split"] == "validation"
     assert gate["passed"] is False and gate["generation"] is None
@@ -112,9 +115,9 @@ def test_refused_then_forced_upgrade_through_the_whole_flow(tiny_folder, tmp_pat
         assert generation == 1
         np.testing.assert_allclose(vector, old[i], atol=1e-5)
 
-    # The same folder again: the models are kept, the AdvBCT model is deployed (forced: the smoke models are too
+    # The same folder again: the models are kept, the compatible model is deployed (forced: the smoke models are too
     # small to pass the gate reliably) and the gallery backfilled to generation 2.
-    trained = {part: (out / part).stat().st_mtime_ns for part in ("old/model.pt", "advbct/model.pt")}
+    trained = {part: (out / part).stat().st_mtime_ns for part in ("old/model.pt", f"{METHOD}/model.pt")}
     forced = _quickstart(tiny_folder, out, "live.force=true")
     assert forced.returncode == 0, forced.stdout + forced.stderr
     assert {part: (out / part).stat().st_mtime_ns for part in trained} == trained, "finished models are kept"
@@ -122,7 +125,7 @@ def test_refused_then_forced_upgrade_through_the_whole_flow(tiny_folder, tmp_pat
     assert report["gate"]["generation"] == 2 and report["gate"]["forced"] == (not report["gate"]["passed"])
     assert report["gallery"] == {"items": 30, "active_generation": 2, "by_generation": {"2": 30}}
     assert (out / "backfill.png").stat().st_size > 0
-    new = Embedder(out / "advbct" / "model.pt").embed_files(files)
+    new = Embedder(out / METHOD / "model.pt").embed_files(files)
     for i, (generation, vector) in _stored(out, new.shape[1]).items():
         assert generation == 2
         np.testing.assert_allclose(vector, new[i], atol=1e-5)
@@ -131,43 +134,44 @@ def test_refused_then_forced_upgrade_through_the_whole_flow(tiny_folder, tmp_pat
     order = torch.randperm(30, generator=torch.Generator().manual_seed(0)).numpy()
     backfill = report["backfill"]
     assert backfill["headline"] == "random/calibrated"
-    assert set(backfill["curves"]["advbct"]) == {
+    assert set(backfill["curves"][METHOD]) == {
         "random/raw",
         *(f"{o}/calibrated" for o in ("random", "uncertainty", "centre-distance", "oracle")),
     }
-    assert backfill["curves"]["advbct"]["oracle/calibrated"]["fractions"] == [i / 10 for i in range(11)]
+    assert backfill["curves"][METHOD]["oracle/calibrated"]["fractions"] == [i / 10 for i in range(11)]
     _, _, old_hits = _reference_scores(old, old, labels.numpy())
-    _check_curve(backfill["curves"]["advbct"]["random/raw"], new, old, labels.numpy(), order, old_hits)
+    _check_curve(backfill["curves"][METHOD]["random/raw"], new, old, labels.numpy(), order, old_hits)
     assert set(backfill["curves"]["independent"]) == {"random/calibrated"}
-    for name, queries in (("advbct", new), ("independent", independent)):
+    for name, queries in ((METHOD, new), ("independent", independent)):
         calibration = backfill["calibration"][name]
         curve = backfill["curves"][name]["random/calibrated"]
         _check_curve(curve, queries, old, labels.numpy(), order, old_hits, calibration)
-    assert report["gate"]["calibration"] == backfill["calibration"]["advbct"], "the service merges as reported"
+    assert report["gate"]["calibration"] == backfill["calibration"][METHOD], "the service merges as reported"
     live = report["backfill"]["live"]
     assert [p["fraction"] for p in live["points"]] == [0.0, 0.5, 1.0] and live["not_measured"] == []
     assert live["max_difference"] < 1e-3
-    headline = backfill["curves"]["advbct"]["random/calibrated"]
+    headline = backfill["curves"][METHOD]["random/calibrated"]
     assert report["tests"]["new/old"]["map"] == pytest.approx(headline["map"][0], abs=1e-3)
 
     # The study command on the same folder gives the curves the quickstart reported, from the checkpoints alone.
-    studied = run_cli("backfill-curves", str(out), "--methods", "advbct", "--data", str(tiny_folder), "--no-progress")
+    studied = run_cli("backfill-curves", str(out), "--methods", METHOD, "--data", str(tiny_folder), "--no-progress")
     assert studied.returncode == 0, studied.stdout + studied.stderr
     study = json.loads((out / "backfill_study.json").read_text())
     assert study["calibration"] == backfill["calibration"]
-    assert set(study["curves"]["advbct"]) == {
+    assert set(study["curves"][METHOD]) == {
         f"{o}/{m}" for o in ("random", "uncertainty", "centre-distance", "oracle") for m in ("raw", "calibrated")
     }
-    for name in ("advbct", "independent"):
+    for name in (METHOD, "independent"):
         for key, curve in backfill["curves"][name].items():
             if curve["fractions"] == study["curves"][name][key]["fractions"]:
                 assert study["curves"][name][key] == curve
+    # Without --methods a quickstart folder's study looks at the model the quickstart deployed.
     random_only = run_cli("backfill-curves", str(out), "--orders", "random", "--merges", "raw", "--data",
                           str(tiny_folder), "--no-progress")  # fmt: skip
     assert random_only.returncode == 0, random_only.stderr
     narrow = json.loads((out / "backfill_study.json").read_text())["curves"]
-    assert {name: set(c) for name, c in narrow.items()} == {"advbct": {"random/raw"}, "independent": {"random/raw"}}
-    assert narrow["advbct"]["random/raw"] == backfill["curves"]["advbct"]["random/raw"]
+    assert {name: set(c) for name, c in narrow.items()} == {METHOD: {"random/raw"}, "independent": {"random/raw"}}
+    assert narrow[METHOD]["random/raw"] == backfill["curves"][METHOD]["random/raw"]
     unknown = run_cli("backfill-curves", str(out), "--orders", "fifo", "--no-progress")
     assert unknown.returncode == 2 and "unknown orders or merges ['fifo']" in unknown.stderr
     missing = run_cli("backfill-curves", str(tmp_path / "nowhere"), "--no-progress")
@@ -182,7 +186,7 @@ def test_refused_then_forced_upgrade_through_the_whole_flow(tiny_folder, tmp_pat
     assert info["command"].startswith("advbct quickstart --preset smoke") and info["machine"]["cores"] >= 1
     assert f"`{info['command']}`" in text
     old_old, new_old = report["tests"]["old/old"]["map"], report["tests"]["new/old"]["map"]
-    assert f"| run | {old_old:.2f} | {new_old:.2f} ({new_old - old_old:+.2f}) |" in text
-    assert "| advbct | random | raw |" in text and "| independent | random | raw |" in text
+    assert f"| run | {METHOD} | {old_old:.2f} | {new_old:.2f} ({new_old - old_old:+.2f}) |" in text
+    assert f"| {METHOD} | random | raw |" in text and "| independent | random | raw |" in text
     nothing = run_cli("report", str(tmp_path / "nowhere"))
     assert nothing.returncode == 2 and "no results.json" in nothing.stderr

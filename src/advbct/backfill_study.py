@@ -134,6 +134,15 @@ def backfill_study(
     }
 
 
+def studied_by_default(run: Path) -> str:
+    """The method a run folder's study looks at when none is named: a quickstart's compatible model (its
+    ``results.json`` names it), else the paper's AdvBCT."""
+    try:
+        return json.loads((run / "results.json").read_text())["method"]
+    except (OSError, ValueError, KeyError, TypeError):  # no quickstart report here: a compare folder or a bare one
+        return "advbct"
+
+
 def study_run_folder(
     run: Path,
     plan: StudyPlan,

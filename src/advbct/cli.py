@@ -51,9 +51,13 @@ SplitOpt = Annotated[
 JobsOpt = Annotated[int, typer.Option("--jobs", min=1, help="new models trained at once (fills a GPU)")]
 
 
+def _comma_list(text: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
 def _method_list(text: str, extra: tuple[str, ...] = ()) -> list[str]:
     """Comma-separated method names plus ``extra``, each checked against the registry."""
-    chosen = [m.strip() for m in text.split(",") if m.strip()]
+    chosen = list(_comma_list(text))
     chosen += [m for m in extra if m not in chosen]
     unknown = [m for m in chosen if m not in list_methods()]
     if unknown:
@@ -231,7 +235,10 @@ def compare_cmd(
 @app.command("backfill-curves")
 def backfill_curves_cmd(
     run: Annotated[Path, typer.Argument(help="a quickstart or compare run folder (old/, independent/, <method>/)")],
-    methods: Annotated[str, typer.Option("--methods", help="comma-separated methods studied")] = "advbct",
+    methods: Annotated[
+        str | None,
+        typer.Option("--methods", help="comma-separated methods studied (default: a quickstart's method, else advbct)"),
+    ] = None,
     orders: Annotated[str, typer.Option("--orders", help="comma-separated order policies")] = ",".join(ORDER_POLICIES),
     merges: Annotated[str, typer.Option("--merges", help="raw (cosine), calibrated, or both")] = ",".join(MERGES),
     seed: Annotated[int, typer.Option("--seed", help="seed of the random order")] = 0,
@@ -242,9 +249,9 @@ def backfill_curves_cmd(
     """Exact backfill curves of a run folder's models on the test split (0, 10, ..., 100% re-embedded): each order
     policy and merge (raw cosine, or calibrated on the validation split) for each method, random order for the
     independent model; writes RUN/backfill_study.json and prints one row per curve."""
-    chosen, split = _method_list(methods), lambda text: tuple(x.strip() for x in text.split(",") if x.strip())
-    merge_list = split(merges)
-    plan = _run(StudyPlan, tuple(chosen), orders=split(orders), merges=merge_list, order_merges=merge_list,
+    chosen = _method_list(methods or backfill_study.studied_by_default(run))
+    merge_list = _comma_list(merges)
+    plan = _run(StudyPlan, tuple(chosen), orders=_comma_list(orders), merges=merge_list, order_merges=merge_list,
                 reference_merges=merge_list)  # fmt: skip
     study = _run(backfill_study.study_run_folder, run, plan, seed, data, device, console, not no_progress)
     console.print(backfill_policy_table(study))

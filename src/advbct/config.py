@@ -137,7 +137,9 @@ class TrainConfig(_Section):
 class LiveConfig(_Section):
     """The quickstart's live half: which new model is deployed on the gallery, and how its answers are checked."""
 
-    candidate: str = Field("advbct", description="the new model put live: 'advbct' or 'independent'")
+    candidate: str = Field(
+        "method", description="the new model put live: 'method' (trained with new.compat.method) or 'independent'"
+    )
     force: bool = Field(False, description="deploy the candidate even when the gate refuses it (numbers recorded)")
     backfill_seed: int = Field(0, description="seed of the random order in which the gallery is re-embedded")
     probe_queries: int = Field(100, ge=1, description="test images whose live answers are checked")
@@ -149,8 +151,8 @@ class LiveConfig(_Section):
     def _fractions_in_range(self) -> LiveConfig:
         if any(not 0.0 <= f <= 1.0 for f in self.check_fractions):
             raise ValueError(f"check_fractions must lie in [0, 1], got {self.check_fractions}")
-        if self.candidate not in ("advbct", "independent"):
-            raise ValueError(f"candidate must be 'advbct' or 'independent', got {self.candidate!r}")
+        if self.candidate not in ("method", "independent"):
+            raise ValueError(f"candidate must be 'method' or 'independent', got {self.candidate!r}")
         return self
 
 

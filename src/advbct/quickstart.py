@@ -1,9 +1,10 @@
 """The main job, the paper's scenario end to end: an old model serving a Milvus gallery, a compatible new model
 trained, gated on the validation split and put live at once, the backfill re-embedding the gallery behind it.
 
-old model -> old-class statistics -> the test images indexed by the old model (generation 1) -> the AdvBCT and
-independent new models -> the gate -> generation 2 live against the old gallery -> the backfill, with live checks
--> the offline table, the exact backfill curves and the verdict. Finished steps are skipped on a re-run.
+old model -> old-class statistics -> the test images indexed by the old model (generation 1) -> the compatible
+new model (``new.compat.method``) and the independent one -> the gate -> generation 2 live against the old gallery
+-> the backfill, with live checks -> the offline table, the exact backfill curves and the verdict. Finished steps
+are skipped on a re-run.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import torch
 from rich.console import Console
 
 from advbct.backfill_study import StudyPlan, backfill_study, fit_calibrations
-from advbct.config import QuickstartConfig
+from advbct.compat import reference_method
+from advbct.config import ConfigError, QuickstartConfig
 from advbct.data.sources import load_split
 from advbct.distributed import current_world, resolve_device, shutdown
 from advbct.evaluation.backfill import (
@@ -42,12 +44,23 @@ from advbct.pipeline import (
 from advbct.reporting.backfill_plot import plot_backfill
 from advbct.reporting.tables import print_live_report, print_report
 
-METHOD = "advbct"
 GALLERY = "gallery"
-# AdvBCT under every order at every tenth (random order under both merges, the others under the service's), the
-# independent model in random order under the service's merge: each point ranks the whole test split once, so the
-# raw-cosine curves of the other orders, and the independent model's, are left to ``advbct backfill-curves``.
-QUICKSTART_STUDY = StudyPlan((METHOD,), order_merges=("calibrated",), reference_merges=("calibrated",))
+
+
+def quickstart_study(method: str) -> StudyPlan:
+    """The compatible model under every order at every tenth (random order under both merges, the others under the
+    service's), the independent model in random order under the service's merge: each point ranks the whole test
+    split once, so the raw-cosine curves of the other orders, and the independent model's, are left to
+    ``advbct backfill-curves``."""
+    return StudyPlan((method,), order_merges=("calibrated",), reference_merges=("calibrated",))
+
+
+def compatible_method(cfg: QuickstartConfig) -> str:
+    """The method of the new model the quickstart trains beside the independent one, and deploys."""
+    method = cfg.new.compat.method
+    if method == reference_method():
+        raise ConfigError(f"new.compat.method is {method!r}: the quickstart trains that model beside a compatible one")
+    return method
 
 
 def quickstart(
@@ -57,7 +70,8 @@ def quickstart(
     the first of a torchrun job return the offline tests alone: the live half runs in one serving process."""
     console = console or Console()
     main = current_world().is_main
-    old_path, runs = plan_new_models(cfg, out, [METHOD], console, show_progress)
+    method = compatible_method(cfg)
+    old_path, runs = plan_new_models(cfg, out, [method], console, show_progress)
     test_set = load_split(cfg.old.data, "test")
     gallery = None
     if main:
@@ -67,8 +81,8 @@ def quickstart(
     paths["old"] = old_path
     console.print("[bold]evaluation[/] (test split)")
     embeddings, labels = embed_split(paths, device=cfg.new.device)
-    tests = evaluate_pairs(embeddings, labels, method_pairs([METHOD]), resolve_device(cfg.new.device))
-    upgrade = method_reports(tests, [METHOD])[METHOD]
+    tests = evaluate_pairs(embeddings, labels, method_pairs([method]), resolve_device(cfg.new.device))
+    upgrade = method_reports(tests, [method])[method]
     # The live half is one serving process, as a deployment is: the other ranks are done with the offline table.
     shutdown()
     if not main:
@@ -77,7 +91,7 @@ def quickstart(
         live = live_upgrade(cfg, out, gallery, paths, embeddings, labels, console, show_progress)
     finally:
         gallery.close()
-    report = LiveUpgradeReport(upgrade, **live)
+    report = LiveUpgradeReport(method, upgrade, **live)
     (out / "results.json").write_text(json.dumps(report.to_json(), indent=2))
     plot_backfill(report, out / "backfill.png")
     print_report(upgrade, console)
@@ -96,15 +110,15 @@ def live_upgrade(
     show_progress: bool,
 ) -> dict:
     """The gate, the deployment and the backfill with its live checks; the ``gate`` and ``backfill`` blocks."""
-    live = cfg.live
-    candidate = METHOD if live.candidate == METHOD else "independent"
+    live, method = cfg.live, cfg.new.compat.method
+    candidate = method if live.candidate == "method" else "independent"
     console.print(f"[bold]compatibility gate[/]: {candidate} against the old model on the validation split")
     validation = validation_images(paths["old"], cfg.old.data.root)
     deployment = deploy(gallery, paths[candidate], validation, live.force)
-    console.print("[bold]backfill curves[/] (test split; every order and merge for AdvBCT)")
-    calibrations = fit_calibrations(paths, [METHOD, "independent"], validation, cfg.new.device)
-    seed = live.backfill_seed
-    study = backfill_study(paths, embeddings, labels, calibrations, QUICKSTART_STUDY, seed, console, show_progress)
+    console.print(f"[bold]backfill curves[/] (test split; every order and merge for {method})")
+    calibrations = fit_calibrations(paths, [method, "independent"], validation, cfg.new.device)
+    seed, plan = live.backfill_seed, quickstart_study(method)
+    study = backfill_study(paths, embeddings, labels, calibrations, plan, seed, console, show_progress)
     backfill: dict = {**study, "live": None}
     order = backfill_order("random", GalleryState(embeddings["old"], seed=seed))
     if deployment.generation is not None:

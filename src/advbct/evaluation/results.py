@@ -167,8 +167,9 @@ def method_reports(tests: Mapping[str, TestResult], methods: Sequence[str]) -> d
 class LiveUpgradeReport:
     """The quickstart's report: the offline upgrade tests on the test split, then the live half as the service
     records it: the gate's decision on the validation split (the registry's JSON, plus the candidate's name), the
-    backfill curves with their live checks, and the gallery's state."""
+    backfill curves with their live checks, and the gallery's state. ``method`` names the compatible model."""
 
+    method: str
     upgrade: UpgradeReport
     gate: dict
     backfill: dict
@@ -176,11 +177,13 @@ class LiveUpgradeReport:
 
     @classmethod
     def from_json(cls, data: Mapping) -> LiveUpgradeReport:
-        return cls(UpgradeReport.from_json(data), data["gate"], data["backfill"], data["gallery"])
+        upgrade = UpgradeReport.from_json(data)
+        return cls(data["method"], upgrade, data["gate"], data["backfill"], data["gallery"])
 
     def to_json(self) -> dict:
-        """results.json: the upgrade report's keys, then ``gate``, ``backfill`` and ``gallery``."""
-        return {**self.upgrade.to_json(), "gate": self.gate, "backfill": self.backfill, "gallery": self.gallery}
+        """results.json: ``method``, the upgrade report's keys, then ``gate``, ``backfill`` and ``gallery``."""
+        upgrade = self.upgrade.to_json()
+        return {"method": self.method, **upgrade, "gate": self.gate, "backfill": self.backfill, "gallery": self.gallery}
 
 
 @dataclass(frozen=True)

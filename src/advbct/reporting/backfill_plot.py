@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt
 
 from advbct.evaluation.results import LiveUpgradeReport, UpgradeReport
 
-LABELS = {"advbct": "AdvBCT", "independent": "independent (no compatible training)"}
+LABELS = {"advbct": "AdvBCT", "advbct-tight": "AdvBCT-tight", "independent": "independent (no compatible training)"}
 
 
 def _reference_lines(ax: plt.Axes, upgrade: UpgradeReport) -> None:
@@ -42,19 +42,19 @@ def _merges_panel(ax: plt.Axes, backfill: dict) -> None:
     ax.set_title("Random order: raw cosine vs calibrated merge")
 
 
-def _orders_panel(ax: plt.Axes, backfill: dict) -> None:
-    """AdvBCT under every order policy, calibrated merge."""
-    for key, curve in backfill["curves"].get("advbct", {}).items():
+def _orders_panel(ax: plt.Axes, backfill: dict, method: str) -> None:
+    """The compatible model under every order policy, calibrated merge."""
+    for key, curve in backfill["curves"].get(method, {}).items():
         if key.endswith("/calibrated"):
             _plot_curve(ax, curve, key.split("/")[0])
-    ax.set_title("AdvBCT, calibrated merge: which items first")
+    ax.set_title(f"{LABELS.get(method, method)}, calibrated merge: which items first")
 
 
 def backfill_figure(report: LiveUpgradeReport) -> plt.Figure:
     """Two panels of the report's ``backfill`` block, with M(o,o) and M(n,n) as lines."""
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.4), dpi=120, sharey=True)
     _merges_panel(axes[0], report.backfill)
-    _orders_panel(axes[1], report.backfill)
+    _orders_panel(axes[1], report.backfill, report.method)
     for ax in axes:
         _reference_lines(ax, report.upgrade)
         ax.set_xlabel("gallery re-embedded by the new model (%)")

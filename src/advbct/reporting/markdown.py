@@ -62,10 +62,10 @@ def _quickstart_row(name: str, report: LiveUpgradeReport) -> list[str]:
     up, backfill, gate = report.upgrade, report.backfill, report.gate
     old, cross, new = up.old.map, up.cross.map, up.self_test.map
     curves = {model: c[backfill["headline"]] for model, c in backfill["curves"].items()}
-    mine, other = curves["advbct"], curves["independent"]
+    mine, other = curves[report.method], curves["independent"]
     decision = "passed" if gate["passed"] else "refused"
     return [
-        name, f"{old:.2f}", f"{cross:.2f} ({cross - old:+.2f})", f"{new:.2f} ({new - old:+.2f})",
+        name, report.method, f"{old:.2f}", f"{cross:.2f} ({cross - old:+.2f})", f"{new:.2f} ({new - old:+.2f})",
         f"{up.independent.map:.2f}", f"{up.independent_cross.map:.2f}",
         f"{decision} ({gate[CROSS]:.2f} vs {gate[OLD]:.2f})",
         f"{mine['auc_map']:.2f} / {other['auc_map']:.2f}", f"{mine['min_map']:.2f}",
@@ -75,8 +75,9 @@ def _quickstart_row(name: str, report: LiveUpgradeReport) -> list[str]:
 
 def quickstart_markdown(runs: list[Path]) -> str:
     """One row per quickstart run: the tests, both margins, the gate and the headline backfill curves."""
-    header = ["run", "M(o,o)", "M(n,o) (margin)", "M(n,n) (margin)", "M(\\*,\\*)", "M(\\*,o)", "gate (validation)",
-              "AUC AdvBCT / independent", "lowest AdvBCT", "worst flips %", "AdvBCT above at every t < 1"]  # fmt: skip
+    header = ["run", "method", "M(o,o)", "M(n,o) (margin)", "M(n,n) (margin)", "M(\\*,\\*)", "M(\\*,o)",
+              "gate (validation)", "AUC method / independent", "lowest", "worst flips %",
+              "above at every t < 1"]  # fmt: skip
     reports = [LiveUpgradeReport.from_json(_load(run / "results.json")) for run in runs]
     rows = [_quickstart_row(run.name, report) for run, report in zip(runs, reports, strict=True)]
     merge = reports[0].backfill["headline"]

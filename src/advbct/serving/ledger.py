@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import closing, contextmanager, suppress
 from dataclasses import dataclass
+from typing import Literal
 
 from advbct.serving.registry import ModelRegistry
 from advbct.serving.store import GalleryStore, SearchParts, StoreError, is_server_uri
@@ -136,21 +137,19 @@ class ItemLedger:
 
     def counts(self) -> dict[int, int]:
         """Items per generation, as of the last settled write: one consistent read."""
-        with self.registry._transaction() as db:
-            rows = db.execute(
-                "SELECT generation, items FROM item_counts WHERE collection = ? AND items > 0 ORDER BY generation",
-                (self.collection,),
-            ).fetchall()
-        return {int(g): int(n) for g, n in rows}
+        return self._per_generation("item_counts")
 
     def total(self) -> int:
         return sum(self.counts().values())
 
     def kept_counts(self) -> dict[int, int]:
         """Items per generation of their kept vector (items keeping none left out), as of the last settled write."""
+        return self._per_generation("kept_counts")
+
+    def _per_generation(self, table: Literal["item_counts", "kept_counts"]) -> dict[int, int]:
         with self.registry._transaction() as db:
             rows = db.execute(
-                "SELECT generation, items FROM kept_counts WHERE collection = ? AND items > 0 ORDER BY generation",
+                f"SELECT generation, items FROM {table} WHERE collection = ? AND items > 0 ORDER BY generation",
                 (self.collection,),
             ).fetchall()
         return {int(g): int(n) for g, n in rows}

@@ -3,13 +3,15 @@ the docs are regenerated from the runs, never typed: ``advbct report RUN... > ta
 
 A run folder is recognised by what it holds: a quickstart's report (it has a ``gate``), ``advbct compare``'s
 report (one entry per method), and an ``advbct backfill-curves`` study. Comparisons that share their split and
-their old and independent models (candidates compared on the validation split, say) make one table. Each table
-is preceded by the commands that made its runs and the machine they ran on, from each folder's ``run.json``.
+their old and independent models (candidates compared on the validation split, say) make one table; the same
+comparison repeated over seed sets (other old models, one split and allocation) adds a summary table across them.
+Each table is preceded by the commands that made its runs and the machine they ran on, from each folder's ``run.json``.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from advbct.compat import CompatError, resolved_options
@@ -114,6 +116,14 @@ def _shared_key(run: Path) -> tuple:
     return (_split(results), first.old.map, first.independent.map if first.independent else None)
 
 
+def _by_shared_models(runs: list[Path]) -> list[list[Path]]:
+    """The runs grouped by :func:`_shared_key`, in the order first seen: each group is one seed set's comparison."""
+    groups: dict[tuple, list[Path]] = {}
+    for run in runs:
+        groups.setdefault(_shared_key(run), []).append(run)
+    return list(groups.values())
+
+
 def compare_markdown(runs: list[Path]) -> str:
     """``advbct compare``'s table: one row per method (with the options its run was given), over one or more run
     folders that share their split and their old and independent models (candidates trained beside one another)."""
@@ -149,17 +159,88 @@ def study_markdown(run: Path) -> str:
     return "\n\n".join([_provenance([run], "backfill_study.run.json"), _table(header, rows), caption])
 
 
+def _allocation(run: Path) -> str | None:
+    """The allocation a run's old model was trained on; None where its config is missing, since runs of unknown
+    allocation cannot be said to repeat one comparison."""
+    return ((_load(run / "old" / "config.json") or {}).get("data") or {}).get("allocation")
+
+
+def _seed_set(runs: list[Path]) -> dict[str, UpgradeReport]:
+    """Every method of one seed set (folders sharing their old and independent models), by its row label: the
+    label and not the bare name, so two candidates of one method are never averaged as one."""
+    reports: dict[str, UpgradeReport] = {}
+    for run in runs:
+        for method, data in _load(run / "results.json").items():
+            reports.setdefault(_method_label(run, method), UpgradeReport.from_json(data))
+    return reports
+
+
+def _spread(values: list[float]) -> str:
+    return f"{sum(values) / len(values):.2f} ({min(values):.2f} to {max(values):.2f})"
+
+
+def _times_best(label: str, seed_sets: list[dict[str, UpgradeReport]], score: Callable[[UpgradeReport], float]) -> str:
+    """In how many seed sets ``label`` scores the highest of every method its comparison ran (a tie is a win for
+    each tied method): a method that wins only on average has not beaten every baseline."""
+    wins = sum(score(reports[label]) == max(map(score, reports.values())) for reports in seed_sets)
+    return f"{wins}/{len(seed_sets)}"
+
+
+def _summary_row(label: str, seed_sets: list[dict[str, UpgradeReport]]) -> list[str]:
+    reports = [reports[label] for reports in seed_sets]
+    passes = sum(report.criterion.cross for report in reports)
+    return [
+        label, _spread([r.self_test.map for r in reports]), _spread([r.cross.map for r in reports]),
+        _spread([r.p_scores.p_1 for r in reports]), f"{passes}/{len(reports)}",
+        _times_best(label, seed_sets, lambda r: r.cross.map), _times_best(label, seed_sets, lambda r: r.p_scores.p_1),
+    ]  # fmt: skip
+
+
+def seed_summary_markdown(runs: list[Path]) -> str:
+    """One comparison repeated over seed sets (compare folders of one split and allocation whose old models
+    differ) as one table: a claim such as "the method beats every baseline" must hold in each seed set, not in
+    one. A row per method that every seed set ran; metric cells are the mean (lowest to highest)."""
+    settings = {(_split(_load(run / "results.json")), _allocation(run)) for run in runs}
+    if len(settings) != 1:
+        named = "; ".join(f"{split} split, {allocation}" for split, allocation in sorted(settings, key=str))
+        raise ValueError(f"a seed summary needs runs of one split and allocation, got {named}")
+    split, allocation = settings.pop()
+    seed_sets = [_seed_set(group) for group in _by_shared_models(runs)]
+    labels = [label for label in seed_sets[0] if all(label in reports for reports in seed_sets)]
+    header = ["method", "M(n,n)", "M(n,o)", "P_1", "cross test passes", "best M(n,o)", "best P_1"]
+    firsts = [next(iter(reports.values())) for reports in seed_sets]
+    old = sum(r.old.map for r in firsts) / len(firsts)
+    independent = sum(r.independent.map for r in firsts) / len(firsts)
+    caption = (
+        f"mAP in percent, {split} split, {allocation}, {len(seed_sets)} seed sets: mean (lowest to highest); "
+        f"mean M(o,o) {old:.2f}, mean M(\\*,\\*) {independent:.2f}; best: the seed sets in which the method is "
+        "highest of every method its comparison ran, ties counting for each."
+    )
+    rows = [_summary_row(label, seed_sets) for label in labels]
+    return "\n\n".join([_provenance(runs), _table(header, rows), caption])
+
+
+def _comparison_tables(runs: list[Path]) -> list[str]:
+    """A table per group of comparisons sharing split, old and independent models, then a seed summary per split
+    and allocation that two or more such groups (seed sets) repeat."""
+    comparisons = _by_shared_models(runs)
+    repeated: dict[tuple, list[list[Path]]] = {}
+    for group in comparisons:
+        if (allocation := _allocation(group[0])) is not None:
+            repeated.setdefault((_shared_key(group[0])[0], allocation), []).append(group)
+    summaries = [seed_summary_markdown([run for group in groups for run in group])
+                 for groups in repeated.values() if len(groups) >= 2]  # fmt: skip
+    return [compare_markdown(group) for group in comparisons] + summaries
+
+
 def render(runs: list[Path]) -> str:
-    """Every table the run folders hold: the quickstart runs as one table, then each comparison and study."""
+    """Every table the run folders hold: the quickstart runs as one table, then each comparison (and the seed
+    summaries over them) and study."""
     missing = [str(r) for r in runs if not (r / "results.json").is_file() and not (r / "backfill_study.json").is_file()]
     if missing:
         raise FileNotFoundError(f"no results.json or backfill_study.json in {', '.join(missing)}")
     quickstarts = [r for r in runs if "gate" in (_load(r / "results.json") or {})]
     parts = [quickstart_markdown(quickstarts)] if quickstarts else []
-    comparisons: dict[tuple, list[Path]] = {}
-    for run in runs:
-        if run not in quickstarts and (run / "results.json").is_file():
-            comparisons.setdefault(_shared_key(run), []).append(run)
-    parts += [compare_markdown(group) for group in comparisons.values()]
+    parts += _comparison_tables([r for r in runs if r not in quickstarts and (r / "results.json").is_file()])
     parts += [study_markdown(run) for run in runs if (run / "backfill_study.json").is_file()]
     return "\n\n".join(parts) + "\n"

@@ -10,7 +10,7 @@ from advbct.evaluation import TestResult, UpgradeReport
 from advbct.evaluation.results import BenchResults, LiveUpgradeReport, RunCost, SettingResult
 from advbct.reporting import comparison_table, print_report
 from advbct.reporting.bench_report import markdown_table
-from advbct.reporting.markdown import above_before_the_end, render
+from advbct.reporting.markdown import above_before_the_end, render, seed_summary_markdown
 
 
 def _test(value: float) -> TestResult:
@@ -153,3 +153,63 @@ def test_candidates_sharing_old_and_independent_models_make_one_table_labelled_b
     assert "| advbct-tight (discriminator=class-conditional) | 24.00 | 12.00 |" in first
     assert "validation split; M(o,o) 9.00" in first
     assert "| advbct-tight | 20.00 | 12.00 |" in tables[2] and "validation split; M(o,o) 7.50" in tables[2]
+
+
+def _seed_set_run(folder: Path, allocation: str, seed: int, old: float, independent: float, methods: dict) -> Path:
+    """A compare run folder of one seed set: ``methods`` maps a method to its (M(n,n), M(n,o))."""
+    (folder / "old").mkdir(parents=True)
+    config = {"data": {"allocation": allocation, "allocation_seed": seed}, "seed": 10 * seed}
+    (folder / "old" / "config.json").write_text(json.dumps(config))
+    results = {
+        method: {**_report(old, new, cross, independent, 1.0).to_json(), "split": "test"}
+        for method, (new, cross) in methods.items()
+    }
+    (folder / "results.json").write_text(json.dumps(results))
+    return folder
+
+
+def test_a_comparison_repeated_over_seed_sets_gets_one_summary_table(tmp_path: Path):
+    # Each seed set's M(n,n) and M(n,o) are chosen so that (M(n,n) - M(*,*)) / M(*,*) and
+    # (M(n,o) - M(o,o)) / (M(*,*) - M(o,o)) are -0.5, 0 or 0.5: P_up and P_comp are then 100 sigmoid of those,
+    # 37.7541, 50 or 62.2459, and P_1 their harmonic mean: 50 and 50 give 50, 50 and 62.2459 give 55.4550,
+    # 62.2459 and 62.2459 give 62.2459, 62.2459 and 37.7541 give 47.0007, 37.7541 and 37.7541 give 37.7541.
+    # Seed set 0 (M(o,o) 10, M(*,*) 20): lce is best in P_1 (62.25) and ties advbct in M(n,o) (15), but is not a
+    # row, since seed set 2 did not run it.
+    s0 = {"advbct": (20.0, 15.0), "bct": (30.0, 10.0), "l2": (10.0, 5.0), "lce": (30.0, 15.0)}
+    # Seed set 1 (M(o,o) 12, M(*,*) 24), in two folders: advbct and l2 tie for the best M(n,o), 18.
+    s1 = {"advbct": (36.0, 18.0), "bct": (24.0, 12.0), "l2": (24.0, 18.0)}
+    # Seed set 2 (M(o,o) 6, M(*,*) 12).
+    s2 = {"advbct": (12.0, 9.0), "bct": (18.0, 3.0), "l2": (12.0, 6.0)}
+    runs = [
+        _seed_set_run(tmp_path / "s0", "extended-data", 0, 10.0, 20.0, s0),
+        _seed_set_run(tmp_path / "s1", "extended-data", 1, 12.0, 24.0, s1),
+        _seed_set_run(tmp_path / "s1-lce", "extended-data", 1, 12.0, 24.0, {"lce": (24.0, 12.0)}),
+        _seed_set_run(tmp_path / "s2", "extended-data", 2, 6.0, 12.0, s2),
+        _seed_set_run(tmp_path / "ec", "extended-class", 0, 10.0, 20.0, {"advbct": (20.0, 15.0)}),
+    ]
+    text = render(runs)
+    assert text.count("| method |") == 5, "a table per seed set and allocation, then one summary of extended-data"
+    summary = text[text.rindex("- `s0`") :].splitlines()
+    assert summary[:4] == [f"- `{run.name}`: extended-data, allocation seed {seed}, old seed {10 * seed}, new seed ? "
+                           "(no run.json: command not recorded)" for run, seed in zip(runs, [0, 1, 1, 2])]  # fmt: skip
+    assert summary[4:11] == [
+        "",
+        "| method | M(n,n) | M(n,o) | P_1 | cross test passes | best M(n,o) | best P_1 |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| advbct | 22.67 (12.00 to 36.00) | 14.00 (9.00 to 18.00) | 57.72 (55.45 to 62.25) | 3/3 | 3/3 | 2/3 |",
+        "| bct | 24.00 (18.00 to 30.00) | 8.33 (3.00 to 12.00) | 50.82 (47.00 to 55.45) | 0/3 | 0/3 | 0/3 |",
+        "| l2 | 15.33 (10.00 to 24.00) | 9.67 (5.00 to 18.00) | 47.74 (37.75 to 55.45) | 1/3 | 1/3 | 0/3 |",
+        "",
+    ]
+    assert summary[11].startswith("mAP in percent, test split, extended-data, 3 seed sets: mean (lowest to highest); "
+                                  "mean M(o,o) 9.33, mean M(\\*,\\*) 18.67; best:")  # fmt: skip
+    assert summary[12:] == [], "the extended-class run (one seed set) has no summary"
+
+
+def test_a_seed_summary_refuses_runs_of_two_allocations(tmp_path: Path):
+    runs = [
+        _seed_set_run(tmp_path / "ed", "extended-data", 0, 10.0, 20.0, {"bct": (20.0, 15.0)}),
+        _seed_set_run(tmp_path / "ec", "extended-class", 1, 12.0, 24.0, {"bct": (20.0, 15.0)}),
+    ]
+    with pytest.raises(ValueError, match="one split and allocation, got test split, extended-class; test split"):
+        seed_summary_markdown(runs)

@@ -109,11 +109,18 @@ def _split(results: dict) -> str:
     return next(iter(results.values())).get("split", "test")
 
 
+def _allocation(run: Path) -> str | None:
+    """The allocation a run's old model was trained on; None where its config is missing, since runs of unknown
+    allocation cannot be said to repeat one comparison."""
+    return ((_load(run / "old" / "config.json") or {}).get("data") or {}).get("allocation")
+
+
 def _shared_key(run: Path) -> tuple:
-    """What the rows of one table must share: the split and the old and independent models' tests."""
+    """What the rows of one table must share: the split, and the old model's allocation and the old and independent
+    models' tests, which tell one seed set's models from another's."""
     results = _load(run / "results.json")
     first = UpgradeReport.from_json(next(iter(results.values())))
-    return (_split(results), first.old.map, first.independent.map if first.independent else None)
+    return (_split(results), _allocation(run), first.old.map, first.independent.map if first.independent else None)
 
 
 def _by_shared_models(runs: list[Path]) -> list[list[Path]]:
@@ -157,12 +164,6 @@ def study_markdown(run: Path) -> str:
                          f"{c['max_negative_flips']:.2f}"])  # fmt: skip
     caption = f"Test split; M(o,o) {study['old_map']:.2f}; areas are means over 0, 10, ..., 100% re-embedded."
     return "\n\n".join([_provenance([run], "backfill_study.run.json"), _table(header, rows), caption])
-
-
-def _allocation(run: Path) -> str | None:
-    """The allocation a run's old model was trained on; None where its config is missing, since runs of unknown
-    allocation cannot be said to repeat one comparison."""
-    return ((_load(run / "old" / "config.json") or {}).get("data") or {}).get("allocation")
 
 
 def _seed_set(runs: list[Path]) -> dict[str, UpgradeReport]:
@@ -226,8 +227,9 @@ def _comparison_tables(runs: list[Path]) -> list[str]:
     comparisons = _by_shared_models(runs)
     repeated: dict[tuple, list[list[Path]]] = {}
     for group in comparisons:
-        if (allocation := _allocation(group[0])) is not None:
-            repeated.setdefault((_shared_key(group[0])[0], allocation), []).append(group)
+        split, allocation = _shared_key(group[0])[:2]
+        if allocation is not None:
+            repeated.setdefault((split, allocation), []).append(group)
     summaries = [seed_summary_markdown([run for group in groups for run in group])
                  for groups in repeated.values() if len(groups) >= 2]  # fmt: skip
     return [compare_markdown(group) for group in comparisons] + summaries

@@ -26,7 +26,8 @@ def _load(path: Path) -> dict | None:
 def _seeds(run: Path) -> str:
     """The allocation and seeds of a run folder, from the configs its models were trained with."""
     old = _load(run / "old" / "config.json") or {}
-    new = next((c for c in (_load(p) for p in sorted(run.glob("*/config.json"))) if c and c is not old), {})
+    others = (_load(path) for path in sorted(run.glob("*/config.json")) if path.parent.name != "old")
+    new = next((config for config in others if config), {})
     data = old.get("data", {})
     return (
         f"{data.get('allocation', '?')}, allocation seed {data.get('allocation_seed', '?')}, "

@@ -124,8 +124,12 @@ def _connect(client_class: type, uri: str):
     Lite file is another process holding it (a running ``advbct serve``): Lite opens a file in one process only."""
     quiet = logging.getLogger("milvus_lite.server_manager")  # it logs a traceback before pymilvus raises
     quiet.disabled, was = True, quiet.disabled
+    # pymilvus pings its channel every 10 s even with no call in flight; the Milvus Lite server answers an idle
+    # client's pings with GOAWAY ("too_many_pings") and gRPC prints that as an error line whenever a long step (a
+    # backfill curve, an embedding pass) leaves the gallery idle. A local file needs no keepalive.
+    options = {} if is_server_uri(uri) else {"grpc_options": {"grpc.keepalive_permit_without_calls": False}}
     try:
-        return client_class(uri)
+        return client_class(uri, **options)
     except Exception as exc:  # pymilvus raises several unrelated types here; each is reported the same way
         if is_server_uri(uri):
             raise StoreError(f"cannot reach Milvus at {uri}: {str(exc).splitlines()[0]}") from None

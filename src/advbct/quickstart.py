@@ -110,7 +110,7 @@ def live_upgrade(
     show_progress: bool,
 ) -> dict:
     """The gate, the deployment and the backfill with its live checks; the ``gate`` and ``backfill`` blocks."""
-    live, method = cfg.live, cfg.new.compat.method
+    live, method = cfg.live, compatible_method(cfg)
     candidate = method if live.candidate == "method" else "independent"
     console.print(f"[bold]compatibility gate[/]: {candidate} against the old model on the validation split")
     validation = validation_images(paths["old"], cfg.old.data.root)

@@ -290,7 +290,7 @@ def bench_cmd(
 ) -> None:
     """The full comparison table: every method on every setting, one seed set; re-running skips finished runs."""
     chosen = _method_list(methods)
-    picked = [s.strip() for s in settings.split(",") if s.strip()]
+    picked = list(_comma_list(settings))
     _run(run_bench, preset, out, picked, chosen, overrides, data, device, console, not no_progress, jobs)
     console.print(f"results: {out / 'results.json'}, {out / 'results.md'}, plots in {out}")
 
@@ -319,7 +319,7 @@ def download_cmd(
             return lambda done, total: progress.update(task, completed=done, total=total)
 
         if name == "gldv2":
-            chosen = tuple(s.strip() for s in splits.split(",") if s.strip())
+            chosen = _comma_list(splits)
             kwargs = {"base": base_url} if base_url else {}
             folder = _run(download_gldv2, root, chosen, max_archives, progress=bar, **kwargs)
         else:
